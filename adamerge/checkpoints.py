@@ -1,0 +1,172 @@
+"""Reading model weights safely and writing outputs atomically.
+
+Weights come from an ``nn.Module``, a state dict, a ``.safetensors`` file, a PyTorch
+file, or a Hugging Face model directory. Safetensors is always preferred; anything
+else goes through ``torch.load(weights_only=True)`` so no pickled code ever runs.
+Safetensors sources are opened lazily (memory-mapped), so building task vectors or
+scanning a pool of checkpoints holds one tensor of each file at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+WeightsSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+
+_SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+_TORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class LazySafetensors(Mapping):
+    """A read-only ``name -> tensor`` mapping over one or more safetensors files.
+
+    Tensors are read on access, so only what is used is ever in memory.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    self._where[key] = file
+        self._handles: dict[Path, object] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        file = self._where[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __repr__(self) -> str:
+        return f"LazySafetensors({[str(f) for f in self.files]}, {len(self)} tensors)"
+
+
+def describe(source: WeightsSource) -> str:
+    """A short human name for a weights source, used in error messages."""
+    if isinstance(source, nn.Module):
+        return f"<{type(source).__name__} module>"
+    if isinstance(source, Mapping):
+        return "<state dict>"
+    return str(source)
+
+
+def open_weights(source: WeightsSource) -> Mapping[str, torch.Tensor]:
+    """Return ``name -> tensor`` for any supported source without copying more than needed."""
+    if isinstance(source, nn.Module):
+        return {name: tensor.detach() for name, tensor in source.state_dict().items()}
+    if isinstance(source, Mapping):
+        for name, tensor in source.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"state dict entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights at {path}")
+    if path.is_dir():
+        return _open_directory(path)
+    if path.suffix == ".safetensors":
+        return LazySafetensors([path])
+    return _torch_load(path)
+
+
+def _open_directory(path: Path) -> Mapping[str, torch.Tensor]:
+    for name in _SAFETENSORS_FILES:
+        if (path / name).exists():
+            return LazySafetensors(_shard_files(path / name))
+    for name in _TORCH_FILES:
+        if (path / name).exists():
+            merged: dict[str, torch.Tensor] = {}
+            for shard in _shard_files(path / name):
+                merged.update(_torch_load(shard))
+            return merged
+    raise FileNotFoundError(
+        f"{path} holds no model weights: expected one of {_SAFETENSORS_FILES + _TORCH_FILES}"
+    )
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if not path.name.endswith(".index.json"):
+        return [path]
+    index = json.loads(path.read_text())
+    return [path.parent / name for name in sorted(set(index["weight_map"].values()))]
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise TypeError(f"{path} does not hold a flat state dict of tensors")
+    return dict(loaded)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    with _temporary_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _temporary_path(path: Path) -> Iterator[Path]:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place only on success.
+
+    A crash leaves a hidden ``.name.partial-*`` folder, never a ``name`` that looks finished.
+    An existing ``path`` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        yield staging
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, retired / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,204 @@
+"""The merged model: ``θ = θ_0 + Σ_k c_k ⊙ τ_k`` as a differentiable function of the coefficients.
+
+The backbone is never modified: ``torch.func.functional_call`` runs it with the merged
+tensors, so any ``nn.Module`` (Hugging Face or not) works unchanged, and autograd gives
+``∂L/∂c_k = <∂L/∂θ, τ_k>`` for every coefficient.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from adamerge.coefficients import (
+    ChunkSpec,
+    ConstraintSpec,
+    Granularity,
+    GroupSpec,
+    InitSpec,
+    MergeCoefficients,
+    build_layout,
+    chunk_sizes,
+)
+from adamerge.task_vectors import TaskVectors, parameter_aliases
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``base + Σ_k c[k] τ[k]`` (or per-row ``c[k, r]``), computed in ``base``'s dtype.
+
+    τ is saved for backward in its own storage dtype, so bf16 task vectors stay bf16 in
+    memory while the coefficients and the sum keep full precision.
+    """
+
+    @staticmethod
+    def forward(ctx, base: Tensor, coefficients: Tensor, tau: Tensor) -> Tensor:
+        ctx.save_for_backward(coefficients, tau)
+        vectors = tau.to(base.dtype)
+        coefficients = coefficients.to(base.dtype)
+        if coefficients.dim() == 1:
+            delta = coefficients @ vectors.reshape(vectors.shape[0], -1)
+        else:
+            delta = torch.einsum("kr,krc->rc", coefficients, vectors.reshape(*coefficients.shape, -1))
+        return base + delta.view(base.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        coefficients, tau = ctx.saved_tensors
+        vectors = tau.to(grad.dtype)
+        if coefficients.dim() == 1:
+            grad_c = vectors.reshape(vectors.shape[0], -1) @ grad.reshape(-1)
+        else:
+            rows = coefficients.shape[1]
+            grad_c = torch.einsum("krc,rc->kr", vectors.reshape(*coefficients.shape, -1), grad.reshape(rows, -1))
+        return None, grad_c.to(coefficients.dtype), None
+
+
+def weighted_sum(base: Tensor, coefficients: Tensor, tau: Tensor) -> Tensor:
+    """``base + Σ_k coefficients[k] · tau[k]``; ``coefficients`` is ``[K]`` or per-row ``[K, rows]``."""
+    return _WeightedSum.apply(base, coefficients, tau)
+
+
+class MergedModel(nn.Module):
+    """A frozen backbone whose in-scope weights are ``θ_0 + Σ_k c_k ⊙ τ_k``.
+
+    Only the coefficients (``self.coefficients``) are trainable. The backbone is frozen in
+    place and kept in eval mode (no dropout, BatchNorm uses the pretrained running stats,
+    which are never updated). Call it like the backbone: ``merged(*inputs)``.
+    """
+
+    def __init__(
+        self,
+        pretrained: nn.Module,
+        task_vectors: TaskVectors,
+        granularity: Granularity = "layer",
+        init: InitSpec = 0.3,
+        constraint: ConstraintSpec = None,
+        *,
+        groups: GroupSpec = None,
+        chunks: ChunkSpec = None,
+        freeze: str | list[str] | None = None,
+    ):
+        super().__init__()
+        if not isinstance(pretrained, nn.Module):
+            raise TypeError(f"pretrained must be an nn.Module to run the merged model, got {type(pretrained).__name__}")
+        self.backbone = pretrained.requires_grad_(False).eval()
+        self.expert_names = task_vectors.expert_names
+        self.keys = list(task_vectors.keys)
+        self._check_scope(task_vectors)
+        self.vectors = nn.Module()
+        for index, key in enumerate(self.keys):
+            self.vectors.register_buffer(f"t{index}", task_vectors[key], persistent=False)
+        shapes = {key: tuple(task_vectors[key].shape[1:]) for key in self.keys}
+        layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, freeze=freeze)
+        self.coefficients = MergeCoefficients(layout, init=init, constraint=constraint)
+        self._slots = [layout.tensor_slots[key] for key in self.keys]
+        self._aliases = parameter_aliases(self.backbone)
+        self.row_chunks = nn.Module()
+        for index, key in enumerate(self.keys):
+            slots = self._slots[index]
+            if len(slots) > 1:
+                sizes = torch.tensor(chunk_sizes(layout.rows[key], len(slots)))
+                self.row_chunks.register_buffer(
+                    f"t{index}", torch.arange(len(slots)).repeat_interleave(sizes), persistent=False
+                )
+        self._cache: tuple[tuple, dict[str, Tensor]] | None = None
+
+    def _check_scope(self, task_vectors: TaskVectors) -> None:
+        aliases = parameter_aliases(self.backbone)
+        own = dict(self.backbone.named_parameters())
+        own.update(dict(self.backbone.named_buffers()))
+        for key in self.keys:
+            if key in aliases:
+                raise KeyError(f"{key!r} is tied to {aliases[key]!r} in the backbone: merge the tensor as {aliases[key]!r}")
+            if key not in own:
+                raise KeyError(f"task vector {key!r} is not a parameter or buffer of the backbone")
+            if tuple(own[key].shape) != tuple(task_vectors[key].shape[1:]):
+                raise ValueError(
+                    f"shape mismatch for {key!r}: backbone {tuple(own[key].shape)}, "
+                    f"task vector {tuple(task_vectors[key].shape[1:])}"
+                )
+
+    @property
+    def layout(self):
+        return self.coefficients.layout
+
+    def task_vector(self, key: str) -> Tensor:
+        """The stacked ``[K, *shape]`` task vectors of one merged tensor."""
+        return getattr(self.vectors, f"t{self.keys.index(key)}")
+
+    # ------------------------------------------------------------------ merging
+    def merged_parameters(self) -> dict[str, Tensor]:
+        """``key -> merged tensor`` for every tensor in the merge scope.
+
+        Recomputed when a graph is needed; otherwise (``no_grad`` / inference) cached until
+        the coefficients change.
+        """
+        if torch.is_grad_enabled() and self.coefficients.raw.requires_grad:
+            self._cache = None
+            return self._merge()
+        version = self.coefficients.version()
+        if self._cache is None or self._cache[0] != version:
+            self._cache = (version, self._merge())
+        return self._cache[1]
+
+    def _merge(self) -> dict[str, Tensor]:
+        values = self.coefficients()
+        base = dict(self.backbone.named_parameters())
+        base.update(dict(self.backbone.named_buffers()))
+        merged = {}
+        for index, key in enumerate(self.keys):
+            slots = self._slots[index]
+            if len(slots) == 1:
+                coefficients = values[:, slots[0]]
+            else:
+                coefficients = values[:, list(slots)][:, getattr(self.row_chunks, f"t{index}")]
+            merged[key] = weighted_sum(base[key], coefficients, getattr(self.vectors, f"t{index}"))
+        return merged
+
+    def forward_with(self, params: Mapping[str, Tensor], *args, **kwargs):
+        """Run the backbone with the given tensors swapped in (merged weights, plus e.g. a task's head)."""
+        return functional_call(self.backbone, dict(params), args, kwargs, tie_weights=True, strict=False)
+
+    def forward(self, *args, **kwargs):
+        return self.forward_with(self.merged_parameters(), *args, **kwargs)
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The backbone's full state dict with the merged tensors in place (tied names included)."""
+        merged = self._merge()
+        state = {name: tensor.detach() for name, tensor in self.backbone.state_dict().items()}
+        for key, tensor in merged.items():
+            state[key] = tensor.detach()
+        for alias, canonical in self._aliases.items():
+            if canonical in merged and alias in state:
+                state[alias] = merged[canonical].detach()
+        return state
+
+    def to_module(self) -> nn.Module:
+        """A standalone copy of the backbone holding the merged weights (eval mode, trainable)."""
+        module = copy.deepcopy(self.backbone)
+        module.load_state_dict(self.merged_state_dict())
+        return module.requires_grad_(True).eval()
+
+    # ------------------------------------------------------------------ nn.Module plumbing
+    def train(self, mode: bool = True) -> "MergedModel":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        layout = self.layout
+        return (
+            f"experts={list(self.expert_names)}, tensors={len(self.keys)}, granularity={layout.granularity!r}, "
+            f"coefficients={layout.num_experts}x{layout.num_slots} ({len(layout.frozen)} frozen slots), "
+            f"constraint={self.coefficients.constraint.name!r}"
+        )
