@@ -50,6 +50,10 @@ class LazySafetensors(Mapping):
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file].get_tensor(key)
 
+    def __contains__(self, key: object) -> bool:
+        # Mapping's default would read the tensor from disk just to test membership
+        return key in self._where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 

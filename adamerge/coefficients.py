@@ -207,6 +207,8 @@ def _chunk_function(chunks: ChunkSpec, shapes: Mapping[str, Sequence[int]]):
     if chunks is None:
         return lambda key: 1
     if isinstance(chunks, int):
+        if chunks < 0:
+            raise ValueError(f"chunk counts must be >= 0, got {chunks}")
         return lambda key: chunks
     exact = {k: int(v) for k, v in chunks.items() if k in shapes}
     patterns = [(re.compile(k), int(v)) for k, v in chunks.items() if k not in shapes]
@@ -345,6 +347,12 @@ class MergeCoefficients(nn.Module):
         values = resolve_init(init, layout)
         trainable, frozen = layout.trainable_slots, layout.frozen_slots
         self.raw = nn.Parameter(self.constraint.to_raw(values[:, trainable]))
+        # No float32 logit hits some values exactly (e.g. sigmoid at 1e-3: one ulp of the logit
+        # moves the output by several ulps), so a constant, ulp-sized residual makes the initial
+        # effective values exact. It is zero wherever ``to_raw`` is already exact.
+        with torch.no_grad():
+            residual = values[:, trainable] - self.constraint.to_effective(self.raw)
+        self.register_buffer("residual", residual)
         self.register_buffer("fixed", values[:, frozen].clone())
         order = torch.empty(layout.num_slots, dtype=torch.long)
         order[torch.tensor(trainable + frozen, dtype=torch.long)] = torch.arange(layout.num_slots)
@@ -352,7 +360,7 @@ class MergeCoefficients(nn.Module):
         self.register_buffer("initial", values.clone())
 
     def forward(self) -> Tensor:
-        effective = torch.cat([self.constraint.to_effective(self.raw), self.fixed], dim=1)
+        effective = torch.cat([self.constraint.to_effective(self.raw) + self.residual, self.fixed], dim=1)
         return effective[:, self.order]
 
     def project_(self) -> None:
@@ -361,7 +369,14 @@ class MergeCoefficients(nn.Module):
 
     def version(self) -> tuple:
         """Changes whenever the coefficient values may have changed (for caching merged weights)."""
-        return (self.raw._version, self.raw.data_ptr(), self.fixed._version, self.fixed.data_ptr())
+        return (
+            self.raw._version,
+            self.raw.data_ptr(),
+            self.fixed._version,
+            self.fixed.data_ptr(),
+            self.residual._version,
+            self.residual.data_ptr(),
+        )
 
     def row_values(self, key: str, values: Tensor | None = None) -> Tensor:
         """``[K, rows]``: the coefficient applied to every row of tensor ``key``."""

@@ -109,8 +109,7 @@ class MergedModel(nn.Module):
 
     def _check_scope(self, task_vectors: TaskVectors) -> None:
         aliases = parameter_aliases(self.backbone)
-        own = dict(self.backbone.named_parameters())
-        own.update(dict(self.backbone.named_buffers()))
+        own = self.base_tensors()
         for key in self.keys:
             if key in aliases:
                 raise KeyError(f"{key!r} is tied to {aliases[key]!r} in the backbone: merge the tensor as {aliases[key]!r}")
@@ -121,6 +120,24 @@ class MergedModel(nn.Module):
                     f"shape mismatch for {key!r}: backbone {tuple(own[key].shape)}, "
                     f"task vector {tuple(task_vectors[key].shape[1:])}"
                 )
+
+    def load_coefficients(self, source: MergeCoefficients | str) -> None:
+        """Restore saved coefficients exactly (same layout required), e.g. a finished run's."""
+        saved = source if isinstance(source, MergeCoefficients) else MergeCoefficients.load(source)
+        if saved.layout != self.layout:
+            raise ValueError(
+                f"saved coefficients have a different layout ({saved.layout.granularity}, "
+                f"{saved.layout.num_experts}x{saved.layout.num_slots}) than this merge "
+                f"({self.layout.granularity}, {self.layout.num_experts}x{self.layout.num_slots})"
+            )
+        if saved.constraint.describe() != self.coefficients.constraint.describe():
+            raise ValueError(
+                f"saved coefficients use constraint {saved.constraint.describe()}, "
+                f"this merge uses {self.coefficients.constraint.describe()}"
+            )
+        with torch.no_grad():
+            for name in ("raw", "fixed", "initial"):
+                getattr(self.coefficients, name).copy_(getattr(saved, name))
 
     @property
     def layout(self):
@@ -147,8 +164,7 @@ class MergedModel(nn.Module):
 
     def _merge(self) -> dict[str, Tensor]:
         values = self.coefficients()
-        base = dict(self.backbone.named_parameters())
-        base.update(dict(self.backbone.named_buffers()))
+        base = self.base_tensors()
         merged = {}
         for index, key in enumerate(self.keys):
             slots = self._slots[index]
@@ -158,6 +174,28 @@ class MergedModel(nn.Module):
                 coefficients = values[:, list(slots)][:, getattr(self.row_chunks, f"t{index}")]
             merged[key] = weighted_sum(base[key], coefficients, getattr(self.vectors, f"t{index}"))
         return merged
+
+    @torch.no_grad()
+    def pretrained_parameters(self) -> dict[str, Tensor]:
+        """The merge scope at ``θ_0`` (every coefficient zero)."""
+        base = self.base_tensors()
+        return {key: base[key] for key in self.keys}
+
+    @torch.no_grad()
+    def expert_parameters(self, expert: int | str) -> dict[str, Tensor]:
+        """``θ_0 + τ_k`` over the merge scope: expert ``k``'s own weights, rebuilt from its task vector."""
+        index = self.expert_names.index(expert) if isinstance(expert, str) else int(expert)
+        base = self.base_tensors()
+        return {
+            key: base[key] + getattr(self.vectors, f"t{i}")[index].to(base[key].dtype)
+            for i, key in enumerate(self.keys)
+        }
+
+    def base_tensors(self) -> dict[str, Tensor]:
+        """Every parameter and buffer of the backbone at its pretrained value (tied names once)."""
+        base = dict(self.backbone.named_parameters())
+        base.update(dict(self.backbone.named_buffers()))
+        return base
 
     def forward_with(self, params: Mapping[str, Tensor], *args, **kwargs):
         """Run the backbone with the given tensors swapped in (merged weights, plus e.g. a task's head)."""

@@ -45,6 +45,8 @@ def in_scope(name: str, include: Patterns = None, exclude: Patterns = None) -> b
 def name_experts(experts: Experts) -> dict[str, WeightsSource]:
     """Experts as an ordered ``name -> source`` mapping (a list is named ``expert_0, expert_1, ...``)."""
     if isinstance(experts, Mapping):
+        if any(isinstance(v, Tensor) for v in experts.values()):
+            raise TypeError("experts must be a list or a name -> model mapping, not a single state dict")
         named = dict(experts)
     elif isinstance(experts, (nn.Module, str, Path)):
         raise TypeError("experts must be a list or a name -> model mapping, not a single model")
@@ -122,7 +124,10 @@ class TaskVectors:
         _check_finite(base, keys, "the pretrained model")
         for index, (expert_name, source) in enumerate(named.items()):
             weights = open_weights(source)
-            _check_keys(expert_name, weights, base, keys, aliases, include, exclude)
+            # an expert module's own tied aliases are not extra keys, even when the pretrained
+            # model comes from a file that saved only the canonical names
+            own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
+            _check_keys(expert_name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
             changed = False
             for key in keys:
                 tensor = weights[key]

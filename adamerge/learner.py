@@ -1,0 +1,114 @@
+"""The Lightning system that trains merge coefficients.
+
+A thin shell around an exportable :class:`~adamerge.merged.MergedModel`: one merge per
+step shared by all tasks, ``loss = Σ_task w_task · objective(task batch) + penalty``,
+the constraint re-imposed after each optimiser step, and checkpoints that hold only the
+coefficients and the optimiser state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from adamerge.merged import MergedModel
+from adamerge.objectives import Objective, ObjectiveContext, split_loss
+from adamerge.tasks import Task
+
+COEFFICIENT_PREFIX = "merged.coefficients."
+
+
+class CoefficientLearner(L.LightningModule):
+    """Learns ``merged.coefficients`` by minimising ``objective`` over every task's batches."""
+
+    def __init__(
+        self,
+        merged: MergedModel,
+        tasks: Mapping[str, Task],
+        objective: Objective,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        task_weights: Mapping[str, float] | None = None,
+    ):
+        super().__init__()
+        self.merged = merged
+        self.tasks = nn.ModuleDict(dict(tasks))
+        self.objective = objective
+        self.lr, self.optimizer_name, self.weight_decay = lr, optimizer, weight_decay
+        unknown = sorted(set(task_weights or {}) - set(self.tasks))
+        if unknown:
+            raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(self.tasks)}")
+        self.task_weights = {name: float((task_weights or {}).get(name, 1.0)) for name in self.tasks}
+        self.strict_loading = False
+        self._objective_ready = False
+
+    # ------------------------------------------------------------------ set-up
+    def on_fit_start(self) -> None:
+        if self._objective_ready:
+            return
+        datamodule = self.trainer.datamodule
+        context = ObjectiveContext(
+            merged=self.merged,
+            tasks=self.tasks,
+            calibration_batches=lambda task: (
+                self._to_device(b) for b in datamodule.calibration_batches(task)
+            ),
+            device=self.device,
+        )
+        self.objective.setup(context)
+        self._objective_ready = True
+
+    def _to_device(self, batch):
+        return self.transfer_batch_to_device(batch, self.device, 0)
+
+    def configure_optimizers(self):
+        params = [p for p in self.merged.coefficients.parameters() if p.requires_grad]
+        kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        if self.optimizer_name not in kinds:
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use one of {sorted(kinds)}")
+        return kinds[self.optimizer_name](params, lr=self.lr, weight_decay=self.weight_decay)
+
+    # ------------------------------------------------------------------ training
+    def step_loss(self, batch: Mapping[str, Mapping]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted loss of one ``{task: batch}`` step, with one merge shared by all tasks."""
+        params = self.merged.merged_parameters()
+        hidden_layers = self.objective.hidden_layers
+        total: Tensor | float = 0.0
+        logs: dict[str, Tensor] = {}
+        for name, task_batch in batch.items():
+            output = self.tasks[name](self.merged, params, task_batch, hidden_layers)
+            loss, task_logs = split_loss(self.objective(output, task_batch, name))
+            total = total + self.task_weights[name] * loss
+            logs[f"{name}/loss"] = loss.detach()
+            logs.update({f"{name}/{k}": v for k, v in task_logs.items()})
+        penalty = self.objective.penalty(self.merged)
+        if penalty is not None:
+            total = total + penalty
+            logs["penalty"] = penalty.detach()
+        return total, logs
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.step_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.merged.coefficients.project_()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep checkpoints tiny: only coefficient tensors (the backbone and task vectors are inputs)."""
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith(COEFFICIENT_PREFIX)
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = [k for k in self.state_dict() if k.startswith(COEFFICIENT_PREFIX) and k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(f"checkpoint lacks coefficient tensor(s) {missing}: was it written by another recipe?")

@@ -1,0 +1,279 @@
+"""A merge problem: the models, tasks and data a recipe describes, ready to merge.
+
+Builders turn a recipe's ``problem`` section into a :class:`MergeProblem`. Built-in kinds:
+``digits`` (the quickstart zoo), ``hf_sequence_classification``, ``hf_clip`` and
+``hf_causal_lm``; any other kind is a dotted path to your own builder
+``fn(problem_config) -> MergeProblem``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from adamerge.checkpoints import WeightsSource
+from adamerge.config import DataSourceConfig, ProblemConfig
+from adamerge.data import Collate, rows_to_batch
+from adamerge.tasks import Task
+
+Exporter = Callable[[nn.Module, Path], None]
+
+
+@dataclass
+class MergeProblem:
+    """Everything needed to merge, learn, evaluate and export, however it was described."""
+
+    pretrained: nn.Module
+    experts: dict[str, WeightsSource]
+    tasks: dict[str, Task]
+    calibration: dict[str, Sequence]
+    evaluation: dict[str, Sequence] = field(default_factory=dict)
+    collate: Collate | Mapping[str, Collate] = rows_to_batch
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    save_model: Exporter | None = None  # writes the merged backbone into a folder
+    save_extras: Callable[[Path], None] | None = None  # writes task heads etc. beside it
+    description: dict[str, Any] = field(default_factory=dict)  # base/experts/kind for model cards
+
+
+PROBLEM_BUILDERS: dict[str, Callable[[ProblemConfig], MergeProblem]] = {}
+
+
+def register_problem(kind: str):
+    def decorate(fn):
+        PROBLEM_BUILDERS[kind] = fn
+        return fn
+
+    return decorate
+
+
+def build_problem(config: ProblemConfig) -> MergeProblem:
+    kind = config.kind
+    if kind in PROBLEM_BUILDERS:
+        return PROBLEM_BUILDERS[kind](config)
+    if ":" in kind or "." in kind:
+        module, _, attr = kind.partition(":") if ":" in kind else kind.rpartition(".")
+        try:
+            builder = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as error:
+            raise KeyError(f"cannot import problem builder {kind!r}: {error}") from error
+        return builder(config)
+    raise KeyError(f"unknown problem kind {kind!r}; built in: {sorted(PROBLEM_BUILDERS)} (or a dotted path)")
+
+
+# ---------------------------------------------------------------------- data loading
+
+_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_table(source: DataSourceConfig, task: str, seed: int = 0):
+    """Load one split as a ``datasets.Dataset``, with clear errors naming the task and file."""
+    import datasets
+
+    if (source.path is None) == (source.dataset is None):
+        raise ValueError(f"task {task!r}: give exactly one of data 'path' or 'dataset'")
+    try:
+        if source.path is not None:
+            file = _split_file(Path(source.path).expanduser(), source.split, task)
+            table = datasets.load_dataset(_FORMATS[file.suffix], data_files=str(file), split="train")
+            where = str(file)
+        else:
+            table = datasets.load_dataset(source.dataset, source.subset, split=source.split)
+            where = f"{source.dataset}[{source.split}]"
+    except (FileNotFoundError, ValueError, KeyError):
+        raise
+    except Exception as error:  # datasets raises many kinds for unreadable files
+        raise ValueError(f"task {task!r}: cannot read {source.path or source.dataset}: {error}") from error
+    if source.shuffle:
+        table = table.shuffle(seed=seed)
+    if source.skip:
+        table = table.select(range(min(source.skip, len(table)), len(table)))
+    if source.max_samples is not None:
+        table = table.select(range(min(source.max_samples, len(table))))
+    if len(table) == 0:
+        raise ValueError(f"task {task!r}: no rows in {where}")
+    return table
+
+
+def _split_file(path: Path, split: str, task: str) -> Path:
+    if path.is_dir():
+        for suffix in _FORMATS:
+            if (path / f"{split}{suffix}").exists():
+                return path / f"{split}{suffix}"
+        raise FileNotFoundError(f"task {task!r}: no {split}.{{jsonl,json,csv,parquet}} in {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"task {task!r}: data file {path} not found")
+    if path.suffix not in _FORMATS:
+        raise ValueError(f"task {task!r}: {path} has an unsupported format; use one of {sorted(_FORMATS)}")
+    return path
+
+
+def _require(config: ProblemConfig, *what: str) -> None:
+    if "pretrained" in what and not config.pretrained:
+        raise ValueError(f"problem kind {config.kind!r} needs 'problem.pretrained'")
+    if "tasks" in what and not config.tasks:
+        raise ValueError(f"problem kind {config.kind!r} needs at least one entry in 'problem.tasks'")
+    if "experts" in what:
+        missing = [name for name, task in config.tasks.items() if not task.expert]
+        if missing:
+            raise ValueError(f"problem kind {config.kind!r}: task(s) {missing} need an 'expert'")
+
+
+def _experts(config: ProblemConfig) -> dict[str, str]:
+    experts = {name: task.expert for name, task in config.tasks.items() if task.expert}
+    for name, path in config.experts.items():
+        if name in experts:
+            raise ValueError(f"expert {name!r} is named both in problem.tasks and problem.experts")
+        experts[name] = path
+    return experts
+
+
+# ---------------------------------------------------------------------- Hugging Face kinds
+
+
+def _save_hf(tokenizer_or_processor) -> Exporter:
+    from adamerge.hf import quiet_transformers
+
+    def save(module: nn.Module, folder: Path) -> None:
+        with quiet_transformers():
+            module.save_pretrained(folder)
+        if tokenizer_or_processor is not None:
+            tokenizer_or_processor.save_pretrained(folder)
+
+    return save
+
+
+@register_problem("hf_sequence_classification")
+def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
+    """K sequence classifiers fine-tuned from one encoder; each task keeps its expert's head."""
+    from transformers import AutoTokenizer
+
+    from adamerge import hf
+
+    _require(config, "pretrained", "tasks", "experts")
+    backbone = hf.load_sequence_classifier(config.pretrained)
+    tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
+    experts = _experts(config)
+    tasks, scope = hf.sequence_classification_tasks(backbone, {n: config.tasks[n].expert for n in config.tasks})
+    calibration, evaluation = {}, {}
+    for name, task in config.tasks.items():
+        calibration[name] = hf.tokenize_text(
+            load_table(task.calibration, name, config.seed), tokenizer, task.text, task.text_pair, None,
+            config.max_length, name,
+        )
+        if task.evaluation is not None:
+            evaluation[name] = hf.tokenize_text(
+                load_table(task.evaluation, name, config.seed), tokenizer, task.text, task.text_pair, task.label,
+                config.max_length, name,
+            )
+    encoder_prefix = backbone.base_model_prefix
+
+    def save_model(module: nn.Module, folder: Path) -> None:
+        with hf.quiet_transformers():
+            getattr(module, encoder_prefix).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    def save_heads(folder: Path) -> None:
+        from adamerge.checkpoints import save_safetensors
+
+        for name, task in tasks.items():
+            save_safetensors(task.head.as_dict(), folder / "heads" / f"{name}.safetensors")
+
+    return MergeProblem(
+        pretrained=backbone,
+        experts=experts,
+        tasks=tasks,
+        calibration=calibration,
+        evaluation=evaluation,
+        collate=hf.text_collate(tokenizer),
+        include=[scope],
+        save_model=save_model,
+        save_extras=save_heads,
+        description={"kind": config.kind, "base": config.pretrained, "experts": {k: str(v) for k, v in experts.items()}},
+    )
+
+
+@register_problem("hf_clip")
+def clip_problem(config: ProblemConfig) -> MergeProblem:
+    """CLIP vision towers fine-tuned per task, merged; zero-shot heads from the pretrained text tower."""
+    from transformers import AutoProcessor
+
+    from adamerge import hf
+
+    _require(config, "pretrained", "tasks", "experts")
+    vision, full = hf.load_clip(config.pretrained)
+    processor = AutoProcessor.from_pretrained(config.pretrained)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_processor = getattr(processor, "image_processor", processor)
+    tasks, calibration, evaluation = {}, {}, {}
+    for name, task in config.tasks.items():
+        if not task.classnames:
+            raise ValueError(f"task {name!r}: CLIP tasks need 'classnames'")
+        embeddings = hf.clip_class_embeddings(full, tokenizer, task.classnames, task.templates or hf.DEFAULT_TEMPLATES)
+        tasks[name] = hf.CLIPZeroShotTask(name, embeddings, full.logit_scale.exp().item())
+        calibration[name] = _images(load_table(task.calibration, name, config.seed), task, with_label=False)
+        if task.evaluation is not None:
+            evaluation[name] = _images(load_table(task.evaluation, name, config.seed), task, with_label=True)
+    return MergeProblem(
+        pretrained=vision,
+        experts=_experts(config),
+        tasks=tasks,
+        calibration=calibration,
+        evaluation=evaluation,
+        collate=hf.image_collate(image_processor),
+        include=[r"^(vision_model|visual_projection)\."],
+        save_model=_save_hf(processor),
+        description={"kind": config.kind, "base": config.pretrained, "experts": _experts(config)},
+    )
+
+
+def _images(table, task, with_label: bool):
+    if task.image not in table.column_names:
+        raise KeyError(f"column {task.image!r} not in the data (columns: {table.column_names})")
+    keep = [task.image] + ([task.label] if with_label and task.label in table.column_names else [])
+    table = table.select_columns(keep)
+    if task.image != "image":
+        table = table.rename_column(task.image, "image")
+    if with_label and task.label and task.label != "label" and task.label in keep:
+        table = table.rename_column(task.label, "label")
+    return table
+
+
+@register_problem("hf_causal_lm")
+def causal_lm_problem(config: ProblemConfig) -> MergeProblem:
+    """Causal LMs merged whole; each task's logits are next-token predictions on its responses."""
+    from transformers import AutoTokenizer
+
+    from adamerge import hf
+
+    _require(config, "pretrained", "tasks")
+    experts = _experts(config)
+    if not experts:
+        raise ValueError("problem kind 'hf_causal_lm' needs experts (problem.tasks.<name>.expert or problem.experts)")
+    backbone = hf.load_causal_lm(config.pretrained)
+    tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
+    tasks, calibration, evaluation = {}, {}, {}
+    for name, task in config.tasks.items():
+        tasks[name] = hf.CausalLMTask(name)
+        calibration[name] = hf.tokenize_prompts(
+            load_table(task.calibration, name, config.seed), tokenizer, task.text, task.response, config.max_length, name
+        )
+        if task.evaluation is not None:
+            evaluation[name] = hf.tokenize_prompts(
+                load_table(task.evaluation, name, config.seed), tokenizer, task.text, task.response, config.max_length, name
+            )
+    return MergeProblem(
+        pretrained=backbone,
+        experts=experts,
+        tasks=tasks,
+        calibration=calibration,
+        evaluation=evaluation,
+        collate=hf.lm_collate(tokenizer),
+        save_model=_save_hf(tokenizer),
+        description={"kind": config.kind, "base": config.pretrained, "experts": experts},
+    )

@@ -1,0 +1,259 @@
+"""The jobs a recipe describes, read top to bottom: ``fit`` (learn coefficients), ``merge``
+(a data-free method) and ``evaluate_run`` (re-evaluate a finished run).
+
+``fit`` trains in ``<output_dir>.partial`` (checkpoints and live logs) and resumes from
+there when interrupted; only a complete run is renamed to ``<output_dir>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.checkpoints import atomic_directory
+from adamerge.coefficients import make_constraint
+from adamerge.config import load_recipe, save_recipe, to_plain
+from adamerge.data import CalibrationData
+from adamerge.evaluate import evaluate
+from adamerge.export import write_coefficients, write_common
+from adamerge.learner import CoefficientLearner
+from adamerge.merged import MergedModel
+from adamerge.methods import get_method
+from adamerge.objectives import Objective, WeightedObjectives, build_objective
+from adamerge.plotting import training_curves
+from adamerge.problems import MergeProblem, build_problem
+from adamerge.task_vectors import TaskVectors
+
+
+def _quiet_libraries() -> None:
+    """Keep the console for adamerge's own progress: no hardware banners or per-map bars."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
+
+
+@dataclass
+class RunResult:
+    """What a job produced: where it is, the per-task evaluation and the merged model."""
+
+    run_dir: Path
+    results: dict[str, dict]
+    merged: MergedModel
+
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def merge_scope(recipe: DictConfig, problem: MergeProblem) -> dict:
+    """The recipe's include/exclude regexes, falling back to the problem's default scope."""
+    cfg = recipe.task_vectors
+    return {
+        "include": to_plain(cfg.include) if cfg.include is not None else problem.include,
+        "exclude": to_plain(cfg.exclude) if cfg.exclude is not None else problem.exclude,
+    }
+
+
+def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors:
+    cfg = recipe.task_vectors
+    tv = TaskVectors.from_models(problem.pretrained, problem.experts, dtype=cfg.dtype, **merge_scope(recipe, problem))
+    if cfg.ties is not None:
+        tv = tv.ties(cfg.ties.density, cfg.ties.scope, cfg.ties.sign_method)
+    if cfg.dare is not None:
+        tv = tv.dare(cfg.dare.density, cfg.dare.seed, cfg.dare.rescale)
+    return tv
+
+
+def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVectors) -> MergedModel:
+    cfg = recipe.coefficients
+    return MergedModel(
+        problem.pretrained,
+        task_vectors,
+        granularity=cfg.granularity,
+        init=to_plain(cfg.init),
+        constraint=make_constraint(to_plain(cfg.constraint)),
+        groups=to_plain(cfg.groups),
+        chunks=to_plain(cfg.chunks),
+        freeze=to_plain(cfg.freeze),
+    )
+
+
+def build_objectives(recipe: DictConfig) -> Objective:
+    if not recipe.objectives:
+        raise ValueError("the recipe lists no objectives")
+    parts = [(o.weight, build_objective(o.name, **to_plain(o.args))) for o in recipe.objectives]
+    if len(parts) == 1 and parts[0][0] == 1.0:
+        return parts[0][1]
+    return WeightedObjectives(parts, names=[o.name for o in recipe.objectives])
+
+
+def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
+    return CalibrationData(
+        problem.calibration,
+        problem.collate,
+        batch_size=recipe.trainer.batch_size,
+        seed=recipe.seed,
+        evaluation=problem.evaluation,
+        eval_batch_size=recipe.evaluation.batch_size,
+    )
+
+
+def evaluate_problem(merged: MergedModel, problem: MergeProblem, data: CalibrationData, params=None) -> dict:
+    """Evaluate every task that has labelled evaluation data."""
+    names = [t for t in problem.tasks if t in problem.evaluation]
+    return evaluate(merged, problem.tasks, data.evaluation_batches, params=params, names=names)
+
+
+def evaluate_baselines(merged: MergedModel, problem: MergeProblem, data: CalibrationData) -> dict[str, dict]:
+    """Each expert on its own task, and the pretrained model with each task's head."""
+    results = {"pretrained": evaluate_problem(merged, problem, data, params=merged.pretrained_parameters())}
+    if all(t in merged.expert_names for t in problem.tasks if t in problem.evaluation):
+        results = {"experts": evaluate_problem(merged, problem, data, params=merged.expert_parameters), **results}
+    return results
+
+
+def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
+    cfg = recipe.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=work_dir / "checkpoints",
+        filename="step{step}",
+        every_n_train_steps=cfg.checkpoint_every_n_steps,
+        save_last=True,
+        save_top_k=0,
+    )
+    return L.Trainer(
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=to_plain(cfg.devices),
+        strategy=cfg.strategy,
+        precision=to_plain(cfg.precision),
+        logger=CSVLogger(work_dir, name="", version=""),
+        callbacks=[checkpoint],
+        log_every_n_steps=cfg.log_every_n_steps,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=work_dir,
+    )
+
+
+def _prepare_output(recipe: DictConfig) -> tuple[Path, Path]:
+    run_dir = Path(recipe.output_dir).expanduser()
+    if run_dir.exists() and not recipe.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a finished run; set overwrite=true or choose another output_dir")
+    return run_dir, run_dir.with_name(run_dir.name + ".partial")
+
+
+def _check_resume(recipe: DictConfig, work_dir: Path) -> Path | None:
+    """The checkpoint to resume from, if an earlier attempt of this very recipe was interrupted."""
+    saved = work_dir / "recipe.yaml"
+    last = work_dir / "checkpoints" / "last.ckpt"
+    if saved.exists():
+        before = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k != "overwrite"}
+        now = {k: v for k, v in OmegaConf.to_container(recipe, resolve=True).items() if k != "overwrite"}
+        if before != now:
+            raise ValueError(
+                f"{work_dir} holds an interrupted run of a different recipe; delete it or choose another output_dir"
+            )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, saved)
+    return last if last.exists() else None
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+def fit(recipe: DictConfig | str) -> RunResult:
+    """Learn merge coefficients as the recipe says, evaluate, and export a run directory."""
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if recipe.method is not None:
+        raise ValueError("this recipe describes a data-free merge ('method'); run it with `adamerge merge`")
+    run_dir, work_dir = _prepare_output(recipe)
+    _quiet_libraries()
+    L.seed_everything(recipe.seed, verbose=False)
+    problem = build_problem(recipe.problem)
+    merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
+    data = build_data(recipe, problem)
+    learner = CoefficientLearner(
+        merged,
+        problem.tasks,
+        build_objectives(recipe),
+        lr=recipe.optimizer.lr,
+        optimizer=recipe.optimizer.name,
+        weight_decay=recipe.optimizer.weight_decay,
+        task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
+    )
+    resume = _check_resume(recipe, work_dir)
+    if resume is not None:
+        print(f"resuming the interrupted run from {resume}")
+    trainer = _trainer(recipe, work_dir)
+    trainer.fit(learner, datamodule=data, ckpt_path=resume)
+    if trainer.global_rank != 0:
+        return RunResult(run_dir, {}, merged)
+    results = evaluate_problem(merged, problem, data) if recipe.evaluation.enabled else {}
+    how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
+    with atomic_directory(run_dir) as staging:
+        write_coefficients(staging, merged, recipe, problem)
+        write_common(staging, recipe, problem, merged.to_module(), how, results)
+        if (work_dir / "metrics.csv").exists():
+            shutil.copy(work_dir / "metrics.csv", staging / "metrics.csv")
+            if recipe.export.plot:
+                training_curves(staging / "metrics.csv", staging / "training.png")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return RunResult(run_dir, results, merged)
+
+
+def merge(recipe: DictConfig | str) -> RunResult:
+    """Run a data-free merge method, evaluate it, and export a run directory."""
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if recipe.method is None:
+        raise ValueError("this recipe has no 'method' section; learn coefficients with `adamerge fit`")
+    run_dir, _ = _prepare_output(recipe)
+    _quiet_libraries()
+    problem = build_problem(recipe.problem)
+    module, merged, results = _merge_and_evaluate(recipe, problem)
+    how = f"data-free `{recipe.method.name}` {to_plain(recipe.method.args)}"
+    with atomic_directory(run_dir) as staging:
+        write_common(staging, recipe, problem, module, how, results)
+    return RunResult(run_dir, results, merged)
+
+
+def _merge_and_evaluate(recipe: DictConfig, problem: MergeProblem):
+    method = get_method(recipe.method.name)
+    task_vectors = build_task_vectors(recipe, problem)
+    module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **to_plain(recipe.method.args))
+    merged = MergedModel(problem.pretrained, task_vectors, granularity="task", init=0.0)
+    state = module.state_dict()
+    params = {key: state[key] for key in merged.keys}
+    results = {}
+    if recipe.evaluation.enabled:
+        results = evaluate_problem(merged, problem, build_data(recipe, problem), params=params)
+    return module, merged, results
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, dict]:
+    """Re-evaluate a finished run from its recipe and coefficients."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a finished adamerge run (no recipe.yaml)")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    _quiet_libraries()
+    problem = build_problem(recipe.problem)
+    if recipe.method is not None:
+        return _merge_and_evaluate(recipe, problem)[2]
+    merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
+    merged.load_coefficients(str(run_dir / "coefficients.safetensors"))
+    return evaluate_problem(merged, problem, build_data(recipe, problem))
