@@ -136,6 +136,15 @@ class MethodConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Label-free model selection: keep the coefficients with the best held-out criterion."""
+
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="expert_kl"))
+    holdout: float = 0.2  # fraction (or count, if >= 1) of each task's calibration rows held out
+    every_n_steps: int = 25
+
+
+@dataclass
 class EvaluationConfig:
     enabled: bool = True
     batch_size: int = 64
@@ -161,6 +170,7 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: Optional[MethodConfig] = None
+    selection: Optional[SelectionConfig] = None  # default: keep the last step's coefficients
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

@@ -58,8 +58,10 @@ class TaskBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        rows: Sequence[int] | None = None,
     ):
-        if len(dataset) == 0:
+        self.rows = list(range(len(dataset))) if rows is None else list(rows)
+        if not self.rows:
             raise ValueError(f"task {name!r} has no calibration data")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -70,13 +72,14 @@ class TaskBatches:
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
     def batch(self, step: int) -> dict[str, Any]:
         G = self.global_batch_size
-        indices = stream_indices(len(self.dataset), self.seed, step * G, G)
-        mine = indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        batch = self.collate([self.dataset[i] for i in mine])
-        batch["index"] = torch.tensor(mine, dtype=torch.long)
-        return batch
+        positions = stream_indices(len(self.rows), self.seed, step * G, G)
+        mine = [self.rows[p] for p in positions[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
+        return collate_rows(self.dataset, mine, self.collate)
 
 
 class MultiTaskStream:
@@ -88,7 +91,7 @@ class MultiTaskStream:
 
     def __len__(self) -> int:
         """Steps per epoch: enough for the largest task to be seen once."""
-        return max(math.ceil(len(t.dataset) / t.global_batch_size) for t in self.tasks.values())
+        return max(math.ceil(len(t) / t.global_batch_size) for t in self.tasks.values())
 
     def __iter__(self) -> Iterator[dict[str, dict]]:
         while True:
@@ -103,19 +106,38 @@ class MultiTaskStream:
         self.step = int(state["step"])
 
 
-def ordered_batches(name: str, dataset: Sequence, batch_size: int, collate: Collate = rows_to_batch):
-    """All rows of a dataset in order, in batches, each with its rows' ``index`` (for precomputing)."""
-    if len(dataset) == 0:
+def collate_rows(dataset: Sequence, rows: Sequence[int], collate: Collate) -> dict[str, Any]:
+    """Collate the given rows, recording their positions in the dataset as ``index``."""
+    batch = collate([dataset[i] for i in rows])
+    batch["index"] = torch.tensor(list(rows), dtype=torch.long)
+    return batch
+
+
+def ordered_batches(name: str, dataset: Sequence, batch_size: int, collate: Collate = rows_to_batch, rows=None):
+    """The given rows (default: all) in order, in batches, each with its rows' ``index``."""
+    rows = list(range(len(dataset))) if rows is None else list(rows)
+    if not rows:
         raise ValueError(f"task {name!r} has no data")
-    for start in range(0, len(dataset), batch_size):
-        indices = list(range(start, min(start + batch_size, len(dataset))))
-        batch = collate([dataset[i] for i in indices])
-        batch["index"] = torch.tensor(indices, dtype=torch.long)
-        yield batch
+    for start in range(0, len(rows), batch_size):
+        yield collate_rows(dataset, rows[start : start + batch_size], collate)
+
+
+def split_holdout(size: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows): a seeded random ``holdout`` fraction (or count, if >= 1) held out."""
+    count = int(holdout) if holdout >= 1 else int(round(holdout * size))
+    if count and count >= size:
+        raise ValueError(f"holdout of {count} rows leaves no calibration rows out of {size}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 7_777_777)).tolist()
+    return sorted(order[count:]), sorted(order[:count])
 
 
 class CalibrationData(L.LightningDataModule):
-    """Per-task calibration sets (labels unused for learning) and optional labelled evaluation sets."""
+    """Per-task calibration sets (labels unused for learning), optional held-out rows for
+    label-free model selection, and optional labelled evaluation sets.
+
+    Row ``index`` values always refer to positions in the full calibration set, so targets
+    precomputed over it (e.g. expert outputs) serve both the training and held-out rows.
+    """
 
     def __init__(
         self,
@@ -125,6 +147,7 @@ class CalibrationData(L.LightningDataModule):
         seed: int = 0,
         evaluation: Mapping[str, Sequence] | None = None,
         eval_batch_size: int = 64,
+        holdout: float = 0.0,
     ):
         super().__init__()
         if not calibration:
@@ -136,6 +159,7 @@ class CalibrationData(L.LightningDataModule):
         self.evaluation = dict(evaluation or {})
         self._collate = collate
         self.batch_size, self.seed, self.eval_batch_size = batch_size, seed, eval_batch_size
+        self.splits = {name: split_holdout(len(d), holdout, seed) for name, d in self.calibration.items()}
 
     def collate_for(self, task: str) -> Collate:
         return self._collate[task] if isinstance(self._collate, Mapping) else self._collate
@@ -144,13 +168,23 @@ class CalibrationData(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return MultiTaskStream(
             {
-                name: TaskBatches(name, dataset, self.batch_size, self.collate_for(name), self.seed, rank, world)
+                name: TaskBatches(
+                    name, dataset, self.batch_size, self.collate_for(name), self.seed, rank, world, self.splits[name][0]
+                )
                 for name, dataset in self.calibration.items()
             }
         )
 
     def calibration_batches(self, task: str, batch_size: int | None = None):
+        """Every calibration row of a task (training and held-out), in order."""
         return ordered_batches(task, self.calibration[task], batch_size or self.eval_batch_size, self.collate_for(task))
+
+    def holdout_batches(self, task: str, batch_size: int | None = None):
+        """The held-out calibration rows of a task, in order (none without ``holdout``)."""
+        rows = self.splits[task][1]
+        if not rows:
+            return iter(())
+        return ordered_batches(task, self.calibration[task], batch_size or self.eval_batch_size, self.collate_for(task), rows)
 
     def evaluation_batches(self, task: str, batch_size: int | None = None):
         return ordered_batches(task, self.evaluation[task], batch_size or self.eval_batch_size, self.collate_for(task))

@@ -214,7 +214,7 @@ class CausalLMTask(Task):
         )
         targets = batch["loss_mask"][:, 1:].bool()
         logits = outputs.logits[:, :-1][targets]
-        return TaskOutput(logits, _hidden(outputs, hidden_layers), batch["attention_mask"])
+        return TaskOutput(logits, _hidden(outputs, hidden_layers), batch["attention_mask"], targets.sum(dim=1))
 
     def labels(self, batch):
         return batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:].bool()]

@@ -33,11 +33,16 @@ class CoefficientLearner(L.LightningModule):
         optimizer: str = "adam",
         weight_decay: float = 0.0,
         task_weights: Mapping[str, float] | None = None,
+        selection: Objective | None = None,
+        select_every_n_steps: int = 50,
     ):
         super().__init__()
         self.merged = merged
         self.tasks = nn.ModuleDict(dict(tasks))
         self.objective = objective
+        self.selection = selection
+        self.select_every_n_steps = select_every_n_steps
+        self.best: dict | None = None
         self.lr, self.optimizer_name, self.weight_decay = lr, optimizer, weight_decay
         unknown = sorted(set(task_weights or {}) - set(self.tasks))
         if unknown:
@@ -60,6 +65,8 @@ class CoefficientLearner(L.LightningModule):
             device=self.device,
         )
         self.objective.setup(context)
+        if self.selection is not None:
+            self.selection.setup(context)
         self._objective_ready = True
 
     def _to_device(self, batch):
@@ -101,14 +108,56 @@ class CoefficientLearner(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.merged.coefficients.project_()
 
+    # ------------------------------------------------------------------ label-free model selection
+    @torch.no_grad()
+    def held_out_criterion(self) -> float:
+        """The selection objective averaged over every task's held-out calibration rows."""
+        datamodule = self.trainer.datamodule
+        params = self.merged.merged_parameters()
+        per_task = []
+        for name, task in self.tasks.items():
+            losses = [
+                split_loss(self.selection(task(self.merged, params, b, self.selection.hidden_layers), b, name))[0]
+                for b in map(self._to_device, datamodule.holdout_batches(name))
+            ]
+            if not losses:
+                raise ValueError("model selection needs held-out calibration rows: set selection.holdout > 0")
+            per_task.append(torch.stack(losses).mean())
+        penalty = self.selection.penalty(self.merged)
+        return float(torch.stack(per_task).mean() + (penalty if penalty is not None else 0.0))
+
+    def _consider_current(self) -> float:
+        value = self.held_out_criterion()
+        if self.best is None or value < self.best["value"]:
+            state = {k: v.detach().clone() for k, v in self.merged.coefficients.state_dict().items()}
+            self.best = {"value": value, "step": self.global_step, "state": state}
+        return value
+
+    def on_train_start(self) -> None:
+        if self.selection is not None:
+            self._consider_current()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.selection is not None and self.global_step % self.select_every_n_steps == 0:
+            self.log("select/criterion", self._consider_current())
+
+    def on_train_end(self) -> None:
+        """With model selection, finish on the best coefficients seen, not the last."""
+        if self.selection is None:
+            return
+        self._consider_current()
+        self.merged.coefficients.load_state_dict(self.best["state"])
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep checkpoints tiny: only coefficient tensors (the backbone and task vectors are inputs)."""
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k.startswith(COEFFICIENT_PREFIX)
         }
+        checkpoint["adamerge_selection_best"] = self.best
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best = checkpoint.get("adamerge_selection_best")
         missing = [k for k in self.state_dict() if k.startswith(COEFFICIENT_PREFIX) and k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks coefficient tensor(s) {missing}: was it written by another recipe?")

@@ -136,7 +136,7 @@ class MergedModel(nn.Module):
                 f"this merge uses {self.coefficients.constraint.describe()}"
             )
         with torch.no_grad():
-            for name in ("raw", "fixed", "initial"):
+            for name in ("raw", "residual", "fixed", "initial"):
                 getattr(self.coefficients, name).copy_(getattr(saved, name))
 
     @property

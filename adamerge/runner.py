@@ -7,6 +7,7 @@ there when interrupted; only a complete run is renamed to ``<output_dir>``.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import warnings
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.checkpoints import atomic_directory
+from adamerge.checkpoints import atomic_directory, write_text
 from adamerge.coefficients import make_constraint
 from adamerge.config import load_recipe, save_recipe, to_plain
 from adamerge.data import CalibrationData
@@ -100,6 +101,12 @@ def build_objectives(recipe: DictConfig) -> Objective:
     return WeightedObjectives(parts, names=[o.name for o in recipe.objectives])
 
 
+def _selection_objective(recipe: DictConfig) -> Objective | None:
+    if recipe.selection is None:
+        return None
+    return build_objective(recipe.selection.objective.name, **to_plain(recipe.selection.objective.args))
+
+
 def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
     return CalibrationData(
         problem.calibration,
@@ -108,6 +115,7 @@ def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
         seed=recipe.seed,
         evaluation=problem.evaluation,
         eval_batch_size=recipe.evaluation.batch_size,
+        holdout=recipe.selection.holdout if recipe.selection is not None else 0.0,
     )
 
 
@@ -195,6 +203,8 @@ def fit(recipe: DictConfig | str) -> RunResult:
         optimizer=recipe.optimizer.name,
         weight_decay=recipe.optimizer.weight_decay,
         task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
+        selection=_selection_objective(recipe),
+        select_every_n_steps=recipe.selection.every_n_steps if recipe.selection is not None else 1,
     )
     resume = _check_resume(recipe, work_dir)
     if resume is not None:
@@ -207,6 +217,9 @@ def fit(recipe: DictConfig | str) -> RunResult:
     how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
     with atomic_directory(run_dir) as staging:
         write_coefficients(staging, merged, recipe, problem)
+        if learner.best is not None:
+            chosen = {"step": learner.best["step"], "criterion": learner.best["value"]}
+            write_text(staging / "selection.json", json.dumps(chosen, indent=1))
         write_common(staging, recipe, problem, merged.to_module(), how, results)
         if (work_dir / "metrics.csv").exists():
             shutil.copy(work_dir / "metrics.csv", staging / "metrics.csv")

@@ -21,13 +21,15 @@ class TaskOutput:
     """What a task produced for one batch.
 
     ``logits`` has one row per prediction (``[N, C]``; for language models, one row per
-    predicted token). ``hidden`` maps a requested layer index to ``[B, T, H]`` (or
-    ``[B, H]``) activations, and ``mask`` (``[B, T]``, optional) marks the valid positions.
+    predicted token, and ``sample_rows`` says how many rows each sample produced). ``hidden``
+    maps a requested layer index to ``[B, T, H]`` (or ``[B, H]``) activations, and ``mask``
+    (``[B, T]``, optional) marks the valid positions.
     """
 
     logits: Tensor
     hidden: dict[int, Tensor] = field(default_factory=dict)
     mask: Tensor | None = None
+    sample_rows: Tensor | None = None
 
 
 class Task(nn.Module):
