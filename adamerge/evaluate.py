@@ -34,7 +34,8 @@ def evaluate_task(
     entropy_sum, rows = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        logits = task(merged, params, batch).logits.float()
+        output = task(merged, params, batch)
+        logits = output.logits.float()
         classes = logits.shape[-1]
         if counts is None:
             counts = torch.zeros(classes, dtype=torch.long, device=device)
@@ -44,7 +45,7 @@ def evaluate_task(
         probability_sum += logits.softmax(dim=-1).sum(dim=0)
         entropy_sum += float(prediction_entropy(logits).sum())
         rows += logits.shape[0]
-        labels = task.labels(batch)
+        labels = output.labels
         if labels is not None:
             if accuracy is None:
                 accuracy = MulticlassAccuracy(num_classes=classes, average="micro").to(device)

@@ -79,7 +79,9 @@ class SequenceClassificationTask(Task):
         outputs = merged.forward_with(
             {**params, **self.head.as_dict()}, **inputs, output_hidden_states=bool(hidden_layers), return_dict=True
         )
-        return TaskOutput(outputs.logits, _hidden(outputs, hidden_layers), batch.get("attention_mask"))
+        return TaskOutput(
+            outputs.logits, _hidden(outputs, hidden_layers), batch.get("attention_mask"), labels=batch.get("labels")
+        )
 
 
 def head_keys(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
@@ -159,7 +161,7 @@ class CLIPZeroShotTask(Task):
         )
         image = F.normalize(outputs.image_embeds, dim=-1)
         logits = self.logit_scale * image @ self.class_embeddings.to(image.dtype).T
-        return TaskOutput(logits, _hidden(outputs, hidden_layers))
+        return TaskOutput(logits, _hidden(outputs, hidden_layers), labels=batch.get("labels"))
 
 
 @torch.no_grad()
@@ -213,11 +215,13 @@ class CausalLMTask(Task):
             return_dict=True,
         )
         targets = batch["loss_mask"][:, 1:].bool()
-        logits = outputs.logits[:, :-1][targets]
-        return TaskOutput(logits, _hidden(outputs, hidden_layers), batch["attention_mask"], targets.sum(dim=1))
-
-    def labels(self, batch):
-        return batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:].bool()]
+        return TaskOutput(
+            logits=outputs.logits[:, :-1][targets],
+            hidden=_hidden(outputs, hidden_layers),
+            mask=batch["attention_mask"],
+            sample_rows=targets.sum(dim=1),
+            labels=batch["input_ids"][:, 1:][targets],
+        )
 
 
 def load_causal_lm(pretrained: str) -> nn.Module:

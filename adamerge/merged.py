@@ -62,12 +62,40 @@ def weighted_sum(base: Tensor, coefficients: Tensor, tau: Tensor) -> Tensor:
     return _WeightedSum.apply(base, coefficients, tau)
 
 
-class MergedModel(nn.Module):
+class FunctionalModel(nn.Module):
+    """A frozen backbone run with tensors swapped in: what tasks call, whatever the merge.
+
+    The backbone is frozen in place and kept in eval mode (no dropout; BatchNorm uses the
+    pretrained running stats, which are never updated).
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"the backbone must be an nn.Module, got {type(backbone).__name__}")
+        self.backbone = backbone.requires_grad_(False).eval()
+
+    def base_tensors(self) -> dict[str, Tensor]:
+        """Every parameter and buffer of the backbone at its current value (tied names once)."""
+        base = dict(self.backbone.named_parameters())
+        base.update(dict(self.backbone.named_buffers()))
+        return base
+
+    def forward_with(self, params: Mapping[str, Tensor], *args, **kwargs):
+        """Run the backbone with the given tensors swapped in (merged weights, plus e.g. a task's head)."""
+        return functional_call(self.backbone, dict(params), args, kwargs, tie_weights=True, strict=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+
+class MergedModel(FunctionalModel):
     """A frozen backbone whose in-scope weights are ``θ_0 + Σ_k c_k ⊙ τ_k``.
 
-    Only the coefficients (``self.coefficients``) are trainable. The backbone is frozen in
-    place and kept in eval mode (no dropout, BatchNorm uses the pretrained running stats,
-    which are never updated). Call it like the backbone: ``merged(*inputs)``.
+    Only the coefficients (``self.coefficients``) are trainable. Call it like the backbone:
+    ``merged(*inputs)``.
     """
 
     def __init__(
@@ -82,10 +110,7 @@ class MergedModel(nn.Module):
         chunks: ChunkSpec = None,
         freeze: str | list[str] | None = None,
     ):
-        super().__init__()
-        if not isinstance(pretrained, nn.Module):
-            raise TypeError(f"pretrained must be an nn.Module to run the merged model, got {type(pretrained).__name__}")
-        self.backbone = pretrained.requires_grad_(False).eval()
+        super().__init__(pretrained)
         self.expert_names = task_vectors.expert_names
         self.keys = list(task_vectors.keys)
         self._check_scope(task_vectors)
@@ -191,16 +216,6 @@ class MergedModel(nn.Module):
             for i, key in enumerate(self.keys)
         }
 
-    def base_tensors(self) -> dict[str, Tensor]:
-        """Every parameter and buffer of the backbone at its pretrained value (tied names once)."""
-        base = dict(self.backbone.named_parameters())
-        base.update(dict(self.backbone.named_buffers()))
-        return base
-
-    def forward_with(self, params: Mapping[str, Tensor], *args, **kwargs):
-        """Run the backbone with the given tensors swapped in (merged weights, plus e.g. a task's head)."""
-        return functional_call(self.backbone, dict(params), args, kwargs, tie_weights=True, strict=False)
-
     def forward(self, *args, **kwargs):
         return self.forward_with(self.merged_parameters(), *args, **kwargs)
 
@@ -224,11 +239,6 @@ class MergedModel(nn.Module):
         return module.requires_grad_(True).eval()
 
     # ------------------------------------------------------------------ nn.Module plumbing
-    def train(self, mode: bool = True) -> "MergedModel":
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
     def _apply(self, fn, recurse: bool = True):
         self._cache = None
         return super()._apply(fn, recurse)

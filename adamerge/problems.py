@@ -163,7 +163,7 @@ def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
     calibration, evaluation = {}, {}
     for name, task in config.tasks.items():
         calibration[name] = hf.tokenize_text(
-            load_table(task.calibration, name, config.seed), tokenizer, task.text, task.text_pair, None,
+            load_table(task.calibration, name, config.seed), tokenizer, task.text, task.text_pair, task.label,
             config.max_length, name,
         )
         if task.evaluation is not None:
@@ -216,7 +216,7 @@ def clip_problem(config: ProblemConfig) -> MergeProblem:
             raise ValueError(f"task {name!r}: CLIP tasks need 'classnames'")
         embeddings = hf.clip_class_embeddings(full, tokenizer, task.classnames, task.templates or hf.DEFAULT_TEMPLATES)
         tasks[name] = hf.CLIPZeroShotTask(name, embeddings, full.logit_scale.exp().item())
-        calibration[name] = _images(load_table(task.calibration, name, config.seed), task, with_label=False)
+        calibration[name] = _images(load_table(task.calibration, name, config.seed), task, with_label=True)
         if task.evaluation is not None:
             evaluation[name] = _images(load_table(task.evaluation, name, config.seed), task, with_label=True)
     return MergeProblem(
@@ -232,7 +232,7 @@ def clip_problem(config: ProblemConfig) -> MergeProblem:
     )
 
 
-def _images(table, task, with_label: bool):
+def _images(table, task, with_label: bool = True):
     if task.image not in table.column_names:
         raise KeyError(f"column {task.image!r} not in the data (columns: {table.column_names})")
     keep = [task.image] + ([task.label] if with_label and task.label in table.column_names else [])

@@ -24,6 +24,7 @@ from adamerge.coefficients import make_constraint
 from adamerge.config import load_recipe, save_recipe, to_plain
 from adamerge.data import CalibrationData
 from adamerge.evaluate import evaluate
+from adamerge.importance import importance_chunks
 from adamerge.export import write_coefficients, write_common
 from adamerge.learner import CoefficientLearner
 from adamerge.merged import MergedModel
@@ -78,6 +79,19 @@ def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors
     return tv
 
 
+def resolve_chunks(chunks, task_vectors: TaskVectors):
+    """A chunk map as given, or allocated by importance from a stage-1 run (Expert Merging++):
+    ``{importance_from: <coefficients.safetensors>, budget: 4, kappa: 1}``."""
+    if not isinstance(chunks, dict) or "importance_from" not in chunks:
+        return chunks
+    options = dict(chunks)
+    source = options.pop("importance_from")
+    budget, kappa = options.pop("budget", 4.0), options.pop("kappa", 1.0)
+    if options:
+        raise ValueError(f"coefficients.chunks: unknown importance option(s) {sorted(options)}; use budget, kappa")
+    return importance_chunks(str(Path(source).expanduser()), task_vectors, budget, kappa)
+
+
 def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVectors) -> MergedModel:
     cfg = recipe.coefficients
     return MergedModel(
@@ -87,7 +101,7 @@ def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVe
         init=to_plain(cfg.init),
         constraint=make_constraint(to_plain(cfg.constraint)),
         groups=to_plain(cfg.groups),
-        chunks=to_plain(cfg.chunks),
+        chunks=resolve_chunks(to_plain(cfg.chunks), task_vectors),
         freeze=to_plain(cfg.freeze),
     )
 

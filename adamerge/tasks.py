@@ -1,7 +1,8 @@
 """Tasks: how a batch of one task's inputs becomes that task's logits through the merged backbone.
 
-A task never owns merged weights; it receives the merged tensors of the current step
-(``params``) so every task in a step shares one merge. The same call with an expert's
+A task never owns merged weights; it receives the model to run (any
+:class:`~adamerge.merged.FunctionalModel`, usually the ``MergedModel``) and the merged tensors
+of the current step (``params``), so every task in a step shares one merge. The same call with an expert's
 weights (``merged.expert_parameters(k)``) gives that expert's outputs, which is how
 alignment objectives get their targets.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from adamerge.merged import MergedModel
+from adamerge.merged import FunctionalModel
 
 
 @dataclass
@@ -21,7 +22,9 @@ class TaskOutput:
     """What a task produced for one batch.
 
     ``logits`` has one row per prediction (``[N, C]``; for language models, one row per
-    predicted token, and ``sample_rows`` says how many rows each sample produced). ``hidden``
+    predicted token, and ``sample_rows`` says how many rows each sample produced); ``labels``
+    holds the matching targets when the batch has them (used by evaluation and supervised
+    objectives only). ``hidden``
     maps a requested layer index to ``[B, T, H]`` (or ``[B, H]``) activations, and ``mask``
     (``[B, T]``, optional) marks the valid positions.
     """
@@ -30,6 +33,7 @@ class TaskOutput:
     hidden: dict[int, Tensor] = field(default_factory=dict)
     mask: Tensor | None = None
     sample_rows: Tensor | None = None
+    labels: Tensor | None = None
 
 
 class Task(nn.Module):
@@ -40,13 +44,9 @@ class Task(nn.Module):
         self.name = name
 
     def forward(
-        self, merged: MergedModel, params: Mapping[str, Tensor], batch: Mapping, hidden_layers: Sequence[int] = ()
+        self, merged: FunctionalModel, params: Mapping[str, Tensor], batch: Mapping, hidden_layers: Sequence[int] = ()
     ) -> TaskOutput:
         raise NotImplementedError
-
-    def labels(self, batch: Mapping) -> Tensor | None:
-        """Labels aligned with the rows of ``logits`` (for evaluation only), if the batch has them."""
-        return batch.get("labels")
 
 
 class HeadTask(Task):
@@ -85,7 +85,7 @@ class HeadTask(Task):
         finally:
             for handle in handles:
                 handle.remove()
-        return TaskOutput(logits=self.head(features), hidden=captured)
+        return TaskOutput(logits=self.head(features), hidden=captured, labels=batch.get("labels"))
 
     def train(self, mode: bool = True) -> "HeadTask":
         super().train(mode)

@@ -164,3 +164,4 @@ def _check_arguments(name: str, fn: Callable, args: Mapping[str, Any], skip: int
 # Register the built-in objectives.
 from adamerge.objectives import alignment as _alignment  # noqa: E402,F401
 from adamerge.objectives import entropy as _entropy  # noqa: E402,F401
+from adamerge.objectives import supervised as _supervised  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""Built-in model zoos for demos, tests and benchmarks."""
