@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import nn
 
 from adamerge.checkpoints import WeightsSource
-from adamerge.config import DataSourceConfig, ProblemConfig
+from adamerge.config import DataSourceConfig, ProblemConfig, TaskConfig
 from adamerge.data import Collate, rows_to_batch
 from adamerge.tasks import Task
 
@@ -53,6 +55,9 @@ def register_problem(kind: str):
 
 
 def build_problem(config: ProblemConfig) -> MergeProblem:
+    """Build the problem a recipe's ``problem`` section describes (a config node or a ProblemConfig)."""
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_object(config)
     kind = config.kind
     if kind in PROBLEM_BUILDERS:
         return PROBLEM_BUILDERS[kind](config)
@@ -196,6 +201,43 @@ def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
         save_extras=save_heads,
         description={"kind": config.kind, "base": config.pretrained, "experts": {k: str(v) for k, v in experts.items()}},
     )
+
+
+@register_problem("text_zoo")
+def text_zoo_problem(config: ProblemConfig) -> MergeProblem:
+    """Sequence-classification experts laid out as ``<zoo_dir>/<task>/`` with data in
+    ``<data_root>/<task>/{train,test}.jsonl`` (+ ``meta.json`` saying whether it has sentence
+    pairs), as ``adamerge.zoo.text`` builds them. ``problem.options``: ``data_root``,
+    ``zoo_dir``, ``tasks`` (default: every expert in the zoo), ``calibration`` and
+    ``evaluation`` (``{split, max_samples, skip, shuffle}``)."""
+    known = {"data_root", "zoo_dir", "tasks", "calibration", "evaluation"}
+    unknown = sorted(set(config.options) - known)
+    if unknown:
+        raise ValueError(f"problem.options: unknown key(s) {unknown} for kind 'text_zoo'; known: {sorted(known)}")
+    if "data_root" not in config.options or "zoo_dir" not in config.options:
+        raise ValueError("problem kind 'text_zoo' needs problem.options.data_root and problem.options.zoo_dir")
+    data_root = Path(config.options["data_root"]).expanduser()
+    zoo_dir = Path(config.options["zoo_dir"]).expanduser()
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"text_zoo: data_root {data_root} does not exist")
+    if not zoo_dir.is_dir():
+        raise FileNotFoundError(f"text_zoo: zoo_dir {zoo_dir} does not exist (build it with `python -m adamerge.zoo.text`)")
+    names = config.options.get("tasks") or sorted(p.name for p in zoo_dir.iterdir() if (p / "config.json").exists())
+    calibration = DataSourceConfig(**{"split": "test", **dict(config.options.get("calibration") or {})})
+    evaluation = DataSourceConfig(**{"split": "test", **dict(config.options.get("evaluation") or {})})
+    tasks = {}
+    for name in names:
+        meta_file = data_root / name / "meta.json"
+        pair = json.loads(meta_file.read_text()).get("pair", False) if meta_file.exists() else False
+        tasks[name] = TaskConfig(
+            expert=str(zoo_dir / name),
+            calibration=replace(calibration, path=str(data_root / name)),
+            evaluation=replace(evaluation, path=str(data_root / name)),
+            text_pair="text_pair" if pair else None,
+            weight=config.tasks[name].weight if name in config.tasks else 1.0,
+        )
+    expanded = replace(config, kind="hf_sequence_classification", tasks=tasks, options={})
+    return sequence_classification_problem(expanded)
 
 
 @register_problem("hf_clip")
