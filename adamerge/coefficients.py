@@ -269,7 +269,8 @@ class Clamp(Constraint):
         return raw.clamp(self.lo, self.hi)
 
     def project_(self, raw: Tensor) -> None:
-        raw.data.clamp_(self.lo, self.hi)
+        with torch.no_grad():
+            raw.clamp_(self.lo, self.hi)
 
 
 class Sigmoid(Constraint):

@@ -177,12 +177,13 @@ class MergedModel(FunctionalModel):
         """``key -> merged tensor`` for every tensor in the merge scope.
 
         Recomputed when a graph is needed; otherwise (``no_grad`` / inference) cached until
-        the coefficients change.
+        the coefficients change (tensors made in inference mode are kept apart, since they
+        cannot enter a graph later).
         """
         if torch.is_grad_enabled() and self.coefficients.raw.requires_grad:
             self._cache = None
             return self._merge()
-        version = self.coefficients.version()
+        version = (self.coefficients.version(), torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != version:
             self._cache = (version, self._merge())
         return self._cache[1]
