@@ -145,6 +145,24 @@ class SelectionConfig:
 
 
 @dataclass
+class FrankWolfeConfig:
+    """FW-Merging (``adamerge fit`` with this section): Frank-Wolfe over the experts as a pool,
+    instead of learning coefficients. ``trainer.batch_size`` and ``objectives`` still apply."""
+
+    mode: str = "hard"  # hard: step γ_t toward the best member | soft: learn steps toward the best `directions`
+    iterations: int = 10
+    step_size: float = 1.0  # γ_t = step_size · 2/(t+2), in (0, 1]
+    lmo: str = "model"  # model: one member for the whole model | tensor: one member per tensor
+    batches_per_iteration: int = 2  # calibration steps (one batch per task each) per gradient
+    start: str = "pretrained"  # pretrained | task_arithmetic | a coefficients.safetensors of an earlier run
+    start_scaling: float = 0.3  # λ of the task-arithmetic start
+    directions: int = 2  # soft: members merged per iteration
+    inner_steps: int = 50  # soft: AdaMerging steps learning the step sizes
+    inner_lr: float = 1.0e-2
+    inner_granularity: str = "layer"  # soft: task | layer | group | chunk
+
+
+@dataclass
 class EvaluationConfig:
     enabled: bool = True
     batch_size: int = 64
@@ -171,6 +189,7 @@ class Recipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: Optional[MethodConfig] = None
     selection: Optional[SelectionConfig] = None  # default: keep the last step's coefficients
+    frank_wolfe: Optional[FrankWolfeConfig] = None  # FW-Merging instead of learning coefficients
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

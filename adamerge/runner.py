@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
@@ -23,11 +24,12 @@ from adamerge.checkpoints import atomic_directory, write_text
 from adamerge.coefficients import make_constraint
 from adamerge.config import load_recipe, save_recipe, to_plain
 from adamerge.data import CalibrationData
-from adamerge.evaluate import evaluate
+from adamerge.evaluate import evaluate, evaluate_task
 from adamerge.importance import importance_chunks
 from adamerge.export import write_coefficients, write_common
+from adamerge.frank_wolfe import frank_wolfe_merge
 from adamerge.learner import CoefficientLearner
-from adamerge.merged import MergedModel
+from adamerge.merged import FunctionalModel, MergedModel
 from adamerge.methods import get_method
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
 from adamerge.plotting import training_curves
@@ -54,7 +56,7 @@ class RunResult:
 
     run_dir: Path
     results: dict[str, dict]
-    merged: MergedModel
+    merged: FunctionalModel  # a MergedModel, or for FW-Merging the backbone holding the merged weights
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -199,7 +201,8 @@ def _check_resume(recipe: DictConfig, work_dir: Path) -> Path | None:
 
 
 def fit(recipe: DictConfig | str) -> RunResult:
-    """Learn merge coefficients as the recipe says, evaluate, and export a run directory."""
+    """Learn merge coefficients (or run FW-Merging, with a ``frank_wolfe`` section) as the recipe says,
+    evaluate, and export a run directory."""
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.method is not None:
         raise ValueError("this recipe describes a data-free merge ('method'); run it with `adamerge merge`")
@@ -207,6 +210,8 @@ def fit(recipe: DictConfig | str) -> RunResult:
     _quiet_libraries()
     L.seed_everything(recipe.seed, verbose=False)
     problem = build_problem(recipe.problem)
+    if recipe.frank_wolfe is not None:
+        return _fit_frank_wolfe(recipe, problem, run_dir)
     merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
     data = build_data(recipe, problem)
     learner = CoefficientLearner(
@@ -243,6 +248,35 @@ def fit(recipe: DictConfig | str) -> RunResult:
     return RunResult(run_dir, results, merged)
 
 
+def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -> RunResult:
+    """FW-Merging: walk the merged weights toward the best experts; the run keeps its history, not coefficients."""
+    data = build_data(recipe, problem)
+    device = "cuda" if recipe.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    result = frank_wolfe_merge(
+        problem.pretrained,
+        problem.experts,
+        problem.tasks,
+        data,
+        build_objectives(recipe),
+        **to_plain(recipe.frank_wolfe),
+        **merge_scope(recipe, problem),
+        task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
+        device=device,
+    )
+    results = {}
+    if recipe.evaluation.enabled:
+        params = result.merged_parameters()
+        for name in (t for t in problem.tasks if t in problem.evaluation):
+            batches = data.evaluation_batches(name)
+            results[name] = evaluate_task(result.model, problem.tasks[name], batches, params, device=device)
+    cfg = recipe.frank_wolfe
+    how = f"FW-Merging ({cfg.mode}, {cfg.lmo}-wise LMO, {cfg.iterations} iterations) with {[o.name for o in recipe.objectives]}"
+    with atomic_directory(run_dir) as staging:
+        write_text(staging / "fw_history.json", json.dumps(result.history, indent=1))
+        write_common(staging, recipe, problem, result.model.backbone, how, results)
+    return RunResult(run_dir, results, result.model)
+
+
 def merge(recipe: DictConfig | str) -> RunResult:
     """Run a data-free merge method, evaluate it, and export a run directory."""
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -277,6 +311,8 @@ def evaluate_run(run_dir: str | Path) -> dict[str, dict]:
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a finished adamerge run (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.frank_wolfe is not None:
+        raise ValueError(f"{run_dir} is an FW-Merging run: it has no coefficients to re-evaluate; run `adamerge fit` again")
     _quiet_libraries()
     problem = build_problem(recipe.problem)
     if recipe.method is not None:

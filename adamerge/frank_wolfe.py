@@ -1,0 +1,359 @@
+"""FW-Merging: Frank-Wolfe over a pool of checkpoints (Chen et al. 2025, arXiv:2503.12649).
+
+The merged weights ``θ_t`` walk inside the convex hull of the pool. Each iteration takes the
+gradient ``g = ∇_θ f(θ_t)`` of the objective on a few calibration batches, asks the linear
+minimisation oracle which member ``θ_k`` minimises ``<g, θ_k − θ_t>`` (for the whole model,
+or separately for every tensor), and moves toward it:
+
+- hard: ``θ_{t+1} = θ_t + γ_t (θ_{k*} − θ_t)`` with ``γ_t = step_size · 2/(t+2)``;
+- soft: the ``m`` best members become directions ``d_j = θ_{k_j} − θ_t`` whose step sizes are
+  learned AdaMerging-style (a :class:`MergedModel` over the directions, init 0, clamped to
+  ``[0, 1]`` so every step moves toward the chosen members).
+
+Why this shape: the state is ``θ_t`` itself, written into the backbone, and pool members are
+read one tensor at a time (safetensors files stay memory-mapped), so memory does not grow
+with the pool, unlike learning one coefficient per task vector, which holds all ``K`` vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+
+from adamerge.checkpoints import WeightsSource, open_weights
+from adamerge.coefficients import Clamp, MergeCoefficients
+from adamerge.data import CalibrationData
+from adamerge.learner import CoefficientLearner
+from adamerge.merged import FunctionalModel, MergedModel
+from adamerge.objectives import Objective, WeightedObjectives, split_loss
+from adamerge.task_vectors import Patterns, TaskVectors, _check_keys, in_scope, name_experts, parameter_aliases
+from adamerge.tasks import Task
+
+MODES = ("hard", "soft")
+LMOS = ("model", "tensor")
+
+
+@dataclass
+class FrankWolfeResult:
+    """The merged model (its backbone holds the final weights), the merge scope and one record per iteration."""
+
+    model: FunctionalModel
+    keys: list[str]
+    history: list[dict]
+
+    def merged_parameters(self) -> dict[str, Tensor]:
+        base = self.model.base_tensors()
+        return {key: base[key] for key in self.keys}
+
+
+def schedule(t: int, step_size: float = 1.0) -> float:
+    """The classic Frank-Wolfe step ``γ_t = step_size · 2/(t+2)`` (``γ_0 = step_size``)."""
+    return step_size * 2.0 / (t + 2)
+
+
+def merge_keys(backbone: nn.Module, include: Patterns = None, exclude: Patterns = None) -> list[str]:
+    """The merge scope, chosen exactly as :meth:`TaskVectors.from_models` chooses it for a module."""
+    keys = [n for n, p in backbone.named_parameters() if p.is_floating_point() and in_scope(n, include, exclude)]
+    if not keys:
+        raise ValueError(f"the merge scope is empty: include={include!r} exclude={exclude!r} match no parameter")
+    return keys
+
+
+def check_pool(
+    pool: Mapping[str, WeightsSource], backbone: nn.Module, keys: Sequence[str], include: Patterns = None, exclude: Patterns = None
+) -> None:
+    """Every member has every scope key with the backbone's shape and dtype, finite values, and no
+    extra in-scope keys; errors name the member and the key. Reads one tensor at a time."""
+    base = backbone.state_dict()
+    aliases = parameter_aliases(backbone)
+    for name, source in pool.items():
+        weights = open_weights(source)
+        own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
+        _check_keys(name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
+        for key in keys:
+            tensor, reference = weights[key], base[key]
+            if tensor.shape != reference.shape:
+                raise ValueError(
+                    f"shape mismatch for {key!r}: pool member {name!r} has {tuple(tensor.shape)}, "
+                    f"the pretrained model has {tuple(reference.shape)}"
+                )
+            if tensor.dtype != reference.dtype:
+                raise ValueError(
+                    f"dtype mismatch for {key!r}: pool member {name!r} is {tensor.dtype}, "
+                    f"the pretrained model is {reference.dtype}"
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"pool member {name!r} has non-finite values (NaN/inf) in {key!r}")
+
+
+@torch.no_grad()
+def write_start(
+    backbone: nn.Module, pool: Mapping[str, WeightsSource], keys: Sequence[str], start: str, scaling: float = 0.3
+) -> None:
+    """Write ``θ_0`` into the backbone: ``pretrained`` (as is), ``task_arithmetic``
+    (``θ_pre + λ Σ_k τ_k``) or a coefficients file of an earlier run (``θ_pre + Σ_k c_k ⊙ τ_k``).
+    One key at a time, one member tensor at a time."""
+    if start == "pretrained":
+        return
+    if start == "task_arithmetic":
+        names, coefficients = list(pool), None
+    else:
+        coefficients = _start_coefficients(start, pool, keys)
+        names, values = list(coefficients.layout.expert_names), coefficients()
+    sources = {name: open_weights(pool[name]) for name in names}
+    params = dict(backbone.named_parameters())
+    for key in keys:
+        param = params[key]
+        rows = None if coefficients is None else coefficients.row_values(key, values)  # [K, rows]
+        total = param.detach().float().clone()
+        for k, name in enumerate(names):
+            c = scaling if rows is None else rows[k].reshape(param.shape[:1] + (1,) * max(param.dim() - 1, 0))
+            total += c * (sources[name][key].to(param.device).float() - param.float())
+        param.copy_(total)
+
+
+def _start_coefficients(start: str, pool: Mapping, keys: Sequence[str]) -> MergeCoefficients:
+    path = Path(start).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"start {start!r} is not 'pretrained', 'task_arithmetic' or a coefficients file")
+    coefficients = MergeCoefficients.load(path)
+    missing = [n for n in coefficients.layout.expert_names if n not in pool]
+    if missing:
+        raise KeyError(f"start coefficients {path} use expert {missing[0]!r}, which is not in the pool {list(pool)}")
+    if set(coefficients.layout.keys) != set(keys):
+        odd = sorted(set(coefficients.layout.keys) ^ set(keys))[0]
+        raise ValueError(f"start coefficients {path} cover different tensors than the merge scope, e.g. {odd!r}")
+    return coefficients
+
+
+# ---------------------------------------------------------------------- the objective and its gradient
+
+
+def _batch_loss(model, params, tasks, objective, batch, task_weights) -> Tensor:
+    total: Tensor | float = 0.0
+    for name, task_batch in batch.items():
+        output = tasks[name](model, params, task_batch, objective.hidden_layers)
+        total = total + task_weights[name] * split_loss(objective(output, task_batch, name))[0]
+    return total
+
+
+def objective_gradient(model, keys, tasks, objective, batches, task_weights) -> tuple[float, dict[str, Tensor | None]]:
+    """``f(θ_t)`` (mean over the batches) and ``∇_θ f`` for every scope tensor (None where ``f`` does not reach it)."""
+    base = model.base_tensors()
+    params = {key: base[key].detach().requires_grad_() for key in keys}
+    value = 0.0
+    for batch in batches:
+        loss = _batch_loss(model, params, tasks, objective, batch, task_weights) / len(batches)
+        if not loss.requires_grad:
+            raise ValueError("the objective does not depend on any tensor of the merge scope")
+        loss.backward()
+        value += float(loss.detach())
+    return value, {key: p.grad for key, p in params.items()}
+
+
+@torch.no_grad()
+def objective_value(model, keys, tasks, objective, batches, task_weights) -> float:
+    base = model.base_tensors()
+    params = {key: base[key] for key in keys}
+    return sum(float(_batch_loss(model, params, tasks, objective, b, task_weights)) for b in batches) / len(batches)
+
+
+@torch.no_grad()
+def member_scores(
+    gradient: Mapping[str, Tensor | None], theta: Mapping[str, Tensor], source: WeightsSource
+) -> dict[str, float]:
+    """``<g, θ_k − θ_t>`` per tensor for one pool member (the LMO's linear model); tensors without gradient score 0."""
+    weights = open_weights(source)
+    scores = {}
+    for key, g in gradient.items():
+        if g is None:
+            scores[key] = 0.0
+            continue
+        difference = weights[key].to(g.device, torch.float32) - theta[key].float()
+        scores[key] = float(torch.dot(g.flatten().float(), difference.flatten()))
+    return scores
+
+
+def _check_objective(objective: Objective) -> None:
+    parts = list(objective.parts) if isinstance(objective, WeightedObjectives) else [objective]
+    for part in parts:
+        if type(part).setup is not Objective.setup or type(part).penalty is not Objective.penalty:
+            raise ValueError(
+                f"objective {type(part).__name__} precomputes targets or penalises coefficients; FW-Merging "
+                "scores merged weights, so use an objective of the task outputs alone (entropy, cross_entropy, infomax)"
+            )
+
+
+# ---------------------------------------------------------------------- steps
+
+
+@torch.no_grad()
+def _move_toward(params: Mapping[str, nn.Parameter], source: WeightsSource, keys: Sequence[str], gamma: float) -> None:
+    weights = open_weights(source)
+    for key in keys:
+        param = params[key]
+        param.copy_(param.float().lerp(weights[key].to(param.device).float(), gamma))
+
+
+class _PerTensor(Mapping):
+    """A direction made of a different pool member per tensor (per-tensor LMO), read lazily."""
+
+    def __init__(self, choice: Mapping[str, str | None], members: Mapping[str, Mapping[str, Tensor]], current):
+        self.choice, self.members, self.current = choice, members, current
+
+    def __getitem__(self, key: str) -> Tensor:
+        name = self.choice[key]
+        return self.current[key] if name is None else self.members[name][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.choice)
+
+    def __len__(self) -> int:
+        return len(self.choice)
+
+
+def _soft_step(
+    model, pool, keys, tasks, objective, ranking, stream, *,
+    lmo, directions, inner_steps, inner_lr, inner_granularity, task_weights, include, exclude,
+) -> dict:
+    """Learn the step sizes toward the ``directions`` best members (AdaMerging-style); write ``θ_{t+1}``."""
+    backbone = model.backbone
+    if lmo == "model":
+        chosen = ranking[:directions]
+        experts = {name: pool[name] for name in chosen}
+    else:
+        needed = {name for r in ranking.values() if r for name in r[:directions]}
+        members = {name: open_weights(pool[name]) for name in needed}
+        current = dict(backbone.named_parameters())
+        experts = {
+            f"top{j + 1}": _PerTensor({k: r[j] if r else None for k, r in ranking.items()}, members, current)
+            for j in range(directions)
+        }
+        chosen = {key: r[:directions] for key, r in ranking.items() if r}
+    device = next(backbone.parameters()).device
+    vectors = TaskVectors.from_models(backbone, experts, include=include, exclude=exclude, device=device)
+    merged = MergedModel(backbone, vectors, granularity=inner_granularity, init=0.0, constraint=Clamp(0.0, 1.0))
+    learner = CoefficientLearner(merged, tasks, objective, lr=inner_lr, task_weights=task_weights)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)  # no banner per iteration
+    try:
+        trainer = L.Trainer(
+            max_steps=inner_steps,
+            accelerator="cpu" if device.type == "cpu" else "gpu",
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(learner, train_dataloaders=stream)
+    finally:
+        rank_zero.setLevel(level)
+    learner.eval()
+    with torch.no_grad():
+        new = merged.merged_parameters()
+        params = dict(backbone.named_parameters())
+        for key in keys:
+            params[key].copy_(new[key])
+    return {"chosen": chosen, "gamma": merged.coefficients.as_dict()}
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def frank_wolfe_merge(
+    backbone: nn.Module,
+    pool: Mapping[str, WeightsSource] | Sequence[WeightsSource],
+    tasks: Mapping[str, Task],
+    data: CalibrationData,
+    objective: Objective,
+    *,
+    mode: str = "hard",
+    iterations: int = 10,
+    step_size: float = 1.0,
+    lmo: str = "model",
+    batches_per_iteration: int = 2,
+    start: str = "pretrained",
+    start_scaling: float = 0.3,
+    directions: int = 2,
+    inner_steps: int = 50,
+    inner_lr: float = 1e-2,
+    inner_granularity: str = "layer",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    task_weights: Mapping[str, float] | None = None,
+    device: torch.device | str | None = None,
+) -> FrankWolfeResult:
+    """Run FW-Merging from ``start`` for ``iterations`` steps and return the merged model and its history.
+
+    The backbone (the pretrained model) is modified in place and ends holding the merged
+    weights; pass a copy to keep it. ``pool`` maps names to weights sources (safetensors files
+    and HF directories are read lazily, one tensor at a time). Each iteration draws
+    ``batches_per_iteration`` steps (one batch per task each) from ``data``'s calibration stream.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown FW-Merging mode {mode!r}; use one of {MODES}")
+    if lmo not in LMOS:
+        raise ValueError(f"unknown LMO {lmo!r}; use one of {LMOS}")
+    if iterations < 0 or batches_per_iteration < 1 or inner_steps < 1:
+        raise ValueError("iterations must be >= 0, batches_per_iteration and inner_steps >= 1")
+    if not 0.0 < step_size <= 1.0:
+        raise ValueError(f"step_size must be in (0, 1] so that each step interpolates toward a member, got {step_size}")
+    pool = name_experts(pool)
+    if mode == "soft" and not 1 <= directions <= len(pool):
+        raise ValueError(f"directions must be between 1 and the pool size {len(pool)}, got {directions}")
+    unknown = sorted(set(task_weights or {}) - set(tasks))
+    if unknown:
+        raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(tasks)}")
+    weights = {name: float((task_weights or {}).get(name, 1.0)) for name in tasks}
+    _check_objective(objective)
+
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    model = FunctionalModel(backbone).to(device)
+    tasks = {name: task.to(device).eval() for name, task in tasks.items()}
+    keys = merge_keys(backbone, include, exclude)
+    check_pool(pool, backbone, keys, include, exclude)
+    write_start(backbone, pool, keys, start, start_scaling)
+    params = dict(backbone.named_parameters())
+    stream = data.train_dataloader()
+    batches_of = iter(stream)
+
+    history = []
+    for t in range(iterations):
+        batches = [move_data_to_device(next(batches_of), device) for _ in range(batches_per_iteration)]
+        before, gradient = objective_gradient(model, keys, tasks, objective, batches, weights)
+        per_tensor = {name: member_scores(gradient, params, source) for name, source in pool.items()}
+        scores = {name: sum(s.values()) for name, s in per_tensor.items()}
+        if lmo == "model":
+            ranking = sorted(pool, key=scores.__getitem__)
+        else:  # per tensor; a tensor the objective does not reach keeps its value
+            ranking = {k: sorted(pool, key=lambda n: per_tensor[n][k]) if gradient[k] is not None else None for k in keys}
+        del gradient
+        if mode == "hard":
+            gamma = schedule(t, step_size)
+            if lmo == "model":
+                chosen = ranking[0]
+                _move_toward(params, pool[chosen], keys, gamma)
+            else:
+                chosen = {key: r[0] for key, r in ranking.items() if r}
+                for name in dict.fromkeys(chosen.values()):
+                    _move_toward(params, pool[name], [k for k, n in chosen.items() if n == name], gamma)
+            record = {"chosen": chosen, "gamma": gamma}
+        else:
+            record = _soft_step(
+                model, pool, keys, tasks, objective, ranking, stream, lmo=lmo, directions=directions,
+                inner_steps=inner_steps, inner_lr=inner_lr, inner_granularity=inner_granularity,
+                task_weights=weights, include=include, exclude=exclude,
+            )
+        after = objective_value(model, keys, tasks, objective, batches, weights)
+        history.append({"iteration": t, **record, "scores": scores, "objective_before": before, "objective_after": after})
+    return FrankWolfeResult(model, keys, history)
