@@ -106,7 +106,7 @@ def sequence_classification_tasks(
     for name, source in experts.items():
         weights = open_weights(source)
         keys = head_keys(backbone, weights)
-        if not keys:
+        if not keys or len(keys) == len(weights):  # all keys outside the prefix: a bare encoder, not a classifier
             raise KeyError(f"expert {name!r} has no head outside {backbone.base_model_prefix!r}: is it a sequence classifier?")
         tasks[name] = SequenceClassificationTask(name, {k: weights[k] for k in keys})
     return tasks, f"^{backbone.base_model_prefix}\\."

@@ -97,7 +97,7 @@ def load_table(source: DataSourceConfig, task: str, seed: int = 0):
     if source.shuffle:
         table = table.shuffle(seed=seed)
     if source.skip:
-        table = table.select(range(min(source.skip, len(table)), len(table)))
+        table = table.select(range(source.skip, len(table)) if source.skip < len(table) else [])
     if source.max_samples is not None:
         table = table.select(range(min(source.max_samples, len(table))))
     if len(table) == 0:

@@ -1,0 +1,267 @@
+"""The Lightning learner: what it trains, how often it merges, constraints, tiny checkpoints,
+bit-exact resume and label-free model selection (tiny MLP backbone with per-task heads)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from adamerge import Clamp, MergedModel, Sigmoid, TaskVectors
+from adamerge.data import CalibrationData
+from adamerge.learner import CoefficientLearner
+from adamerge.objectives import Objective, build_objective
+from adamerge.objectives.alignment import ExpertKL
+from adamerge.tasks import HeadTask
+from conftest import perturbed
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SIZES = {"t0": 24, "t1": 15}
+
+
+def make_problem(width=16, granularity="layer", init=0.3, constraint=None, experts=("t0", "t1"), sizes=SIZES):
+    """Backbone 6 -> width -> 8, experts = backbone + seeded noise, a frozen 8 -> 4 head per task."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 8)).eval()
+    named = {name: perturbed(base, seed=10 + k, scale=0.5) for k, name in enumerate(experts)}
+    tasks, data = {}, {}
+    for k, name in enumerate(sizes):
+        torch.manual_seed(100 + k)
+        tasks[name] = HeadTask(name, nn.Linear(8, 4), hidden_modules=["1"])
+        g = torch.Generator().manual_seed(200 + k)
+        data[name] = [{"inputs": torch.randn(6, generator=g)} for _ in range(sizes[name])]
+    tv = TaskVectors.from_models(base, named)
+    merged = MergedModel(copy.deepcopy(base), tv, granularity, init=init, constraint=constraint)
+    return merged, tasks, data
+
+
+def trainer(max_steps, callbacks=()):
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+    )
+
+
+def checkpointing(folder, every):
+    return ModelCheckpoint(dirpath=folder, filename="step{step}", every_n_train_steps=every, save_last=True, save_top_k=0)
+
+
+def fit(learner, data, max_steps, callbacks=(), ckpt_path=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps, callbacks).fit(learner, datamodule=data, ckpt_path=ckpt_path)
+    return learner
+
+
+def mean_entropy(merged, tasks, data) -> float:
+    entropy = build_objective("entropy")
+    values = []
+    with torch.no_grad():
+        for name, task in tasks.items():
+            batch = {"inputs": torch.stack([r["inputs"] for r in data[name]])}
+            values.append(float(entropy(task(merged, merged.merged_parameters(), batch), batch, name)))
+    return sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------- what is trained
+
+
+def test_a_step_updates_only_the_coefficients():
+    merged, tasks, data = make_problem()
+    backbone = {k: v.clone() for k, v in merged.backbone.state_dict().items()}
+    vectors = {k: v.clone() for k, v in merged.vectors._buffers.items()}
+    heads = {n: {k: v.clone() for k, v in t.head.state_dict().items()} for n, t in tasks.items()}
+    before = merged.coefficients().detach().clone()
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.05)
+    assert [p for p in learner.parameters() if p.requires_grad] == [merged.coefficients.raw]
+    fit(learner, CalibrationData(data, batch_size=4), max_steps=1)
+    after = merged.coefficients().detach()
+    assert (after != before).all()  # every (layer, expert) coefficient moved (Adam: by ~lr)
+    torch.testing.assert_close((after - before).abs(), torch.full_like(before, 0.05), rtol=1e-3, atol=1e-4)
+    for k, v in merged.backbone.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    for k, v in merged.vectors._buffers.items():
+        assert torch.equal(v, vectors[k]), k
+    for n, t in tasks.items():
+        for k, v in t.head.state_dict().items():
+            assert torch.equal(v, heads[n][k]), (n, k)
+
+
+def test_entropy_minimisation_lowers_the_entropy():
+    merged, tasks, data = make_problem()
+    before = mean_entropy(merged, tasks, data)
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.05)
+    fit(learner, CalibrationData(data, batch_size=8), max_steps=30)
+    after = mean_entropy(merged, tasks, data)
+    assert after < before - 0.05, (before, after)
+
+
+class Counting(HeadTask):
+    def __init__(self, task: HeadTask):
+        super().__init__(task.name, task.head, hidden_modules=task.hidden_modules)
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("objective", ["entropy", "expert_kl"])
+def test_one_merge_per_step_and_expert_targets_only_in_setup(objective):
+    merged, tasks, data = make_problem()
+    tasks = {n: Counting(t) for n, t in tasks.items()}
+    merges = []
+    original = merged._merge
+    merged._merge = lambda: merges.append(1) or original()
+    steps = 7
+    learner = CoefficientLearner(merged, tasks, build_objective(objective), lr=0.01)
+    data_module = CalibrationData(data, batch_size=4, eval_batch_size=10)
+    fit(learner, data_module, max_steps=steps)
+    assert len(merges) == steps  # one merge per step, shared by both tasks
+    setup_batches = {"t0": 3, "t1": 2} if objective == "expert_kl" else {"t0": 0, "t1": 0}
+    assert {n: t.calls for n, t in tasks.items()} == {n: steps + setup_batches[n] for n in tasks}
+
+
+def test_task_weights_scale_task_losses():
+    merged, tasks, data = make_problem()
+    batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
+    plain = CoefficientLearner(merged, tasks, build_objective("entropy"))
+    total, logs = plain.step_loss(batch)
+    weighted = CoefficientLearner(merged, tasks, build_objective("entropy"), task_weights={"t0": 2.5, "t1": 0.0})
+    weighted_total, weighted_logs = weighted.step_loss(batch)
+    assert float(total) == pytest.approx(float(logs["t0/loss"] + logs["t1/loss"]), rel=1e-6)
+    assert float(weighted_total) == pytest.approx(2.5 * float(logs["t0/loss"]), rel=1e-6)
+    assert float(weighted_logs["t1/loss"]) == pytest.approx(float(logs["t1/loss"]))  # logs stay unweighted
+    with pytest.raises(KeyError, match="unknown task.*'t9'"):
+        CoefficientLearner(merged, tasks, build_objective("entropy"), task_weights={"t9": 1.0})
+    # a penalty is added once per step, not per task
+    l1 = build_objective("l1_to_init")
+    with torch.no_grad():
+        merged.coefficients.raw.add_(0.2)
+    penalised, logs = CoefficientLearner(merged, tasks, l1).step_loss(batch)
+    assert float(penalised) == pytest.approx(0.2, rel=1e-5) and float(logs["penalty"]) == pytest.approx(0.2, rel=1e-5)
+
+
+@pytest.mark.parametrize("constraint", [Clamp(0.2, 0.4), Sigmoid(0.1, 0.5)], ids=["clamp", "sigmoid"])
+def test_constraints_hold_after_steps(constraint):
+    merged, tasks, data = make_problem(constraint=constraint)
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.5)
+    fit(learner, CalibrationData(data, batch_size=4), max_steps=6)
+    values = merged.coefficients().detach()
+    assert (values >= constraint.lo).all() and (values <= constraint.hi).all()
+    if isinstance(constraint, Clamp):
+        raw = merged.coefficients.raw.detach()
+        assert (raw >= 0.2).all() and (raw <= 0.4).all()  # projected, not merely clamped in the forward
+        assert ((raw == 0.2) | (raw == 0.4)).any()  # the bound was actually hit
+    else:
+        assert (values - 0.3).abs().max() > 0.05  # the coefficients did move
+
+
+# ---------------------------------------------------------------------- checkpoints and resume
+
+
+def test_checkpoints_hold_only_coefficients(tmp_path):
+    merged, tasks, data = make_problem(width=2048)
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.01)
+    fit(learner, CalibrationData(data, batch_size=4), 4, [checkpointing(tmp_path, 2)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # save_top_k=0, as the runner's
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    keys = set(checkpoint["state_dict"])
+    assert "merged.coefficients.raw" in keys
+    assert keys <= {f"merged.coefficients.{k}" for k in ("raw", "residual", "fixed", "initial")}
+    torch.testing.assert_close(checkpoint["state_dict"]["merged.coefficients.raw"], merged.coefficients.raw.detach())
+    (state,) = checkpoint["optimizer_states"]
+    assert state["state"][0]["exp_avg"].shape == merged.coefficients.raw.shape
+    inputs_bytes = sum(t.numel() * t.element_size() for t in merged.state_dict(keep_vars=True).values())
+    inputs_bytes += sum(t.numel() * t.element_size() for t in merged.vectors._buffers.values())
+    size = (tmp_path / "last.ckpt").stat().st_size
+    assert inputs_bytes > 200_000 and size < 16_000, (inputs_bytes, size)
+    # a checkpoint without the coefficients (another recipe's) is refused
+    del checkpoint["state_dict"]["merged.coefficients.raw"]
+    torch.save(checkpoint, tmp_path / "broken.ckpt")
+    merged, tasks, data = make_problem(width=2048)
+    with pytest.raises(KeyError, match="lacks coefficient"):
+        fit(CoefficientLearner(merged, tasks, build_objective("entropy")), CalibrationData(data, batch_size=4), 6,
+            ckpt_path=tmp_path / "broken.ckpt")
+
+
+def _entropy_run(steps, callbacks=(), ckpt_path=None):
+    merged, tasks, data = make_problem()
+    L.seed_everything(0, verbose=False)
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.05)
+    fit(learner, CalibrationData(data, batch_size=4, seed=3), steps, callbacks, ckpt_path)
+    return merged.coefficients.raw.detach().clone()
+
+
+@pytest.mark.parametrize("interrupt_at", [5, 6])  # mid-epoch, and at the epoch boundary (24 rows / 4)
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, interrupt_at):
+    uninterrupted = _entropy_run(14)
+    partial = _entropy_run(interrupt_at, [checkpointing(tmp_path, interrupt_at)])
+    assert not torch.equal(partial, uninterrupted)
+    resumed = _entropy_run(14, ckpt_path=tmp_path / "last.ckpt")  # everything rebuilt from scratch
+    assert torch.equal(resumed, uninterrupted)
+
+
+# ---------------------------------------------------------------------- label-free model selection
+
+
+class Push(Objective):
+    """Moves every coefficient up by exactly ``lr`` per SGD step (gradient −1), whatever the data."""
+
+    def forward(self, output, batch, task):
+        return output.logits.sum() * 0.0
+
+    def penalty(self, merged):
+        return -merged.coefficients().sum()
+
+
+def _selection_run(steps, callbacks=(), ckpt_path=None):
+    # one task with its own expert, task-wise c from 0 in steps of 0.25: the held-out KL to the
+    # expert is exactly zero at c = 1 (step 4) and grows after it
+    merged, tasks, data = make_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
+    learner = CoefficientLearner(
+        merged, tasks, Push(), lr=0.25, optimizer="sgd", selection=ExpertKL(), select_every_n_steps=1
+    )
+    fit(learner, CalibrationData(data, batch_size=4, holdout=0.25), steps, callbacks, ckpt_path)
+    return learner, merged
+
+
+def test_selection_returns_the_best_held_out_coefficients_not_the_last(tmp_path):
+    learner, merged = _selection_run(8, [checkpointing(tmp_path, 8)])
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert float(last["state_dict"]["merged.coefficients.raw"]) == 2.0  # where training ended
+    assert learner.best["step"] == 4 and learner.best["value"] == 0.0
+    assert float(merged.coefficients()) == 1.0  # ... but the run finishes on the best
+    assert learner.held_out_criterion() == 0.0
+    with torch.no_grad():
+        merged.coefficients.raw.fill_(2.0)
+    assert learner.held_out_criterion() > 1e-4
+
+    # without held-out rows there is nothing to select on
+    merged, tasks, data = make_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
+    learner = CoefficientLearner(merged, tasks, Push(), lr=0.25, optimizer="sgd", selection=ExpertKL())
+    with pytest.raises(ValueError, match="holdout"):
+        fit(learner, CalibrationData(data, batch_size=4), 2)
+
+
+def test_selection_best_is_carried_through_a_resume(tmp_path):
+    learner, _ = _selection_run(6, [checkpointing(tmp_path, 6)])
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert checkpoint["adamerge_selection_best"]["step"] == 4
+    assert float(checkpoint["state_dict"]["merged.coefficients.raw"]) == 1.5
+    learner, merged = _selection_run(8, ckpt_path=tmp_path / "last.ckpt")
+    assert learner.best["step"] == 4 and learner.best["value"] == 0.0
+    assert float(merged.coefficients()) == 1.0

@@ -1,0 +1,446 @@
+"""End to end on a tiny ``hf_sequence_classification`` problem on disk: ``fit`` writes a complete
+run directory, ``merge`` runs data-free methods, ``evaluate_run`` reproduces, crashes resume
+bit-exactly, Expert Merging++'s two stages, mergekit export, the ``text_zoo`` kind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from omegaconf import OmegaConf  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from adamerge import MergeCoefficients, runner  # noqa: E402
+from adamerge.checkpoints import open_weights  # noqa: E402
+from adamerge.config import load_recipe  # noqa: E402
+from adamerge.export import mergekit_config  # noqa: E402
+from adamerge.importance import allocate_chunks, tensor_importance  # noqa: E402
+from adamerge.objectives.entropy import Entropy  # noqa: E402
+from adamerge.problems import build_problem  # noqa: E402
+from conftest import perturbed  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# ---------------------------------------------------------------------- the tiny zoo on disk
+
+_ZOO: dict[str, object] = {}
+
+
+def build_text_zoo(tmp_path_factory):
+    """Base classifier (saved whole, so checkpoint names match the merged tensors), experts `a`
+    (2 labels, single sentences) and `b` (3 labels, sentence pairs), 20 jsonl rows each; built
+    once per session."""
+    if "root" in _ZOO:
+        return _ZOO["root"]
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = tmp_path_factory.mktemp("text_zoo")
+    words = "the cat dog sat ran on mat red blue big small house tree".split()
+    # a real BERT word-piece tokenizer with a tiny vocabulary (tokenising with MiniLM's 30k-word
+    # vocabulary costs datasets 0.3 s of fingerprinting per map)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config).eval()
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base.bert.save_pretrained(root / "encoder_only")
+    for k, (task, labels, pair) in enumerate([("a", 2, False), ("b", 3, True)]):
+        torch.manual_seed(1 + k)
+        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": labels}))
+        expert.bert.load_state_dict(perturbed(base.bert, seed=20 + k, scale=0.2).state_dict())
+        expert.save_pretrained(root / "zoo" / task)
+        folder = root / "data" / task
+        folder.mkdir(parents=True)
+        lines = []
+        for i in range(20):
+            row = {"text": " ".join(words[(i * j + k) % len(words)] for j in range(1, 2 + i % 5)), "label": i % labels}
+            if pair:
+                row["text_pair"] = words[i % len(words)]
+            lines.append(json.dumps(row))
+        (folder / "test.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "meta.json").write_text(json.dumps({"pair": pair}))
+    _ZOO["root"] = root
+    return root
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_text_zoo(tmp_path_factory)
+
+
+def recipe_dict(zoo, out, name="run", **sections) -> dict:
+    recipe = {
+        "name": name,
+        "output_dir": str(out) + "/${name}",
+        "problem": {
+            "kind": "hf_sequence_classification",
+            "pretrained": str(zoo / "base"),
+            "max_length": 32,
+            "tasks": {
+                "a": {"expert": str(zoo / "zoo" / "a"), "calibration": {"path": str(zoo / "data" / "a")},
+                      "evaluation": {"path": str(zoo / "data" / "a")}},
+                "b": {"expert": str(zoo / "zoo" / "b"), "text_pair": "text_pair",
+                      "calibration": {"path": str(zoo / "data" / "b")}, "evaluation": {"path": str(zoo / "data" / "b")}},
+            },
+        },
+        "coefficients": {"granularity": "layer", "init": 0.3},
+        "optimizer": {"lr": 0.05},
+        "trainer": {"max_steps": 4, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
+                    "log_every_n_steps": 1, "accelerator": "cpu"},
+        "evaluation": {"batch_size": 32},
+    }
+    recipe.update(sections)
+    return recipe
+
+
+def state_of(path) -> dict[str, torch.Tensor]:
+    return dict(open_weights(str(path)))
+
+
+def hand_merge(zoo, keys, coefficient_of, prefix="bert.") -> dict[str, torch.Tensor]:
+    base = state_of(zoo / "base")
+    experts = [state_of(zoo / "zoo" / "a"), state_of(zoo / "zoo" / "b")]
+    return {
+        key: base[key] + sum(coefficient_of(key, k) * (e[key] - base[key]) for k, e in enumerate(experts))
+        for key in keys
+    }
+
+
+@pytest.fixture(scope="module")
+def fitted(zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe(recipe_dict(zoo, out, name="ada"))
+    return recipe, runner.fit(recipe)
+
+
+# ---------------------------------------------------------------------- fit
+
+
+def test_fit_writes_a_complete_run_directory(fitted, zoo):
+    from transformers import AutoModel
+
+    recipe, result = fitted
+    run = result.run_dir
+    assert run == run.parent / "ada" and sorted(p.name for p in run.parent.iterdir()) == ["ada"]  # no .partial left
+    for name in ("recipe.yaml", "coefficients.safetensors", "coefficients.json", "coefficients.png", "eval.json",
+                 "eval.csv", "metrics.csv", "training.png", "mergekit.yaml", "merged/README.md"):
+        assert (run / name).is_file(), name
+
+    saved = (run / "recipe.yaml").read_text()
+    assert "${" not in saved and f"output_dir: {run}" in saved
+    assert load_recipe(run / "recipe.yaml") == recipe
+
+    coefficients = MergeCoefficients.load(run / "coefficients.safetensors")
+    assert coefficients.layout.granularity == "layer" and coefficients.layout.expert_names == ("a", "b")
+    values = coefficients().detach()
+    assert not torch.allclose(values, torch.full_like(values, 0.3))  # it learned something
+    torch.testing.assert_close(values, result.merged.coefficients().detach(), rtol=0, atol=0)
+    readable = json.loads((run / "coefficients.json").read_text())
+    names = list(coefficients.layout.slot_names)
+    for k, expert in enumerate(("a", "b")):
+        for key, value in readable["coefficients"][expert].items():
+            assert value == pytest.approx(float(values[k, names.index(key)]), abs=1e-6)
+
+    assert json.loads((run / "eval.json").read_text()) == result.results
+    assert sorted(result.results) == ["a", "b"] and result.results["b"]["samples"] == 20
+    csv_rows = (run / "eval.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("task,accuracy") and [r.split(",")[0] for r in csv_rows[1:]] == ["a", "b"]
+    assert float(csv_rows[1].split(",")[1]) == pytest.approx(result.results["a"]["accuracy"])
+
+    # the merged encoder opens with plain transformers and holds θ_0 + Σ c τ
+    model = AutoModel.from_pretrained(str(run / "merged"))
+    assert type(model).__name__ == "BertModel"
+    key = "bert.encoder.layer.1.intermediate.dense.weight"
+    expected = hand_merge(zoo, [key], lambda key, k: values[k, names.index(key)])[key]
+    torch.testing.assert_close(model.state_dict()[key.removeprefix("bert.")], expected, rtol=1e-6, atol=1e-6)
+    assert (run / "merged" / "tokenizer.json").exists() or (run / "merged" / "vocab.txt").exists()
+    for task, labels in (("a", 2), ("b", 3)):
+        head = load_file(str(run / "merged" / "heads" / f"{task}.safetensors"))
+        expert = state_of(zoo / "zoo" / task)
+        assert head["classifier.weight"].shape == (labels, 16)
+        assert torch.equal(head["classifier.weight"], expert["classifier.weight"])
+        assert torch.equal(head["classifier.bias"], expert["classifier.bias"])
+
+    card = (run / "merged" / "README.md").read_text()
+    assert f"base_model: {zoo / 'base'}" in card
+    assert str(zoo / "zoo" / "a") in card and str(zoo / "zoo" / "b") in card
+    assert "layer-wise coefficients learned with ['entropy']" in card and "adamerge fit recipe.yaml" in card
+
+
+def test_mergekit_config_reproduces_the_layer_wise_coefficients(fitted, zoo):
+    _, result = fitted
+    config = OmegaConf.to_container(OmegaConf.load(result.run_dir / "mergekit.yaml"))
+    assert config["merge_method"] == "task_arithmetic" and config["base_model"] == str(zoo / "base")
+    assert config["parameters"] == {"normalize": False}
+    assert [m["model"] for m in config["models"]] == [str(zoo / "zoo" / "a"), str(zoo / "zoo" / "b")]
+    values = result.merged.coefficients().detach()
+    names = list(result.merged.layout.slot_names)
+    base_names = list(state_of(zoo / "base"))
+    for k, model in enumerate(config["models"]):
+        filters = model["parameters"]["weight"]
+        assert filters[-1] == {"value": 0.0}  # everything else (the heads) stays at the base
+        for name in base_names:
+            # mergekit: the first filter that is a substring of the tensor name applies
+            value = next(f["value"] for f in filters if "filter" not in f or f["filter"] in name)
+            if name in result.merged.keys:
+                assert value == pytest.approx(float(values[k, names.index(name)]), abs=1e-6), name
+            else:
+                assert value == 0.0, name
+
+
+def test_mergekit_absent_when_checkpoint_names_differ(fitted, zoo):
+    _, result = fitted
+    problem = SimpleNamespace(description={"base": str(zoo / "encoder_only"), "experts": {"a": "x", "b": "y"}})
+    config, reason = mergekit_config(result.merged, problem)
+    assert config is None and "named differently" in reason
+    problem = SimpleNamespace(description={"base": str(zoo / "base"), "experts": {"a": torch.nn.Linear(1, 1), "b": "y"}})
+    assert mergekit_config(result.merged, problem)[0] is None
+
+
+def test_evaluate_run_reproduces_the_fit_exactly(fitted):
+    _, result = fitted
+    assert runner.evaluate_run(result.run_dir) == result.results
+    with pytest.raises(FileNotFoundError, match="not a finished adamerge run"):
+        runner.evaluate_run(result.run_dir / "merged")
+
+
+# ---------------------------------------------------------------------- data-free merges
+
+
+def hand_ties(zoo, keys, density, scaling):
+    base = state_of(zoo / "base")
+    experts = [state_of(zoo / "zoo" / t) for t in ("a", "b")]
+    taus = [{k: e[k] - base[k] for k in keys} for e in experts]
+    trimmed = []
+    for tau in taus:  # one magnitude threshold per expert over the whole scope
+        flat = torch.cat([tau[k].flatten() for k in keys]).abs()
+        keep = math.ceil(density * flat.numel())
+        threshold = flat.sort(descending=True).values[keep - 1]
+        trimmed.append({k: torch.where(tau[k].abs() >= threshold, tau[k], 0.0) for k in keys})
+    merged = {}
+    for k in keys:
+        stack = torch.stack([t[k] for t in trimmed])
+        sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+        agree = (stack != 0) & (torch.sign(stack) == sign)
+        mean = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+        merged[k] = base[k] + scaling * mean
+    return merged
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_merge_methods_write_a_run_and_reevaluate(zoo, tmp_path, method):
+    from transformers import AutoModel
+
+    args = {"scaling": 0.4} if method == "task_arithmetic" else {"density": 0.3, "scaling": 0.8}
+    recipe = load_recipe(recipe_dict(zoo, tmp_path, name=method, method={"name": method, "args": args}))
+    result = runner.merge(recipe)
+    run = result.run_dir
+    assert sorted(p.name for p in run.iterdir()) == ["eval.csv", "eval.json", "merged", "recipe.yaml"]
+    assert f"data-free `{method}`" in (run / "merged" / "README.md").read_text()
+    assert "adamerge merge recipe.yaml" in (run / "merged" / "README.md").read_text()
+    keys = [k for k in state_of(zoo / "base") if k.startswith("bert.")]
+    if method == "task_arithmetic":
+        expected = hand_merge(zoo, keys, lambda key, k: 0.4)
+    else:
+        expected = hand_ties(zoo, keys, 0.3, 0.8)
+    state = AutoModel.from_pretrained(str(run / "merged")).state_dict()
+    for key in keys:
+        torch.testing.assert_close(state[key.removeprefix("bert.")], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert json.loads((run / "eval.json").read_text()) == result.results
+    assert runner.evaluate_run(run) == result.results
+    with pytest.raises(ValueError, match="adamerge merge"):
+        runner.fit(recipe)
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        runner.merge(recipe)
+    if method == "task_arithmetic":  # overwrite=true replaces the finished run
+        again = runner.merge(load_recipe(recipe_dict(zoo, tmp_path, name=method, overwrite=True,
+                                                     method={"name": method, "args": {"scaling": 0.0}})))
+        state = AutoModel.from_pretrained(str(again.run_dir / "merged")).state_dict()
+        base = state_of(zoo / "base")
+        torch.testing.assert_close(state["encoder.layer.0.output.dense.weight"], base["bert.encoder.layer.0.output.dense.weight"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == [method]
+
+
+def test_merge_refuses_a_learning_recipe(zoo, tmp_path):
+    with pytest.raises(ValueError, match="no 'method' section"):
+        runner.merge(load_recipe(recipe_dict(zoo, tmp_path)))
+
+
+# ---------------------------------------------------------------------- crash and resume
+
+CRASH = {"after_calls": None, "calls": 0}
+
+
+class CrashingEntropy(Entropy):
+    """Entropy that raises once it has been called ``CRASH['after_calls']`` times (a crash mid-run)."""
+
+    def forward(self, output, batch, task):
+        CRASH["calls"] += 1
+        if CRASH["after_calls"] is not None and CRASH["calls"] > CRASH["after_calls"]:
+            raise RuntimeError("simulated crash")
+        return super().forward(output, batch, task)
+
+
+def test_a_crashed_run_leaves_only_a_partial_dir_and_resumes_identically(zoo, tmp_path, capsys):
+    sections = {"objectives": [{"name": "test_runner:CrashingEntropy"}], "export": {"plot": False}}
+    sections_trainer = {"max_steps": 6, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
+                        "log_every_n_steps": 1, "accelerator": "cpu"}
+    CRASH.update(after_calls=None, calls=0)
+    straight = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="straight", trainer=sections_trainer, **sections)))
+
+    recipe = load_recipe(recipe_dict(zoo, tmp_path, name="crashy", trainer=sections_trainer, **sections))
+    CRASH.update(after_calls=2 * 3, calls=0)  # two tasks per step: crashes in step 4, after the step-2 checkpoint
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.fit(recipe)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashy.partial", "straight"]
+    partial = tmp_path / "crashy.partial"
+    assert (partial / "checkpoints" / "last.ckpt").exists() and (partial / "recipe.yaml").exists()
+    assert torch.load(partial / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    different = load_recipe(recipe_dict(zoo, tmp_path, name="crashy", trainer={**sections_trainer, "max_steps": 7}, **sections))
+    with pytest.raises(ValueError, match="different recipe"):
+        runner.fit(different)
+
+    CRASH.update(after_calls=None, calls=0)
+    capsys.readouterr()
+    resumed = runner.fit(recipe)
+    assert "resuming the interrupted run" in capsys.readouterr().out
+    assert CRASH["calls"] == 2 * (6 - 2)  # steps 3..6 only: it resumed, it did not start over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashy", "straight"]
+    a = load_file(str(straight.run_dir / "coefficients.safetensors"))
+    b = load_file(str(resumed.run_dir / "coefficients.safetensors"))
+    assert torch.equal(a["raw"], b["raw"]) and torch.equal(a["values"], b["values"])
+    assert resumed.results == straight.results
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        runner.fit(recipe)
+
+
+# ---------------------------------------------------------------------- Expert Merging++
+
+
+def test_allocate_chunks_by_hand():
+    importance = {"a": 0.5, "b": 0.3, "c": 0.2}
+    rows = {"a": 3, "b": 10, "c": 10}
+    # floor(10 · I): a 5 -> capped at 3 rows, b 3, c 2
+    assert allocate_chunks(importance, 10, rows) == {"a": 3, "b": 3, "c": 2}
+    # κ = 2: I² = .25, .09, .04 (sum .38) -> floor(6.58) = 6 -> 3, floor(2.37) = 2, floor(1.05) = 1
+    assert allocate_chunks(importance, 10, rows, kappa=2.0) == {"a": 3, "b": 2, "c": 1}
+    assert allocate_chunks(importance, 3, rows) == {"a": 1, "b": 0, "c": 0}  # m = 0 freezes
+    with pytest.raises(ValueError, match="budget"):
+        allocate_chunks(importance, 0, rows)
+
+
+def test_tensor_importance_by_hand():
+    from adamerge import TaskVectors
+    from adamerge.coefficients import build_layout
+
+    base = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
+    e1 = {"w": torch.tensor([[1.0, -1.0, 0.0], [2.0, 0.0, 0.0]]), "b": torch.tensor([1.0, 1.0])}  # |τ|₁: 4, 2
+    e2 = {"w": torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -3.0]]), "b": torch.tensor([0.0, -4.0])}  # |τ|₁: 3, 4
+    tv = TaskVectors.from_models(base, {"x": e1, "y": e2})
+    layout = build_layout(["x", "y"], {"w": (2, 3), "b": (2,)}, "layer")
+    c = torch.zeros(2, 2)
+    slot = {name: i for i, name in enumerate(layout.slot_names)}
+    c[:, slot["w"]] = torch.tensor([0.5, -1.0])
+    c[:, slot["b"]] = torch.tensor([2.0, 0.25])
+    importance = tensor_importance(MergeCoefficients(layout, init=c), tv)
+    raw = {"w": 0.5 * 4 + 1.0 * 3, "b": 2.0 * 2 + 0.25 * 4}  # Σ_k |c_k| |τ_k|₁ = 5, 5
+    total = sum(raw.values())
+    assert importance == pytest.approx({k: v / total for k, v in raw.items()})
+
+
+def test_expert_merging_plus_plus_two_stages(zoo, tmp_path):
+    scope = {"include": [r"^bert\.encoder\."]}
+    alignment = [{"name": "alignment", "args": {"hidden_layers": [1, 2], "l1_weight": 0.1}}]
+    quick = {"export": {"plot": False}}
+    stage1 = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="stage1", task_vectors=scope, objectives=alignment, **quick)))
+    assert (stage1.run_dir / "mergekit.yaml").exists()
+    s1_file = str(stage1.run_dir / "coefficients.safetensors")
+    s1 = MergeCoefficients.load(s1_file)
+    s1_values = s1().detach()
+    s1_names = list(s1.layout.slot_names)
+
+    coefficients = {"granularity": "chunk", "init": s1_file, "chunks": {"importance_from": s1_file, "budget": 2}}
+    stage2 = runner.fit(load_recipe(recipe_dict(
+        zoo, tmp_path, name="stage2", task_vectors=scope, objectives=alignment, coefficients=coefficients, **quick)))
+    assert not (stage2.run_dir / "mergekit.yaml").exists()  # chunk-wise: no mergekit equivalent
+    s2 = MergeCoefficients.load(stage2.run_dir / "coefficients.safetensors")
+    layout = s2.layout
+
+    # the allocation, by hand: I_ℓ ∝ Σ_k |c_k^ℓ| ‖τ_k^ℓ‖₁, m_ℓ = min(rows, floor(2·L·I_ℓ / Σ I))
+    base = state_of(zoo / "base")
+    experts = [state_of(zoo / "zoo" / "a"), state_of(zoo / "zoo" / "b")]
+    keys = [k for k in base if k.startswith("bert.encoder.")]
+    assert sorted(layout.keys) == sorted(keys)
+    raw = {
+        k: sum(abs(float(s1_values[e, s1_names.index(k)])) * float((ex[k] - base[k]).abs().sum()) for e, ex in enumerate(experts))
+        for k in keys
+    }
+    total = sum(raw.values())
+    expected_m = {k: min(base[k].shape[0], math.floor(2 * len(keys) * raw[k] / total)) for k in keys}
+    assert 0 in expected_m.values() and max(expected_m.values()) >= 2  # a real mix: frozen and chunked tensors
+    for key in keys:
+        slots = layout.tensor_slots[key]
+        m = expected_m[key]
+        names = [layout.slot_names[s] for s in slots]
+        if m == 0:
+            assert names == [f"{key} (frozen)"] and slots[0] in layout.frozen
+        elif m == 1:
+            assert names == [key]
+        else:
+            assert names == [f"{key}[{j}/{m}]" for j in range(m)]
+        # stage 2 starts every chunk at the stage-1 value of its tensor; frozen ones stay there
+        for s in slots:
+            torch.testing.assert_close(s2.initial[:, s], s1_values[:, s1_names.index(key)])
+            if m == 0:
+                torch.testing.assert_close(s2().detach()[:, s], s1_values[:, s1_names.index(key)])
+    assert not torch.equal(s2().detach(), s2.initial)  # and stage 2 trained
+    assert runner.evaluate_run(stage2.run_dir) == stage2.results
+
+
+# ---------------------------------------------------------------------- text_zoo
+
+
+def test_text_zoo_problem_kind(zoo, tmp_path):
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(zoo / "zoo", zoo_dir)
+    (zoo_dir / "notes").mkdir()  # no config.json: not an expert
+    options = {"data_root": str(zoo / "data"), "zoo_dir": str(zoo_dir),
+               "calibration": {"max_samples": 6, "shuffle": True}, "evaluation": {"split": "test"}}
+    recipe = load_recipe({"problem": {"kind": "text_zoo", "pretrained": str(zoo / "base"), "max_length": 32,
+                                      "options": options, "tasks": {"b": {"weight": 2.5}}}})
+    problem = build_problem(recipe.problem)
+    assert sorted(problem.tasks) == ["a", "b"]
+    assert problem.experts == {"a": str(zoo_dir / "a"), "b": str(zoo_dir / "b")}
+    assert {n: len(d) for n, d in problem.calibration.items()} == {"a": 6, "b": 6}
+    assert {n: len(d) for n, d in problem.evaluation.items()} == {"a": 20, "b": 20}
+    for name, pair in (("a", False), ("b", True)):  # meta.json says which task has sentence pairs
+        batch = problem.collate([problem.evaluation[name][i] for i in range(4)])
+        assert bool((batch["token_type_ids"] == 1).any()) == pair
+        assert batch["labels"].tolist() == [i % (2 if name == "a" else 3) for i in range(4)]
+    assert problem.include == [r"^bert\."] and problem.description["kind"] == "hf_sequence_classification"
+
+    only_a = load_recipe({"problem": {"kind": "text_zoo", "pretrained": str(zoo / "base"),
+                                      "options": {**options, "tasks": ["a"]}}})
+    assert list(build_problem(only_a.problem).tasks) == ["a"]
+    with pytest.raises(ValueError, match="unknown key.*'zoo'"):
+        build_problem(load_recipe({"problem": {"kind": "text_zoo", "options": {**options, "zoo": 1}}}).problem)
+    with pytest.raises(FileNotFoundError, match="data_root"):
+        build_problem(load_recipe({"problem": {"kind": "text_zoo",
+                                               "options": {**options, "data_root": str(tmp_path / "none")}}}).problem)
+    with pytest.raises(ValueError, match="needs problem.options.data_root"):
+        build_problem(load_recipe({"problem": {"kind": "text_zoo", "options": {"zoo_dir": str(zoo_dir)}}}).problem)
