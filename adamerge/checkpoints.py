@@ -77,6 +77,8 @@ def open_weights(source: WeightsSource) -> Mapping[str, torch.Tensor]:
     """Return ``name -> tensor`` for any supported source without copying more than needed."""
     if isinstance(source, nn.Module):
         return {name: tensor.detach() for name, tensor in source.state_dict().items()}
+    if isinstance(source, LazySafetensors):
+        return source
     if isinstance(source, Mapping):
         for name, tensor in source.items():
             if not isinstance(tensor, torch.Tensor):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from adamerge.merged import MergedModel
+from adamerge.merged import FunctionalModel
 from adamerge.objectives.entropy import prediction_entropy
 from adamerge.tasks import Task
 
@@ -24,10 +24,10 @@ _HISTOGRAM_MAX_CLASSES = 100
 
 @torch.no_grad()
 def evaluate_task(
-    merged: MergedModel, task: Task, batches: Iterable[Mapping], params: Mapping[str, Tensor], device=None
+    merged: FunctionalModel, task: Task, batches: Iterable[Mapping], params: Mapping[str, Tensor], device=None
 ) -> dict[str, float | list[int]]:
     """Accuracy (if labelled), prediction histogram and entropies of one task."""
-    device = device or merged.coefficients.raw.device
+    device = device or next(merged.backbone.parameters()).device
     accuracy: MulticlassAccuracy | None = None
     counts: Tensor | None = None
     probability_sum: Tensor | None = None
@@ -67,7 +67,7 @@ def evaluate_task(
 
 
 def evaluate(
-    merged: MergedModel,
+    merged: FunctionalModel,
     tasks: Mapping[str, Task],
     batches_for: Callable[[str], Iterable[Mapping]],
     params: Mapping[str, Tensor] | ParamsFor | None = None,

@@ -33,7 +33,15 @@ from adamerge.data import CalibrationData
 from adamerge.learner import CoefficientLearner
 from adamerge.merged import FunctionalModel, MergedModel
 from adamerge.objectives import Objective, WeightedObjectives, split_loss
-from adamerge.task_vectors import Patterns, TaskVectors, _check_keys, in_scope, name_experts, parameter_aliases
+from adamerge.task_vectors import (
+    Patterns,
+    TaskVectors,
+    check_keys,
+    check_tensor,
+    in_scope,
+    name_experts,
+    parameter_aliases,
+)
 from adamerge.tasks import Task
 
 MODES = ("hard", "soft")
@@ -76,21 +84,9 @@ def check_pool(
     for name, source in pool.items():
         weights = open_weights(source)
         own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
-        _check_keys(name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
+        check_keys(name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
         for key in keys:
-            tensor, reference = weights[key], base[key]
-            if tensor.shape != reference.shape:
-                raise ValueError(
-                    f"shape mismatch for {key!r}: pool member {name!r} has {tuple(tensor.shape)}, "
-                    f"the pretrained model has {tuple(reference.shape)}"
-                )
-            if tensor.dtype != reference.dtype:
-                raise ValueError(
-                    f"dtype mismatch for {key!r}: pool member {name!r} is {tensor.dtype}, "
-                    f"the pretrained model is {reference.dtype}"
-                )
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"pool member {name!r} has non-finite values (NaN/inf) in {key!r}")
+            check_tensor(f"pool member {name!r}", key, weights[key], base[key])
 
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ from adamerge.checkpoints import atomic_directory, write_text
 from adamerge.coefficients import make_constraint
 from adamerge.config import load_recipe, save_recipe, to_plain
 from adamerge.data import CalibrationData
-from adamerge.evaluate import evaluate, evaluate_task
-from adamerge.importance import importance_chunks
+from adamerge.evaluate import evaluate
 from adamerge.export import write_coefficients, write_common
 from adamerge.frank_wolfe import frank_wolfe_merge
+from adamerge.importance import importance_chunks
 from adamerge.learner import CoefficientLearner
 from adamerge.merged import FunctionalModel, MergedModel
 from adamerge.methods import get_method
@@ -135,7 +135,7 @@ def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
     )
 
 
-def evaluate_problem(merged: MergedModel, problem: MergeProblem, data: CalibrationData, params=None) -> dict:
+def evaluate_problem(merged: FunctionalModel, problem: MergeProblem, data: CalibrationData, params=None) -> dict:
     """Evaluate every task that has labelled evaluation data."""
     names = [t for t in problem.tasks if t in problem.evaluation]
     return evaluate(merged, problem.tasks, data.evaluation_batches, params=params, names=names)
@@ -265,10 +265,7 @@ def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -
     )
     results = {}
     if recipe.evaluation.enabled:
-        params = result.merged_parameters()
-        for name in (t for t in problem.tasks if t in problem.evaluation):
-            batches = data.evaluation_batches(name)
-            results[name] = evaluate_task(result.model, problem.tasks[name], batches, params, device=device)
+        results = evaluate_problem(result.model, problem, data, params=result.merged_parameters())
     cfg = recipe.frank_wolfe
     how = f"FW-Merging ({cfg.mode}, {cfg.lmo}-wise LMO, {cfg.iterations} iterations) with {[o.name for o in recipe.objectives]}"
     with atomic_directory(run_dir) as staging:
@@ -294,15 +291,12 @@ def merge(recipe: DictConfig | str) -> RunResult:
 
 def _merge_and_evaluate(recipe: DictConfig, problem: MergeProblem):
     method = get_method(recipe.method.name)
-    task_vectors = build_task_vectors(recipe, problem)
     module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **to_plain(recipe.method.args))
-    merged = MergedModel(problem.pretrained, task_vectors, granularity="task", init=0.0)
-    state = module.state_dict()
-    params = {key: state[key] for key in merged.keys}
+    model = FunctionalModel(problem.pretrained)
     results = {}
     if recipe.evaluation.enabled:
-        results = evaluate_problem(merged, problem, build_data(recipe, problem), params=params)
-    return module, merged, results
+        results = evaluate_problem(model, problem, build_data(recipe, problem), params=module.state_dict())
+    return module, model, results
 
 
 def evaluate_run(run_dir: str | Path) -> dict[str, dict]:

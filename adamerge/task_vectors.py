@@ -127,23 +127,12 @@ class TaskVectors:
             # an expert module's own tied aliases are not extra keys, even when the pretrained
             # model comes from a file that saved only the canonical names
             own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
-            _check_keys(expert_name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
+            check_keys(expert_name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
             changed = False
             for key in keys:
                 tensor = weights[key]
                 reference = base[key]
-                if tensor.shape != reference.shape:
-                    raise ValueError(
-                        f"shape mismatch for {key!r}: expert {expert_name!r} has {tuple(tensor.shape)}, "
-                        f"the pretrained model has {tuple(reference.shape)}"
-                    )
-                if tensor.dtype != reference.dtype:
-                    raise ValueError(
-                        f"dtype mismatch for {key!r}: expert {expert_name!r} is {tensor.dtype}, the pretrained "
-                        f"model is {reference.dtype}; load both in the same dtype"
-                    )
-                if not torch.isfinite(tensor).all():
-                    raise ValueError(f"expert {expert_name!r} has non-finite values (NaN/inf) in {key!r}")
+                check_tensor(f"expert {expert_name!r}", key, tensor, reference)
                 diff = tensor.to(device=vectors[key].device, dtype=torch.float32) - reference.to(
                     device=vectors[key].device, dtype=torch.float32
                 )
@@ -291,13 +280,29 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return resolved
 
 
+def check_tensor(who: str, key: str, tensor: Tensor, reference: Tensor) -> None:
+    """One tensor of a model against the pretrained one: same shape and dtype, finite values."""
+    if tensor.shape != reference.shape:
+        raise ValueError(
+            f"shape mismatch for {key!r}: {who} has {tuple(tensor.shape)}, "
+            f"the pretrained model has {tuple(reference.shape)}"
+        )
+    if tensor.dtype != reference.dtype:
+        raise ValueError(
+            f"dtype mismatch for {key!r}: {who} is {tensor.dtype}, the pretrained "
+            f"model is {reference.dtype}; load both in the same dtype"
+        )
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{who} has non-finite values (NaN/inf) in {key!r}")
+
+
 def _check_finite(weights: Mapping[str, Tensor], keys: Sequence[str], who: str) -> None:
     for key in keys:
         if not torch.isfinite(weights[key]).all():
             raise ValueError(f"{who} has non-finite values (NaN/inf) in {key!r}")
 
 
-def _check_keys(
+def check_keys(
     expert_name: str,
     weights: Mapping[str, Tensor],
     base: Mapping[str, Tensor],
