@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+def _recipes_dir() -> Path:
+    """The repository's recipes/ in a source checkout, else the copy installed inside the package."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 def resolve_recipe(name: str) -> Path:

@@ -52,6 +52,14 @@ class _TensorStore(nn.Module):
         return {name: getattr(self, f"t{i}") for i, name in enumerate(self.names)}
 
 
+def _fingerprint(dataset, tokenizer, *settings) -> str:
+    """A cheap cache key for a tokenising pass (``datasets`` would otherwise hash the whole tokenizer)."""
+    import hashlib
+
+    identity = (dataset._fingerprint, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), settings)
+    return hashlib.sha256(repr(identity).encode()).hexdigest()[:32]
+
+
 def _hidden(outputs, hidden_layers: Sequence[int]) -> dict[int, Tensor]:
     if not hidden_layers:
         return {}
@@ -136,7 +144,12 @@ def tokenize_text(dataset, tokenizer, text: str, text_pair: str | None, label: s
         return tokenizer(rows[text], pair, truncation=True, max_length=max_length)
 
     keep_label = label if label and label in dataset.column_names else None
-    tokenized = dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c != keep_label])
+    tokenized = dataset.map(
+        encode,
+        batched=True,
+        remove_columns=[c for c in dataset.column_names if c != keep_label],
+        new_fingerprint=_fingerprint(dataset, tokenizer, text, text_pair, max_length),
+    )
     if keep_label and keep_label != "label":
         tokenized = tokenized.rename_column(keep_label, "label")
     return tokenized
@@ -244,7 +257,11 @@ def tokenize_prompts(dataset, tokenizer, text: str, response: str | None, max_le
         mask = ([0] * len(prompt) + [1] * len(answer))[:max_length] if response else [1] * len(ids)
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "loss_mask": mask}
 
-    return dataset.map(encode, remove_columns=dataset.column_names)
+    return dataset.map(
+        encode,
+        remove_columns=dataset.column_names,
+        new_fingerprint=_fingerprint(dataset, tokenizer, text, response, max_length),
+    )
 
 
 def lm_collate(tokenizer):

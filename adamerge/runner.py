@@ -209,9 +209,10 @@ def fit(recipe: DictConfig | str) -> RunResult:
     run_dir, work_dir = _prepare_output(recipe)
     _quiet_libraries()
     L.seed_everything(recipe.seed, verbose=False)
-    problem = build_problem(recipe.problem)
     if recipe.frank_wolfe is not None:
-        return _fit_frank_wolfe(recipe, problem, run_dir)
+        return _fit_frank_wolfe(recipe, build_problem(recipe.problem), run_dir)
+    resume = _check_resume(recipe, work_dir)
+    problem = build_problem(recipe.problem)
     merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
     data = build_data(recipe, problem)
     learner = CoefficientLearner(
@@ -225,7 +226,6 @@ def fit(recipe: DictConfig | str) -> RunResult:
         selection=_selection_objective(recipe),
         select_every_n_steps=recipe.selection.every_n_steps if recipe.selection is not None else 1,
     )
-    resume = _check_resume(recipe, work_dir)
     if resume is not None:
         print(f"resuming the interrupted run from {resume}")
     trainer = _trainer(recipe, work_dir)
