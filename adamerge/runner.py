@@ -149,6 +149,16 @@ def evaluate_baselines(merged: MergedModel, problem: MergeProblem, data: Calibra
     return results
 
 
+def _strategy(name: str):
+    """DDP without re-broadcasting buffers every step: the task vectors are buffers, identical
+    on every rank, and would otherwise be sent each step."""
+    if name in ("ddp", "ddp_spawn"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", broadcast_buffers=False)
+    return name
+
+
 def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
     cfg = recipe.trainer
     checkpoint = ModelCheckpoint(
@@ -162,7 +172,7 @@ def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
         max_steps=cfg.max_steps,
         accelerator=cfg.accelerator,
         devices=to_plain(cfg.devices),
-        strategy=cfg.strategy,
+        strategy=_strategy(cfg.strategy),
         precision=to_plain(cfg.precision),
         logger=CSVLogger(work_dir, name="", version=""),
         callbacks=[checkpoint],
