@@ -90,6 +90,12 @@ def tiny_no_pooler(tokenizer_dir, tmp_path_factory) -> Path:
     return _tiny_encoder(tokenizer_dir, tmp_path_factory.mktemp("tiny-bert-nopool"), pooler=False)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 FAST = dict(max_steps=2, batch_size=8, max_length=32, progress=False, num_threads=1)
 
 
@@ -148,6 +154,7 @@ def test_finetune_saves_a_loadable_expert(tmp_path, tiny_pretrained):
     assert meta["initialised_from_seed"] == ["classifier.bias", "classifier.weight"]
     assert zoo_text.is_complete_expert(out)
     assert not (tmp_path / "zoo" / zoo_text.STAGING).exists()
+    assert out.stat().st_mode & 0o755 == 0o777 & 0o755 & ~_umask()  # not mkdtemp's private 0700
 
 
 def test_sentence_pairs_reach_the_tokenizer(tmp_path, tiny_pretrained, monkeypatch):

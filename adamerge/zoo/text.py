@@ -26,8 +26,9 @@ the pretrained model; its path is in ``zoo.json``, in every expert's metadata an
 returned mapping's ``pretrained`` attribute).
 
 Build it with ``python -m adamerge.zoo.text --data <data_root> --out <zoo_dir>``. The defaults
-(2 epochs over at most 4,000 training rows, ``max_length`` 128, batch 32, lr 1e-4) build the six
-visible tasks in about half an hour on 2 CPU cores.
+(2 epochs over a seeded sample of at most 4,000 training rows, ``max_length`` 128, batch 32,
+lr 1e-4: 250 steps per expert) build the six visible tasks in roughly 12 minutes on 2 idle CPU
+cores (31 minutes measured while other jobs shared the cores), with test accuracies of 87-99%.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ SHARED_START = Path("_shared") / "pretrained"
 PRETRAINED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 # The defaults of finetune_text_expert (and so of the zoo build); chosen so that each of the six
-# visible tasks gets a clearly good expert and the whole build takes ~30 minutes on 2 CPU cores.
+# visible tasks gets a clearly good expert (agnews 89.3%, emotion 87.1%, sms_spam 99.0%, sst2 87.9%,
+# subj 94.8%, trec 96.7% test accuracy) and the whole build stays well under 30-40 minutes on 2 CPU
+# cores (0.2-0.6 s per step when the cores are free).
 DEFAULTS = dict(
     seed=0,
     epochs=2,
@@ -297,6 +300,9 @@ def _atomic_directory(path: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{path.name}-"))
     try:
         yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a finished expert is not
         if path.exists():
             retired = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{path.name}.old-"))
             os.replace(path, retired / path.name)
