@@ -222,7 +222,9 @@ def text_zoo_problem(config: ProblemConfig) -> MergeProblem:
         raise FileNotFoundError(f"text_zoo: data_root {data_root} does not exist")
     if not zoo_dir.is_dir():
         raise FileNotFoundError(f"text_zoo: zoo_dir {zoo_dir} does not exist (build it with `python -m adamerge.zoo.text`)")
-    names = config.options.get("tasks") or sorted(p.name for p in zoo_dir.iterdir() if (p / "config.json").exists())
+    names = config.options.get("tasks") or sorted(
+        p.name for p in zoo_dir.iterdir() if not p.name.startswith(".") and (p / "config.json").exists()
+    )
     calibration = DataSourceConfig(**{"split": "test", **dict(config.options.get("calibration") or {})})
     evaluation = DataSourceConfig(**{"split": "test", **dict(config.options.get("evaluation") or {})})
     tasks = {}

@@ -153,7 +153,7 @@ def test_finetune_saves_a_loadable_expert(tmp_path, tiny_pretrained):
     assert meta["train"]["seed"] == 3 and meta["steps"] == 2 and meta["seconds"] > 0
     assert meta["initialised_from_seed"] == ["classifier.bias", "classifier.weight"]
     assert zoo_text.is_complete_expert(out)
-    assert not (tmp_path / "zoo" / zoo_text.STAGING).exists()
+    assert not [p for p in (tmp_path / "zoo").iterdir() if p.name.startswith(".")]  # no staging left
     assert out.stat().st_mode & 0o755 == 0o777 & 0o755 & ~_umask()  # not mkdtemp's private 0700
 
 
@@ -203,7 +203,7 @@ def test_crash_mid_save_leaves_nothing_finished(tmp_path, tiny_pretrained, monke
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(zoo_text, "_write_json", crash)  # after weights and tokenizer are written
+    monkeypatch.setattr(zoo_text, "write_text", crash)  # the metadata is written last, after the weights
     with pytest.raises(RuntimeError, match="disk full"):
         zoo_text.finetune_text_expert(tiny_pretrained, task, target, **FAST)
     assert not target.exists()
@@ -216,7 +216,7 @@ def test_crash_mid_save_leaves_nothing_finished(tmp_path, tiny_pretrained, monke
     monkeypatch.undo()
     zoo_text.finetune_text_expert(tiny_pretrained, task, target, **FAST)
     before = (target / "model.safetensors").read_bytes()
-    monkeypatch.setattr(zoo_text, "_write_json", crash)
+    monkeypatch.setattr(zoo_text, "write_text", crash)
     with pytest.raises(RuntimeError):
         zoo_text.finetune_text_expert(tiny_pretrained, task, target, seed=9, **FAST)
     assert zoo_text.is_complete_expert(target)

@@ -9,10 +9,10 @@ at least ``num_labels`` (plus ``label_names`` and ``pair``).
 Zoo layout: ``<zoo_dir>/<task>/`` is a plain Hugging Face directory (``config.json``,
 ``model.safetensors``, the tokenizer) plus ``adamerge_expert.json`` (task, label names, test
 accuracy, the training settings, seconds taken). ``<zoo_dir>/zoo.json`` records the shared
-starting point and the settings. Every expert is written into a staging folder under
-``<zoo_dir>/.partial/`` and renamed into place only once complete, so an interrupted build never
-leaves a ``<task>/`` that looks finished (nor a half-written folder holding a ``config.json``
-next to the experts), and a rerun resumes with the experts still missing.
+starting point and the settings. Every expert is written into a hidden staging folder
+(``<zoo_dir>/.<task>.partial-*``, which nothing reads) and renamed into place only once
+complete, so an interrupted build never leaves a ``<task>/`` that looks finished, and a rerun
+resumes with the experts still missing.
 
 The shared starting point: every expert loads the pretrained checkpoint into
 ``AutoModelForSequenceClassification``. Only the task head (``classifier.*``) may be missing
@@ -38,20 +38,20 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from adamerge.checkpoints import atomic_directory, write_text
+from adamerge.hf import quiet_transformers
+
 FORMAT = "adamerge.zoo.text"
 VERSION = 1
 EXPERT_META = "adamerge_expert.json"
 ZOO_META = "zoo.json"
-STAGING = ".partial"
 SHARED_START = Path("_shared") / "pretrained"
 PRETRAINED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -179,27 +179,11 @@ def _columns(table, meta: dict, file_hint: str) -> tuple[list[str], list[str] | 
 # ---------------------------------------------------------------------- model
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging
-
-    previous = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()  # "Loading weights" / "Writing model shards"
-    try:
-        yield
-    finally:
-        logging.set_verbosity(previous)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def _load_classifier(pretrained: str | os.PathLike, meta: dict):
     """The checkpoint as a sequence classifier, and the names of the weights it did not hold."""
     from transformers import AutoModelForSequenceClassification
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(pretrained),
             num_labels=meta["num_labels"],
@@ -267,54 +251,15 @@ def save_shared_start(
         "seed": int(seed),
         "initialised": encoder_missing,
     }
-    with _atomic_directory(out_dir) as staging:
-        with _quiet_transformers():
+    with atomic_directory(out_dir) as staging:
+        with quiet_transformers():
             encoder.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        _write_json(staging / EXPERT_META, info)
+        write_text(staging / EXPERT_META, json.dumps(info, indent=1) + "\n")
     return out_dir
 
 
 # ---------------------------------------------------------------------- saving
-
-
-def _write_json(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _atomic_directory(path: Path) -> Iterator[Path]:
-    """Write a directory under ``<parent>/.partial/`` and ``os.replace`` it into place on success.
-
-    The staging folder lives one level down (same filesystem) rather than beside the experts, so
-    nothing scanning ``<parent>/*/config.json`` ever sees a half-written expert. An existing
-    ``path`` is replaced only once the new one is complete; on any error the staging folder is
-    removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    staging_root = path.parent / STAGING
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{path.name}-"))
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a finished expert is not
-        if path.exists():
-            retired = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{path.name}.old-"))
-            os.replace(path, retired / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staging_root.rmdir()  # only when empty
 
 
 def read_expert_meta(expert_dir: str | os.PathLike) -> dict:
@@ -559,17 +504,17 @@ def finetune_text_expert(
         "initialised_from_seed": missing,
         "train_seconds": train_seconds,
     }
-    with _atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir) as staging:
         _save_expert(staging, model, tokenizer, info, started)
     return out_dir
 
 
 def _save_expert(staging: Path, model, tokenizer, info: dict, started: float) -> None:
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     info["seconds"] = time.perf_counter() - started
-    _write_json(staging / EXPERT_META, info)  # last: its presence marks a finished expert
+    write_text(staging / EXPERT_META, json.dumps(info, indent=1) + "\n")  # last: marks a finished expert
 
 
 # ---------------------------------------------------------------------- the zoo
@@ -649,7 +594,7 @@ def build_text_zoo(
     with contextlib.suppress(OSError, ValueError):
         previous = json.loads((zoo_dir / ZOO_META).read_text())
     experts = {**previous.get("experts", {}), **{name: name for name in names}}
-    _write_json(zoo_dir / ZOO_META, {
+    manifest = {
         "format": FORMAT,
         "version": VERSION,
         "pretrained": start,
@@ -657,7 +602,8 @@ def build_text_zoo(
         "shared_start": bool(missing),
         "settings": settings,
         "experts": dict(sorted(experts.items())),
-    })
+    }
+    write_text(zoo_dir / ZOO_META, json.dumps(manifest, indent=1) + "\n")
     return zoo
 
 
