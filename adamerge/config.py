@@ -185,6 +185,7 @@ class Recipe:
     task_vectors: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     coefficients: CoefficientConfig = field(default_factory=CoefficientConfig)
     objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
+    task_balance: str = "sum"  # sum | log: add task losses, or their logs (equal weight to relative progress)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: Optional[MethodConfig] = None

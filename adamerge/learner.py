@@ -35,6 +35,7 @@ class CoefficientLearner(L.LightningModule):
         task_weights: Mapping[str, float] | None = None,
         selection: Objective | None = None,
         select_every_n_steps: int = 50,
+        task_balance: str = "sum",
     ):
         super().__init__()
         self.merged = merged
@@ -48,6 +49,9 @@ class CoefficientLearner(L.LightningModule):
         if unknown:
             raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(self.tasks)}")
         self.task_weights = {name: float((task_weights or {}).get(name, 1.0)) for name in self.tasks}
+        if task_balance not in ("sum", "log"):
+            raise ValueError(f"unknown task_balance {task_balance!r}; use 'sum' or 'log'")
+        self.task_balance = task_balance
         self.strict_loading = False
         self._objective_ready = False
 
@@ -89,7 +93,7 @@ class CoefficientLearner(L.LightningModule):
         for name, task_batch in batch.items():
             output = self.tasks[name](self.merged, params, task_batch, hidden_layers)
             loss, task_logs = split_loss(self.objective(output, task_batch, name))
-            total = total + self.task_weights[name] * loss
+            total = total + self.task_weights[name] * self._balanced(loss, name)
             logs[f"{name}/loss"] = loss.detach()
             logs.update({f"{name}/{k}": v for k, v in task_logs.items()})
         penalty = self.objective.penalty(self.merged)
@@ -97,6 +101,16 @@ class CoefficientLearner(L.LightningModule):
             total = total + penalty
             logs["penalty"] = penalty.detach()
         return total, logs
+
+    def _balanced(self, loss: Tensor, task: str) -> Tensor:
+        """``sum``: the loss as is. ``log``: ``log(loss)``, so every task's *relative* decrease
+        counts the same and tasks with small losses are not traded away for tasks with large
+        ones (needs a non-negative objective such as a KL)."""
+        if self.task_balance == "sum":
+            return loss
+        if bool(loss.detach() < 0):
+            raise ValueError(f"task_balance 'log' needs a non-negative objective; task {task!r} has loss {float(loss):.4g}")
+        return torch.log(loss + 1e-6)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.step_loss(batch)
@@ -111,7 +125,8 @@ class CoefficientLearner(L.LightningModule):
     # ------------------------------------------------------------------ label-free model selection
     @torch.no_grad()
     def held_out_criterion(self) -> float:
-        """The selection objective averaged over every task's held-out calibration rows."""
+        """The selection objective over every task's held-out calibration rows (balanced across
+        tasks the same way as the training loss)."""
         datamodule = self.trainer.datamodule
         params = self.merged.merged_parameters()
         per_task = []
@@ -122,7 +137,7 @@ class CoefficientLearner(L.LightningModule):
             ]
             if not losses:
                 raise ValueError("model selection needs held-out calibration rows: set selection.holdout > 0")
-            per_task.append(torch.stack(losses).mean())
+            per_task.append(self._balanced(torch.stack(losses).mean(), name))
         penalty = self.selection.penalty(self.merged)
         return float(torch.stack(per_task).mean() + (penalty if penalty is not None else 0.0))
 

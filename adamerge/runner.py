@@ -235,6 +235,7 @@ def fit(recipe: DictConfig | str) -> RunResult:
         task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
         selection=_selection_objective(recipe),
         select_every_n_steps=recipe.selection.every_n_steps if recipe.selection is not None else 1,
+        task_balance=recipe.task_balance,
     )
     if resume is not None:
         print(f"resuming the interrupted run from {resume}")

@@ -155,6 +155,32 @@ def test_task_weights_scale_task_losses():
     assert float(penalised) == pytest.approx(0.2, rel=1e-5) and float(logs["penalty"]) == pytest.approx(0.2, rel=1e-5)
 
 
+def test_log_task_balance_weighs_relative_progress():
+    merged, tasks, data = make_problem()
+    batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
+    summed = CoefficientLearner(merged, tasks, build_objective("entropy"))
+    total, logs = summed.step_loss(batch)
+    balanced = CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="log")
+    log_total, _ = balanced.step_loss(batch)
+    expected = sum(torch.log(logs[f"{n}/loss"] + 1e-6) for n in tasks)
+    assert float(log_total) == pytest.approx(float(expected), rel=1e-6)
+    # the gradient is each task's gradient divided by its own loss
+    grads = {}
+    for name in tasks:
+        merged.coefficients.raw.grad = None
+        single = {name: batch[name]}
+        loss, _ = summed.step_loss(single)
+        loss.backward()
+        grads[name] = merged.coefficients.raw.grad.clone() / (float(loss) + 1e-6)
+    merged.coefficients.raw.grad = None
+    balanced.step_loss(batch)[0].backward()
+    torch.testing.assert_close(merged.coefficients.raw.grad, grads["t0"] + grads["t1"], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="task_balance"):
+        CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="max")
+    with pytest.raises(ValueError, match="non-negative"):
+        CoefficientLearner(merged, tasks, build_objective("infomax", diversity_weight=10.0), task_balance="log").step_loss(batch)
+
+
 @pytest.mark.parametrize("constraint", [Clamp(0.2, 0.4), Sigmoid(0.1, 0.5)], ids=["clamp", "sigmoid"])
 def test_constraints_hold_after_steps(constraint):
     merged, tasks, data = make_problem(constraint=constraint)
