@@ -1,37 +1,54 @@
-"""The digits zoo: a tiny pretrained MLP and one fine-tuned expert per digit task, built offline.
+"""The digits zoo: a small pretrained network and one fine-tuned expert per digit domain, built offline.
 
 Everything comes from scikit-learn's bundled ``load_digits()`` (1797 grey 8x8 images), so the
-quickstart runs on a bare CPU machine with no download. Each task shows the digits in its own
-*input domain* and asks its own *question*:
+quickstart runs on a bare CPU machine with no download; a build takes a few seconds and is
+cached. Each task shows the digits in its own, visibly different *input domain* and has its
+own 10-way classification head:
 
-=============  ======================================  ===================  =======
-task           inputs (domain)                          label                classes
-=============  ======================================  ===================  =======
-``upright``    the original images                      the digit            10
-``rotated``    rotated 90 degrees counter-clockwise     the digit            10
-``inverted``   intensity inverted (``1 - x``)           the digit mod 3      3
-``mirrored``   mirrored left-right                      odd / even           2
-``noisy``      shifted one pixel + Gaussian noise       digit >= 5           2
-=============  ======================================  ===================  =======
+================  =========================================
+task              inputs
+================  =========================================
+``upright``       the original images
+``rotated``       rotated 90 degrees counter-clockwise
+``inverted``      intensity inverted (``1 - x``: white background)
+``mirrored``      mirrored left-right
+``noisy``         shifted one pixel down-right, plus Gaussian noise (sigma 0.2)
+``upside_down``   rotated 180 degrees (not in the default five)
+================  =========================================
 
-The *pretrained* backbone learns digit classification on upright images (with a throwaway
-head); every expert then starts from it, fits a fresh linear head on the frozen pretrained
-features for a moment, and fine-tunes backbone and head together on its own task. The experts
-therefore share a basin, and their task vectors pull the same layers in different directions.
+How the models are made (a miniature of the CLIP setting AdaMerging was proposed for):
 
-Splits: the 1797 images are split once (stratified by digit, from ``seed``) into *train*
-(the experts and the pretrained model learn on these), *calibration* (unlabelled inputs for
-learning merge coefficients) and *test* (labelled, held out). All tasks use the same images
-in their own domain, so the three splits are disjoint for every task. Pixels are floats in
-``[0, 1]``, flattened to 64 values; the backbone accepts ``[B, 64]``, ``[B, 8, 8]`` or
-``[B, 1, 8, 8]``.
+- **Backbone** (:class:`DigitsBackbone`): an MLP ``64 -> 128 -> 128 -> 128`` (Linear, LayerNorm,
+  ReLU) and a linear projection to a 256-d embedding that is L2-normalised, like CLIP's image
+  embedding. No BatchNorm. Layer-wise merging sees 14 tensors (4 Linear, 3 LayerNorm).
+- **Pretrained**: trained to classify the digit on a mix of every task's domain (half of the
+  train split of each), with a throwaway head. It "knows" all domains, as a foundation model
+  would, but not the tasks' heads.
+- **Heads**: each task gets its own ``nn.Linear(256, 10)``, initialised as a random class
+  embedding of norm ``logit_scale`` (20) and zero bias (CLIP's heads are fixed text
+  embeddings). The pretrained backbone with an expert's head is therefore at chance level.
+- **Experts**: from the pretrained weights, backbone and head are fine-tuned together on the
+  task's train split (Adam, lr 1e-3, 10 epochs, batch 64).
+
+Because every head lives in its own random directions of a normalised 256-d space, another
+task's vector mostly makes a task's predictions *less confident* rather than confidently
+wrong, so prediction entropy on unlabelled inputs tracks accuracy (the AdaMerging premise).
+
+Splits: the 1797 images are split once per ``seed`` (stratified by digit) into *train* (55%,
+all training of the pretrained model and the experts), *calibration* (15%, unlabelled inputs
+for learning merge coefficients) and *test* (30%, labelled, held out). Every task uses the
+same images in its own domain, so the three splits are disjoint for every task. The
+calibration split is its own split, not the test inputs. Inputs are float32 ``[N, 64]`` in
+``[0, 1]`` (row-major 8x8); the backbone also accepts ``[N, 8, 8]`` and ``[N, 1, 8, 8]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,26 +61,11 @@ from adamerge.checkpoints import atomic_directory, save_safetensors, write_text
 
 FORMAT = "adamerge.zoo.digits"
 VERSION = 1
-TASKS = ("upright", "rotated", "inverted", "mirrored", "noisy")
+DEFAULT_TASKS = ("upright", "rotated", "inverted", "mirrored", "noisy")
+SPLITS = ("train", "calibration", "test")
 
 
-# ---------------------------------------------------------------------- tasks
-
-
-def _digit(y: np.ndarray) -> np.ndarray:
-    return y
-
-
-def _mod3(y: np.ndarray) -> np.ndarray:
-    return y % 3
-
-
-def _parity(y: np.ndarray) -> np.ndarray:
-    return y % 2
-
-
-def _at_least_five(y: np.ndarray) -> np.ndarray:
-    return (y >= 5).astype(y.dtype)
+# ---------------------------------------------------------------------- domains
 
 
 def _identity(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -87,24 +89,27 @@ def _shift_noise(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(shifted + rng.normal(0.0, 0.2, size=images.shape), 0.0, 1.0)
 
 
+def _upside_down(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return images[:, ::-1, ::-1]
+
+
 @dataclass(frozen=True)
 class DigitTask:
-    """One task of the zoo: how its inputs look and what its label means."""
+    """One task of the zoo: its input domain (a transform of the 8x8 images) and its classes."""
 
     name: str
     domain: str
-    label: str
-    num_classes: int
     transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] = field(repr=False, compare=False)
-    relabel: Callable[[np.ndarray], np.ndarray] = field(repr=False, compare=False)
+    num_classes: int = 10
 
 
 TASK_SPECS: dict[str, DigitTask] = {
-    "upright": DigitTask("upright", "original", "digit", 10, _identity, _digit),
-    "rotated": DigitTask("rotated", "rotated 90 degrees", "digit", 10, _rotate, _digit),
-    "inverted": DigitTask("inverted", "inverted intensity", "digit mod 3", 3, _invert, _mod3),
-    "mirrored": DigitTask("mirrored", "mirrored left-right", "parity", 2, _mirror, _parity),
-    "noisy": DigitTask("noisy", "shifted + noise", "digit >= 5", 2, _shift_noise, _at_least_five),
+    "upright": DigitTask("upright", "original images", _identity),
+    "rotated": DigitTask("rotated", "rotated 90 degrees counter-clockwise", _rotate),
+    "inverted": DigitTask("inverted", "inverted intensity (white background)", _invert),
+    "mirrored": DigitTask("mirrored", "mirrored left-right", _mirror),
+    "noisy": DigitTask("noisy", "shifted one pixel + Gaussian noise", _shift_noise),
+    "upside_down": DigitTask("upside_down", "rotated 180 degrees", _upside_down),
 }
 
 
@@ -112,27 +117,24 @@ TASK_SPECS: dict[str, DigitTask] = {
 
 
 class DigitsBackbone(nn.Module):
-    """An MLP ``64 -> hidden... -> features``: each layer is Linear, LayerNorm (optional), ReLU.
+    """``pixels -> L2-normalised embedding``: (Linear, LayerNorm, ReLU) per hidden layer, then a projection.
 
-    Parameters are named ``layers.<i>.weight`` / ``layers.<i>.bias`` (and ``norms.<i>.*``),
-    one numbered block per layer, so layer-wise merge coefficients see every tensor apart.
+    Parameters are ``layers.<i>.{weight,bias}`` and ``norms.<i>.{weight,bias}``, one numbered
+    block per layer. Accepts ``[B, 64]``, ``[B, 8, 8]`` or ``[B, 1, 8, 8]`` floats.
     """
 
-    def __init__(self, hidden: Sequence[int] = (128, 128, 128), features: int = 64, inputs: int = 64, norm: bool = True):
+    def __init__(self, hidden: Sequence[int] = (128, 128, 128), features: int = 256, inputs: int = 64):
         super().__init__()
         sizes = [inputs, *hidden, features]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.norms = nn.ModuleList(nn.LayerNorm(b) for b in sizes[1:]) if norm else None
+        self.norms = nn.ModuleList(nn.LayerNorm(size) for size in hidden)
         self.features = features
 
     def forward(self, pixels: Tensor) -> Tensor:
         x = pixels.flatten(1).float()
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if self.norms is not None:
-                x = self.norms[i](x)
-            x = torch.relu(x)
-        return x
+        for layer, norm in zip(self.layers, self.norms):
+            x = torch.relu(norm(layer(x)))
+        return nn.functional.normalize(self.layers[-1](x), dim=-1)
 
 
 # ---------------------------------------------------------------------- settings and zoo
@@ -140,19 +142,18 @@ class DigitsBackbone(nn.Module):
 
 @dataclass(frozen=True)
 class DigitsZooSettings:
-    """Everything that determines the zoo's weights (stored in the manifest and checked on load)."""
+    """Everything that determines the zoo (stored in the manifest and checked when loading)."""
 
     seed: int = 0
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     hidden: tuple[int, ...] = (128, 128, 128)
-    features: int = 64
-    norm: bool = True
+    features: int = 256
+    logit_scale: float = 20.0  # norm of each head's initial class embeddings
     test_fraction: float = 0.3
     calibration_fraction: float = 0.15
-    pretrain_fraction: float = 0.5  # of the train split; the pretrained model sees upright digits only
+    pretrain_fraction: float = 0.5  # of each domain's train split
     pretrain_epochs: int = 20
     pretrain_lr: float = 1e-3
-    probe_epochs: int = 5  # fresh head on frozen pretrained features, before fine-tuning
     finetune_epochs: int = 10
     finetune_lr: float = 1e-3
     batch_size: int = 64
@@ -163,37 +164,30 @@ class DigitsZooSettings:
         data["hidden"] = list(self.hidden)
         return data
 
-    @classmethod
-    def from_json(cls, data: Mapping) -> "DigitsZooSettings":
-        data = dict(data)
-        data["tasks"] = tuple(data["tasks"])
-        data["hidden"] = tuple(data["hidden"])
-        return cls(**data)
-
 
 @dataclass
 class DigitsZoo:
     """A pretrained backbone, one expert backbone and head per task, and each task's data.
 
     - ``pretrained``: the pretrained :class:`DigitsBackbone` (eval mode).
-    - ``experts``: ``task -> fine-tuned backbone`` (same architecture, eval mode).
-    - ``heads``: ``task -> nn.Linear(features, num_classes)``, each expert's own head.
-    - ``pretrained_file`` / ``expert_files``: the cached safetensors files of those backbones
-      (usable wherever a weights path is accepted).
-    - ``calibration``: ``task -> [N_cal, 64]`` float inputs, *unlabelled*, for learning merge
-      coefficients (a split of its own, disjoint from train and test).
-    - ``test_inputs`` / ``test_labels``: ``task -> [N_test, 64]`` floats and ``[N_test]`` int64
-      labels, held out from all training.
+    - ``experts``: ``task -> fine-tuned DigitsBackbone`` (same architecture, eval mode).
+    - ``heads``: ``task -> nn.Linear(256, 10)``, the expert's own (fine-tuned) head.
+    - ``tasks``: ``task -> DigitTask`` (domain description, number of classes).
+    - ``calibration``: ``task -> [N_cal, 64]`` float32 inputs, **unlabelled**, for learning merge
+      coefficients; a split of its own, disjoint from train and test.
+    - ``test_inputs`` / ``test_labels``: ``task -> [N_test, 64]`` float32 and ``[N_test]`` int64,
+      never used in training.
     - ``train_inputs`` / ``train_labels``: what the experts were fine-tuned on.
-    - ``tasks``: ``task -> DigitTask`` (domain, label meaning, number of classes).
+    - ``cache_dir``: where the weights are (``None`` when built with ``cache=False``);
+      ``pretrained_file``, ``expert_files`` and ``heads_file`` point at the safetensors files.
 
-    :meth:`dataset` turns any split into a ``datasets.Dataset`` with a ``pixels`` column (64
-    floats) and, except for calibration, a ``label`` column.
+    :meth:`dataset` converts a split to a ``datasets.Dataset`` (``pixels``: 64 floats, and
+    ``label`` except for calibration).
     """
 
     settings: DigitsZooSettings
-    pretrained: nn.Module
-    experts: dict[str, nn.Module]
+    pretrained: DigitsBackbone
+    experts: dict[str, DigitsBackbone]
     heads: dict[str, nn.Linear]
     tasks: dict[str, DigitTask]
     calibration: dict[str, Tensor]
@@ -204,16 +198,16 @@ class DigitsZoo:
     cache_dir: Path | None = None
 
     @property
-    def task_names(self) -> list[str]:
-        return list(self.tasks)
-
-    @property
     def seed(self) -> int:
         return self.settings.seed
 
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
     def make_backbone(self) -> DigitsBackbone:
-        """A fresh (randomly initialised) backbone of the zoo's architecture."""
-        return DigitsBackbone(self.settings.hidden, self.settings.features, norm=self.settings.norm)
+        """A fresh, randomly initialised backbone of the zoo's architecture."""
+        return DigitsBackbone(self.settings.hidden, self.settings.features)
 
     @property
     def pretrained_file(self) -> Path | None:
@@ -223,12 +217,19 @@ class DigitsZoo:
     def expert_files(self) -> dict[str, Path]:
         if self.cache_dir is None:
             return {}
-        return {task: self.cache_dir / f"expert_{task}.safetensors" for task in self.tasks}
+        return {task: self.cache_dir / _expert_file(task) for task in self.tasks}
+
+    @property
+    def heads_file(self) -> Path | None:
+        """One safetensors file holding every head as ``<task>.weight`` / ``<task>.bias``."""
+        return None if self.cache_dir is None else self.cache_dir / "heads.safetensors"
 
     def dataset(self, task: str, split: str = "test"):
-        """One task's ``calibration``, ``test`` or ``train`` split as a ``datasets.Dataset``."""
+        """One task's ``"calibration"``, ``"test"`` or ``"train"`` split as a ``datasets.Dataset``."""
         import datasets
 
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; this zoo has {list(self.tasks)}")
         if split == "calibration":
             return datasets.Dataset.from_dict({"pixels": self.calibration[task].tolist()})
         if split == "test":
@@ -241,24 +242,22 @@ class DigitsZoo:
 
 
 def default_cache_dir() -> Path:
-    """``$ADAMERGE_CACHE/zoo/digits`` (``ADAMERGE_CACHE`` defaults to ``~/.cache/adamerge``)."""
+    """``$ADAMERGE_CACHE/zoo/digits``; ``ADAMERGE_CACHE`` defaults to ``~/.cache/adamerge``."""
     root = os.environ.get("ADAMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adamerge")
     return Path(root) / "zoo" / "digits"
+
+
+def _expert_file(task: str) -> str:
+    return f"expert_{task}.safetensors"
 
 
 # ---------------------------------------------------------------------- data
 
 
-@dataclass
-class _Split:
-    images: np.ndarray  # [N, 8, 8] in [0, 1]
-    digits: np.ndarray  # [N]
-
-
 def _split_indices(digits: np.ndarray, settings: DigitsZooSettings) -> dict[str, np.ndarray]:
-    """Stratified by digit: every split holds each digit in proportion."""
+    """Stratified by digit, so every split holds each digit in proportion."""
     rng = np.random.default_rng(settings.seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "calibration": [], "test": []}
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     for digit in range(10):
         members = rng.permutation(np.flatnonzero(digits == digit))
         n_test = int(round(settings.test_fraction * len(members)))
@@ -266,34 +265,56 @@ def _split_indices(digits: np.ndarray, settings: DigitsZooSettings) -> dict[str,
         parts["test"].append(members[:n_test])
         parts["calibration"].append(members[n_test : n_test + n_cal])
         parts["train"].append(members[n_test + n_cal :])
-    return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
+    return {split: np.sort(np.concatenate(chunks)) for split, chunks in parts.items()}
 
 
-def _load_splits(settings: DigitsZooSettings) -> dict[str, _Split]:
+def _make_data(settings: DigitsZooSettings, names: Sequence[str]) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+    """``task -> split -> (inputs [N, 64] float32, digit labels [N] int64)``."""
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    images = (raw.images / 16.0).astype(np.float64)
+    images = raw.images.astype(np.float64) / 16.0
     digits = raw.target.astype(np.int64)
-    return {name: _Split(images[idx], digits[idx]) for name, idx in _split_indices(digits, settings).items()}
-
-
-def _task_data(task: DigitTask, split: _Split, seed: int, split_name: str) -> tuple[Tensor, Tensor]:
-    # one generator per (seed, task, split): noise is reproducible and independent of task order
-    key = [seed, TASKS.index(task.name) if task.name in TASKS else 99, ["train", "calibration", "test"].index(split_name)]
-    rng = np.random.default_rng(key)
-    images = np.ascontiguousarray(task.transform(split.images, rng))
-    inputs = torch.from_numpy(images.reshape(len(images), 64).astype(np.float32))
-    labels = torch.from_numpy(task.relabel(split.digits).astype(np.int64))
-    return inputs, labels
+    indices = _split_indices(digits, settings)
+    data: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+    for name in names:
+        task = TASK_SPECS[name]
+        data[name] = {}
+        for split_index, split in enumerate(SPLITS):
+            # one generator per (seed, task, split): noise is reproducible and independent of task order
+            rng = np.random.default_rng([settings.seed, zlib.crc32(name.encode()), split_index])
+            transformed = np.ascontiguousarray(task.transform(images[indices[split]], rng))
+            inputs = torch.from_numpy(transformed.reshape(len(transformed), 64).astype(np.float32))
+            data[name][split] = (inputs, torch.from_numpy(digits[indices[split]]))
+    return data
 
 
 # ---------------------------------------------------------------------- training
 
 
-def _train(
-    parameters: list[nn.Parameter],
-    forward: Callable[[Tensor], Tensor],
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Tiny matrices train fastest on one thread, and a shared CPU cannot slow a build 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _new_head(features: int, classes: int, scale: float, generator: torch.Generator) -> nn.Linear:
+    head = nn.Linear(features, classes)
+    with torch.no_grad():
+        directions = torch.randn(classes, features, generator=generator)
+        head.weight.copy_(scale * nn.functional.normalize(directions, dim=-1))
+        head.bias.zero_()
+    return head
+
+
+def _fit(
+    backbone: nn.Module,
+    head: nn.Module,
     inputs: Tensor,
     labels: Tensor,
     epochs: int,
@@ -301,72 +322,57 @@ def _train(
     batch_size: int,
     generator: torch.Generator,
 ) -> None:
-    optimiser = torch.optim.Adam(parameters, lr=lr)
+    backbone.train()
+    head.train()
+    optimiser = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=lr)
     for _ in range(epochs):
         order = torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(inputs), batch_size):
             batch = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(forward(inputs[batch]), labels[batch])
+            loss = nn.functional.cross_entropy(head(backbone(inputs[batch])), labels[batch])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+    backbone.eval()
+    head.eval()
 
 
 def _train_models(
-    settings: DigitsZooSettings, splits: dict[str, _Split], data: dict[str, dict[str, tuple[Tensor, Tensor]]]
+    settings: DigitsZooSettings, data: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]]
 ) -> tuple[DigitsBackbone, dict[str, DigitsBackbone], dict[str, nn.Linear]]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        generator = torch.Generator().manual_seed(settings.seed)
-        pretrained = DigitsBackbone(settings.hidden, settings.features, norm=settings.norm)
-        pretrain_head = nn.Linear(settings.features, 10)
+    with torch.random.fork_rng(devices=[]), _one_thread():
+        torch.manual_seed(settings.seed)  # parameter initialisation
+        generator = torch.Generator().manual_seed(settings.seed)  # heads and batch order
 
-        # pretraining: upright digits, part of the train split
-        train = splits["train"]
-        count = max(1, int(round(settings.pretrain_fraction * len(train.digits))))
-        chosen = torch.randperm(len(train.digits), generator=generator)[:count]
-        upright, digits = _task_data(TASK_SPECS["upright"], train, settings.seed, "train")
-        _train(
-            [*pretrained.parameters(), *pretrain_head.parameters()],
-            lambda x: pretrain_head(pretrained(x)),
-            upright[chosen],
-            digits[chosen],
-            settings.pretrain_epochs,
-            settings.pretrain_lr,
-            settings.batch_size,
-            generator,
-        )
-        pretrained.eval()
+        # pretraining: the digit, on a mix of every task's domain
+        pretrained = DigitsBackbone(settings.hidden, settings.features)
+        xs, ys = [], []
+        for name in settings.tasks:
+            inputs, digits = data[name]["train"]
+            count = max(1, int(round(settings.pretrain_fraction * len(inputs))))
+            chosen = torch.randperm(len(inputs), generator=generator)[:count]
+            xs.append(inputs[chosen])
+            ys.append(digits[chosen])
+        pretrain_head = _new_head(settings.features, 10, settings.logit_scale, generator)
+        _fit(pretrained, pretrain_head, torch.cat(xs), torch.cat(ys), settings.pretrain_epochs,
+             settings.pretrain_lr, settings.batch_size, generator)
 
+        # experts: backbone + a new head, fine-tuned together on one task
         experts: dict[str, DigitsBackbone] = {}
         heads: dict[str, nn.Linear] = {}
         for name in settings.tasks:
-            task = TASK_SPECS[name]
             inputs, labels = data[name]["train"]
-            backbone = DigitsBackbone(settings.hidden, settings.features, norm=settings.norm)
-            backbone.load_state_dict(pretrained.state_dict())
-            head = nn.Linear(settings.features, task.num_classes)
-            if settings.probe_epochs:
-                with torch.no_grad():
-                    features = pretrained(inputs)
-                _train(list(head.parameters()), head, features, labels, settings.probe_epochs,
-                       settings.finetune_lr * 10, settings.batch_size, generator)
-            _train(
-                [*backbone.parameters(), *head.parameters()],
-                lambda x, b=backbone, h=head: h(b(x)),
-                inputs,
-                labels,
-                settings.finetune_epochs,
-                settings.finetune_lr,
-                settings.batch_size,
-                generator,
-            )
-            experts[name] = backbone.eval()
-            heads[name] = head.eval()
+            expert = DigitsBackbone(settings.hidden, settings.features)
+            expert.load_state_dict(pretrained.state_dict())
+            head = _new_head(settings.features, TASK_SPECS[name].num_classes, settings.logit_scale, generator)
+            _fit(expert, head, inputs, labels, settings.finetune_epochs, settings.finetune_lr,
+                 settings.batch_size, generator)
+            experts[name] = expert
+            heads[name] = head
     return pretrained, experts, heads
 
 
-# ---------------------------------------------------------------------- build / cache
+# ---------------------------------------------------------------------- cache
 
 
 def _manifest(settings: DigitsZooSettings) -> dict:
@@ -374,55 +380,57 @@ def _manifest(settings: DigitsZooSettings) -> dict:
         "format": FORMAT,
         "version": VERSION,
         "settings": settings.to_json(),
-        "tasks": {
-            name: {"domain": TASK_SPECS[name].domain, "label": TASK_SPECS[name].label,
-                   "num_classes": TASK_SPECS[name].num_classes}
-            for name in settings.tasks
-        },
+        "tasks": {name: {"domain": TASK_SPECS[name].domain, "num_classes": TASK_SPECS[name].num_classes}
+                  for name in settings.tasks},
         "files": {
             "pretrained": "pretrained.safetensors",
-            "experts": {name: f"expert_{name}.safetensors" for name in settings.tasks},
+            "experts": {name: _expert_file(name) for name in settings.tasks},
             "heads": "heads.safetensors",
         },
+        "torch": torch.__version__,
     }
 
 
 def _save(directory: Path, settings: DigitsZooSettings, pretrained, experts, heads) -> None:
     metadata = {"format": FORMAT, "seed": str(settings.seed)}
     save_safetensors(pretrained.state_dict(), directory / "pretrained.safetensors", metadata=metadata)
-    for name, backbone in experts.items():
-        save_safetensors(backbone.state_dict(), directory / f"expert_{name}.safetensors", metadata=metadata)
+    for name, expert in experts.items():
+        save_safetensors(expert.state_dict(), directory / _expert_file(name), metadata={**metadata, "task": name})
     head_tensors = {f"{name}.{key}": t for name, head in heads.items() for key, t in head.state_dict().items()}
     save_safetensors(head_tensors, directory / "heads.safetensors", metadata=metadata)
-    # the manifest is written last: a folder without one is never taken for a finished zoo
     write_text(directory / "manifest.json", json.dumps(_manifest(settings), indent=1))
 
 
+def _matches(directory: Path, settings: DigitsZooSettings) -> bool:
+    """Whether ``directory`` has a manifest for exactly these settings."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("format") == FORMAT
+        and manifest.get("version") == VERSION
+        and manifest.get("settings") == settings.to_json()
+    )
+
+
 def _load(directory: Path, settings: DigitsZooSettings):
-    pretrained = DigitsBackbone(settings.hidden, settings.features, norm=settings.norm)
+    pretrained = DigitsBackbone(settings.hidden, settings.features)
     pretrained.load_state_dict(load_file(str(directory / "pretrained.safetensors")))
-    experts, heads = {}, {}
     head_tensors = load_file(str(directory / "heads.safetensors"))
+    experts, heads = {}, {}
     for name in settings.tasks:
-        backbone = DigitsBackbone(settings.hidden, settings.features, norm=settings.norm)
-        backbone.load_state_dict(load_file(str(directory / f"expert_{name}.safetensors")))
-        experts[name] = backbone.eval()
+        expert = DigitsBackbone(settings.hidden, settings.features)
+        expert.load_state_dict(load_file(str(directory / _expert_file(name))))
+        experts[name] = expert.eval()
         head = nn.Linear(settings.features, TASK_SPECS[name].num_classes)
         head.load_state_dict({key: head_tensors[f"{name}.{key}"] for key in ("weight", "bias")})
         heads[name] = head.eval()
     return pretrained.eval(), experts, heads
 
 
-def _cached(directory: Path, settings: DigitsZooSettings) -> bool:
-    """Whether ``directory`` holds a complete zoo built with exactly these settings."""
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest != json.loads(json.dumps(_manifest(settings))):
-        return False
-    files = ["pretrained.safetensors", "heads.safetensors", *(f"expert_{n}.safetensors" for n in settings.tasks)]
-    return all((directory / f).is_file() for f in files)
+# ---------------------------------------------------------------------- build
 
 
 def build_digits_zoo(
@@ -432,39 +440,49 @@ def build_digits_zoo(
     tasks: Sequence[str] | None = None,
     rebuild: bool = False,
     cache: bool = True,
-    **overrides,
+    **settings,
 ) -> DigitsZoo:
-    """Build (or load from cache) the digits zoo.
+    """Build the digits zoo, or load it from the cache.
 
-    ``cache_dir`` defaults to :func:`default_cache_dir`. A cached zoo is reused only when its
-    manifest matches ``seed``, ``tasks`` and every other setting (``overrides`` are fields of
-    :class:`DigitsZooSettings`); otherwise it is rebuilt and replaced atomically. With
-    ``cache=False`` nothing is read or written. Builds in a few seconds on 2 CPU cores.
+    ``cache_dir`` defaults to :func:`default_cache_dir`. The cache is used only when its
+    manifest matches ``seed``, ``tasks`` and every other setting (``settings`` are fields of
+    :class:`DigitsZooSettings`); otherwise, or with ``rebuild=True``, the zoo is trained again
+    and the folder replaced atomically. ``cache=False`` neither reads nor writes anything.
+    ``tasks`` are names from :data:`TASK_SPECS` (default: the five of :data:`DEFAULT_TASKS`).
+    Training runs on one CPU thread and takes a few seconds; the same seed gives the same
+    weights on the same machine and library versions.
     """
-    names = tuple(tasks) if tasks is not None else TASKS
-    unknown = [n for n in names if n not in TASK_SPECS]
+    names = tuple(tasks) if tasks is not None else DEFAULT_TASKS
+    unknown = [name for name in names if name not in TASK_SPECS]
     if unknown or not names:
-        raise ValueError(f"unknown digits tasks {unknown}; choose from {list(TASK_SPECS)}")
+        raise ValueError(f"unknown digits task(s) {unknown}; choose from {list(TASK_SPECS)}")
     if len(set(names)) != len(names):
         raise ValueError(f"digits tasks must be unique, got {list(names)}")
-    settings = DigitsZooSettings(seed=int(seed), tasks=names, **overrides)
-    splits = _load_splits(settings)
-    data = {
-        name: {split: _task_data(TASK_SPECS[name], splits[split], settings.seed, split) for split in splits}
-        for name in names
-    }
+    known = set(DigitsZooSettings.__dataclass_fields__) - {"seed", "tasks"}
+    if set(settings) - known:
+        raise TypeError(f"unknown digits zoo setting(s) {sorted(set(settings) - known)}; known: {sorted(known)}")
+    if "hidden" in settings:
+        settings["hidden"] = tuple(settings["hidden"])
+    config = DigitsZooSettings(seed=int(seed), tasks=names, **settings)
+    data = _make_data(config, names)
+
     directory = None
     if cache:
         directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if directory is not None and not rebuild and _cached(directory, settings):
-        pretrained, experts, heads = _load(directory, settings)
-    else:
-        pretrained, experts, heads = _train_models(settings, splits, data)
+    models = None
+    if directory is not None and not rebuild and _matches(directory, config):
+        try:
+            models = _load(directory, config)
+        except (OSError, KeyError, RuntimeError, ValueError):
+            models = None  # damaged cache: build again
+    if models is None:
+        models = _train_models(config, data)
         if directory is not None:
             with atomic_directory(directory) as staging:
-                _save(staging, settings, pretrained, experts, heads)
+                _save(staging, config, *models)
+    pretrained, experts, heads = models
     return DigitsZoo(
-        settings=settings,
+        settings=config,
         pretrained=pretrained,
         experts=experts,
         heads=heads,
