@@ -125,6 +125,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 100
     progress_bar: bool = True
+    threads: Optional[int] = None  # torch CPU threads (1 is fastest for tiny models on a busy machine)
 
 
 @dataclass

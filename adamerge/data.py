@@ -85,12 +85,16 @@ class TaskBatches:
 class MultiTaskStream:
     """Endless ``{task: batch}`` stream with one counter as its whole state (Lightning-resumable)."""
 
-    def __init__(self, tasks: Mapping[str, TaskBatches]):
+    def __init__(self, tasks: Mapping[str, TaskBatches], length: int | None = None):
         self.tasks = dict(tasks)
         self.step = 0
+        self.length = length
 
     def __len__(self) -> int:
-        """Steps per epoch: enough for the largest task to be seen once."""
+        """Steps per Lightning epoch: the whole run when given (one progress bar over all steps),
+        else enough for the largest task to be seen once."""
+        if self.length:
+            return self.length
         return max(math.ceil(len(t) / t.global_batch_size) for t in self.tasks.values())
 
     def __iter__(self) -> Iterator[dict[str, dict]]:
@@ -166,13 +170,15 @@ class CalibrationData(L.LightningDataModule):
 
     def train_dataloader(self) -> MultiTaskStream:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
         return MultiTaskStream(
             {
                 name: TaskBatches(
                     name, dataset, self.batch_size, self.collate_for(name), self.seed, rank, world, self.splits[name][0]
                 )
                 for name, dataset in self.calibration.items()
-            }
+            },
+            length=steps,
         )
 
     def calibration_batches(self, task: str, batch_size: int | None = None):

@@ -69,3 +69,25 @@ def _save(figure, path) -> Path:
     plt.close(figure)
     os.replace(tmp, path)
     return path
+
+
+def accuracy_bars(results: dict[str, dict[str, dict]], path: str | os.PathLike, title: str = "") -> Path:
+    """Grouped bars: accuracy per task (groups) for every method (bars), plus the average."""
+    methods = list(results)
+    tasks = list(dict.fromkeys(t for per_task in results.values() for t in per_task))
+    groups = tasks + ["average"]
+    figure, axes = plt.subplots(figsize=(3.5 + 0.28 * len(groups) * max(1, len(methods)), 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = [100 * results[method].get(t, {}).get("accuracy", float("nan")) for t in tasks]
+        known = [v for v in values if v == v]
+        values.append(sum(known) / len(known) if known else float("nan"))
+        axes.bar([g + i * width for g in range(len(groups))], values, width, label=method)
+    axes.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], labels=groups)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(title)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -138,6 +138,37 @@ def _experts(config: ProblemConfig) -> dict[str, str]:
     return experts
 
 
+# ---------------------------------------------------------------------- built-in zoo
+
+
+@register_problem("digits")
+def digits_problem(config: ProblemConfig) -> MergeProblem:
+    """The quickstart zoo (``adamerge.zoo.digits``): an MLP on five input domains of scikit-learn's
+    digits, one expert and head per domain; built on first use and cached. ``problem.options``
+    are zoo settings (e.g. ``tasks``, ``hidden``)."""
+    from adamerge.tasks import HeadTask
+    from adamerge.zoo.digits import build_digits_zoo
+
+    zoo = build_digits_zoo(cache_dir=config.cache_dir, seed=config.seed, **config.options)
+    hidden = [f"norms.{i}" for i in range(len(zoo.settings.hidden))] + [f"layers.{len(zoo.settings.hidden)}"]
+    names = list(zoo.tasks)
+    unknown = sorted(set(config.tasks) - set(names))
+    if unknown:
+        raise KeyError(f"problem.tasks names unknown digits task(s) {unknown}; the zoo has {names}")
+    return MergeProblem(
+        pretrained=zoo.pretrained,
+        experts={name: zoo.expert_files[name] for name in names},
+        tasks={name: HeadTask(name, zoo.heads[name], input_key="pixels", hidden_modules=hidden) for name in names},
+        calibration={name: zoo.dataset(name, "calibration").with_format("torch") for name in names},
+        evaluation={name: zoo.dataset(name, "test").with_format("torch") for name in names},
+        description={
+            "kind": "digits",
+            "base": str(zoo.pretrained_file),
+            "experts": {name: str(zoo.expert_files[name]) for name in names},
+        },
+    )
+
+
 # ---------------------------------------------------------------------- Hugging Face kinds
 
 

@@ -37,9 +37,13 @@ from adamerge.problems import MergeProblem, build_problem
 from adamerge.task_vectors import TaskVectors
 
 
-def _quiet_libraries() -> None:
-    """Keep the console for adamerge's own progress: no hardware banners or per-map bars."""
+def _setup_process(recipe: DictConfig) -> None:
+    """Threads as the recipe asks; a console kept for adamerge's own progress (no hardware
+    banners, no per-map bars)."""
     import datasets
+
+    if recipe.trainer.threads:
+        torch.set_num_threads(recipe.trainer.threads)
 
     datasets.disable_progress_bars()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -217,7 +221,7 @@ def fit(recipe: DictConfig | str) -> RunResult:
     if recipe.method is not None:
         raise ValueError("this recipe describes a data-free merge ('method'); run it with `adamerge merge`")
     run_dir, work_dir = _prepare_output(recipe)
-    _quiet_libraries()
+    _setup_process(recipe)
     L.seed_everything(recipe.seed, verbose=False)
     if recipe.frank_wolfe is not None:
         return _fit_frank_wolfe(recipe, build_problem(recipe.problem), run_dir)
@@ -291,7 +295,7 @@ def merge(recipe: DictConfig | str) -> RunResult:
     if recipe.method is None:
         raise ValueError("this recipe has no 'method' section; learn coefficients with `adamerge fit`")
     run_dir, _ = _prepare_output(recipe)
-    _quiet_libraries()
+    _setup_process(recipe)
     problem = build_problem(recipe.problem)
     module, merged, results = _merge_and_evaluate(recipe, problem)
     how = f"data-free `{recipe.method.name}` {to_plain(recipe.method.args)}"
@@ -318,7 +322,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, dict]:
     recipe = load_recipe(run_dir / "recipe.yaml")
     if recipe.frank_wolfe is not None:
         raise ValueError(f"{run_dir} is an FW-Merging run: it has no coefficients to re-evaluate; run `adamerge fit` again")
-    _quiet_libraries()
+    _setup_process(recipe)
     problem = build_problem(recipe.problem)
     if recipe.method is not None:
         return _merge_and_evaluate(recipe, problem)[2]
