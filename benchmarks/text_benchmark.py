@@ -1,0 +1,134 @@
+"""The real-model benchmark: every method on the MiniLM text zoo, one table.
+
+    python benchmarks/text_benchmark.py --data ../shared/data/text [--out runs/text-benchmark]
+
+Builds (or reuses) the zoo of six all-MiniLM-L6-v2 experts fine-tuned on the tasks in
+``--data`` (``adamerge.zoo.text``), then runs each method's recipe from ``recipes/text/`` and
+writes ``<out>/results.md`` and ``<out>/results.json``: per-task and average accuracy, wall
+time, and the collapse diagnostics of every task (prediction histogram, entropy of the mean
+prediction). Runs that already finished in ``<out>`` are reused, so an interrupted benchmark
+resumes; ``--only`` picks methods, ``key=value`` overrides apply to every learned recipe.
+Skips cleanly (exit 0) when the data directory is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from adamerge import runner
+from adamerge.checkpoints import write_text
+from adamerge.cli import resolve_recipe
+from adamerge.config import load_recipe
+from adamerge.evaluate import average_accuracy
+from adamerge.export import results_table
+
+# label -> (job, recipe, overrides, run folder); "{out}" is the benchmark's output folder.
+STAGE1 = "{out}/expert_merging/coefficients.safetensors"
+METHODS = {
+    "weight averaging": ("merge", "text/average", [], "average"),
+    "task arithmetic (0.3)": ("merge", "text/task_arithmetic", [], "task_arithmetic"),
+    "TIES": ("merge", "text/ties", [], "ties"),
+    "AdaMerging task-wise": ("fit", "text/adamerging_taskwise", [], "adamerging_taskwise"),
+    "AdaMerging layer-wise": ("fit", "text/adamerging_layerwise", [], "adamerging_layerwise"),
+    "AdaMerging++": ("fit", "text/adamerging_plusplus", [], "adamerging_plusplus"),
+    "Expert Merging": ("fit", "text/expert_merging", [], "expert_merging"),
+    "Expert Merging++ (stage 2 from stage 1)": (
+        "fit", "text/expert_merging_pp", [f"coefficients.chunks.importance_from={STAGE1}", f"coefficients.init={STAGE1}"],
+        "expert_merging_pp",
+    ),
+    "Expert Merging++ (stage 2 from 0.3)": (
+        "fit", "text/expert_merging_pp", [f"coefficients.chunks.importance_from={STAGE1}", "coefficients.init=0.3"],
+        "expert_merging_pp_from_init",
+    ),
+    "FW hard": ("fit", "text/fw_hard", [], "fw_hard"),
+    "FW soft": ("fit", "text/fw_soft", [], "fw_soft"),
+    "recommended": ("fit", "text/recommended", [], "recommended"),
+}
+
+
+def run_method(label: str, out: Path, data: Path, zoo: Path, overrides: list[str]) -> dict:
+    """Run one method (or reuse its finished run) and return its results with its wall time."""
+    job, name, extra, folder = METHODS[label]
+    target = out / folder
+    if (target / "eval.json").exists():
+        timing = target / "timing.json"
+        seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+        return {"results": json.loads((target / "eval.json").read_text()), "seconds": seconds}
+    settings = [
+        f"output_dir={target}",
+        f"problem.options.data_root={data}",
+        f"problem.options.zoo_dir={zoo}",
+        "trainer.progress_bar=false",
+        *(e.format(out=out) for e in extra),
+        *(overrides if job == "fit" else []),
+    ]
+    started = time.perf_counter()
+    result = getattr(runner, job)(load_recipe(resolve_recipe(name), settings))
+    seconds = time.perf_counter() - started
+    write_text(target / "timing.json", json.dumps({"seconds": seconds}))
+    return {"results": result.results, "seconds": seconds}
+
+
+def baselines(data: Path, zoo: Path) -> dict[str, dict]:
+    recipe = load_recipe(
+        resolve_recipe("text/task_arithmetic"), [f"problem.options.data_root={data}", f"problem.options.zoo_dir={zoo}"]
+    )
+    problem = runner.build_problem(recipe.problem)
+    merged = runner.build_merged(recipe, problem, runner.build_task_vectors(recipe, problem))
+    return runner.evaluate_baselines(merged, problem, runner.build_data(recipe, problem))
+
+
+def diagnostics_table(all_results: dict[str, dict]) -> str:
+    """Per task: prediction histogram and entropy of the mean prediction (÷ its maximum)."""
+    lines = ["| method | task | histogram of predictions | H(mean prediction) / log C |", "|---|---|---|---|"]
+    for method, per_task in all_results.items():
+        for task, r in per_task.items():
+            ratio = r["mean_prediction_entropy"] / r["max_entropy"] if r.get("max_entropy") else float("nan")
+            lines.append(f"| {method} | {task} | {r.get('histogram', '')} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="../shared/data/text", help="folder of <task>/{train,test}.jsonl")
+    parser.add_argument("--zoo", default=None, help="expert zoo folder (default: the adamerge cache)")
+    parser.add_argument("--out", default="runs/text-benchmark")
+    parser.add_argument("--only", nargs="*", default=None, help="method labels to run (default: all)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for the learned recipes")
+    args = parser.parse_args(argv)
+    data = Path(args.data).expanduser().resolve()
+    if not data.is_dir():
+        print(f"no text data at {data}: nothing to benchmark")
+        return 0
+    from adamerge.zoo.text import build_text_zoo, default_zoo_dir
+
+    zoo = Path(args.zoo).expanduser() if args.zoo else default_zoo_dir()
+    build_text_zoo(data, zoo)
+    out = Path(args.out)
+    results = baselines(data, zoo)
+    seconds: dict[str, float | None] = {}
+    for label in args.only or METHODS:
+        print(f"== {label}", flush=True)
+        outcome = run_method(label, out, data, zoo, args.overrides)
+        results[label], seconds[label] = outcome["results"], outcome["seconds"]
+        print(results_table({label: results[label]}), flush=True)
+    table = results_table(results)
+    timing = "\n".join(f"| {k} | {v / 60:.1f} min |" for k, v in seconds.items() if v is not None)
+    report = (
+        f"# Text benchmark\n\n`python benchmarks/text_benchmark.py {' '.join(sys.argv[1:])}`\n\n"
+        f"## Accuracy (%)\n\n{table}\n\n## Wall time (2 CPU cores)\n\n| method | time |\n|---|---|\n{timing}\n\n"
+        f"## Collapse diagnostics\n\n{diagnostics_table(results)}\n"
+    )
+    write_text(out / "results.md", report)
+    write_text(out / "results.json", json.dumps({"results": results, "seconds": seconds}, indent=1))
+    print(f"\n{table}\n\naverages: " + ", ".join(f"{k} {100 * average_accuracy(v):.1f}" for k, v in results.items()))
+    print(f"report: {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
