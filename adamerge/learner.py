@@ -21,8 +21,29 @@ from adamerge.tasks import Task
 COEFFICIENT_PREFIX = "merged.coefficients."
 
 
+class _InjectGradients(torch.autograd.Function):
+    """A zero whose gradient with respect to ``tensors`` is ``grads`` (times the incoming gradient):
+    sends gradients gathered on detached copies of the merged weights back through the merge."""
+
+    @staticmethod
+    def forward(ctx, grads: list[Tensor | None], *tensors: Tensor) -> Tensor:
+        ctx.grads = grads
+        return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if bool(grad_output == 1):  # the usual case (no loss scaling): no pass over every gradient
+            return (None, *ctx.grads)
+        return (None, *[None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads])
+
+
 class CoefficientLearner(L.LightningModule):
-    """Learns ``merged.coefficients`` by minimising ``objective`` over every task's batches."""
+    """Learns ``merged.coefficients`` by minimising ``objective`` over every task's batches.
+
+    ``per_task_backward``: run each task's forward and backward in turn against detached merged
+    weights, so only one task's activations are alive at a time; the gathered weight gradients
+    then go through the merge in one backward. Same gradients, less peak memory with many tasks.
+    """
 
     def __init__(
         self,
@@ -36,9 +57,13 @@ class CoefficientLearner(L.LightningModule):
         selection: Objective | None = None,
         select_every_n_steps: int = 50,
         task_balance: str = "sum",
+        per_task_backward: bool = False,
     ):
         super().__init__()
         self.merged = merged
+        # every process builds the same task vectors from the same checkpoints: DDP need not
+        # broadcast them at start-up (K·|τ| bytes; CPU-offloaded ones could not go over NCCL)
+        self._ddp_params_and_buffers_to_ignore = [f"merged.vectors.{name}" for name, _ in merged.vectors.named_buffers()]
         self.tasks = nn.ModuleDict(dict(tasks))
         self.objective = objective
         self.selection = selection
@@ -52,6 +77,7 @@ class CoefficientLearner(L.LightningModule):
         if task_balance not in ("sum", "log"):
             raise ValueError(f"unknown task_balance {task_balance!r}; use 'sum' or 'log'")
         self.task_balance = task_balance
+        self.per_task_backward = per_task_backward
         self.strict_loading = False
         self._objective_ready = False
 
@@ -87,15 +113,23 @@ class CoefficientLearner(L.LightningModule):
     def step_loss(self, batch: Mapping[str, Mapping]) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted loss of one ``{task: batch}`` step, with one merge shared by all tasks."""
         params = self.merged.merged_parameters()
+        split = self.per_task_backward and torch.is_grad_enabled()
+        inputs = {k: v.detach().requires_grad_() for k, v in params.items()} if split else params
         hidden_layers = self.objective.hidden_layers
         total: Tensor | float = 0.0
         logs: dict[str, Tensor] = {}
         for name, task_batch in batch.items():
-            output = self.tasks[name](self.merged, params, task_batch, hidden_layers)
+            output = self.tasks[name](self.merged, inputs, task_batch, hidden_layers)
             loss, task_logs = split_loss(self.objective(output, task_batch, name))
-            total = total + self.task_weights[name] * self._balanced(loss, name)
+            weighted = self.task_weights[name] * self._balanced(loss, name)
+            if split and weighted.requires_grad:
+                weighted.backward()  # frees this task's activations; gradients gather on `inputs`
+                weighted = weighted.detach()
+            total = total + weighted
             logs[f"{name}/loss"] = loss.detach()
             logs.update({f"{name}/{k}": v for k, v in task_logs.items()})
+        if split:
+            total = total + _InjectGradients.apply([inputs[k].grad for k in params], *params.values())
         penalty = self.objective.penalty(self.merged)
         if penalty is not None:
             total = total + penalty

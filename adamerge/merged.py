@@ -27,39 +27,69 @@ from adamerge.coefficients import (
 from adamerge.task_vectors import TaskVectors, parameter_aliases
 
 
-class _WeightedSum(torch.autograd.Function):
-    """``base + Σ_k c[k] τ[k]`` (or per-row ``c[k, r]``), computed in ``base``'s dtype.
+BLOCK = 1 << 20
+"""Entries per expert that one merge operation handles: bounds the full-precision copy of
+bf16/fp16 (or offloaded) task vectors to ``K × BLOCK`` values at a time."""
 
-    τ is saved for backward in its own storage dtype, so bf16 task vectors stay bf16 in
-    memory while the coefficients and the sum keep full precision.
+
+class _Merge(torch.autograd.Function):
+    """Every merged tensor in one autograd node: ``θ = base + Σ_k c[k, slot] τ[k]``, block by block.
+
+    One node per step (not one per tensor) keeps Python and autograd overhead small. Each block
+    (a contiguous range of a flattened tensor that reads one coefficient slot) is one fused
+    ``addmv`` forward and one ``mv`` backward, so τ is read once per pass, in its storage dtype
+    and on its own device, and only ``K × BLOCK`` of it is ever converted at once.
     """
 
     @staticmethod
-    def forward(ctx, base: Tensor, coefficients: Tensor, tau: Tensor) -> Tensor:
-        ctx.save_for_backward(coefficients, tau)
-        vectors = tau.to(base.dtype)
-        coefficients = coefficients.to(base.dtype)
-        if coefficients.dim() == 1:
-            delta = coefficients @ vectors.reshape(vectors.shape[0], -1)
-        else:
-            delta = torch.einsum("kr,krc->rc", coefficients, vectors.reshape(*coefficients.shape, -1))
-        return base + delta.view(base.shape)
+    def forward(ctx, values: Tensor, bases: list[Tensor], blocks: list[list[tuple[int, int, int]]], *taus: Tensor):
+        ctx.save_for_backward(*taus)
+        ctx.blocks, ctx.values_shape, ctx.values_dtype, ctx.values_device = blocks, values.shape, values.dtype, values.device
+        columns: dict[tuple, Tensor] = {}  # [S, K]: the coefficients of each slot, per compute dtype and device
+        merged = []
+        for base, tau, tensor_blocks in zip(bases, taus, blocks):
+            where = (base.dtype, base.device)
+            if where not in columns:
+                columns[where] = values.to(dtype=base.dtype, device=base.device).t()
+            flat_base, flat_tau = base.reshape(-1), tau.view(tau.shape[0], -1)
+            out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+            flat_out = out.view(-1)
+            for start, stop, slot in tensor_blocks:
+                vectors = flat_tau[:, start:stop].to(device=base.device, dtype=base.dtype, non_blocking=True)
+                torch.addmv(flat_base[start:stop], vectors.t(), columns[where][slot], out=flat_out[start:stop])
+            merged.append(out)
+        return tuple(merged)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        coefficients, tau = ctx.saved_tensors
-        vectors = tau.to(grad.dtype)
-        if coefficients.dim() == 1:
-            grad_c = vectors.reshape(vectors.shape[0], -1) @ grad.reshape(-1)
-        else:
-            rows = coefficients.shape[1]
-            grad_c = torch.einsum("krc,rc->kr", vectors.reshape(*coefficients.shape, -1), grad.reshape(rows, -1))
-        return None, grad_c.to(coefficients.dtype), None
+    def backward(ctx, *grads: Tensor | None):
+        taus = ctx.saved_tensors
+        parts, slots = [], []
+        for grad, tau, tensor_blocks in zip(grads, taus, ctx.blocks):
+            if grad is None:  # this tensor did not reach the loss
+                continue
+            flat_grad, flat_tau = grad.reshape(-1), tau.view(tau.shape[0], -1)
+            for start, stop, slot in tensor_blocks:
+                vectors = flat_tau[:, start:stop].to(device=grad.device, dtype=grad.dtype, non_blocking=True)
+                parts.append(vectors @ flat_grad[start:stop])
+                slots.append(slot)
+        K, S = ctx.values_shape
+        grad_values = torch.zeros(S, K, dtype=ctx.values_dtype, device=ctx.values_device)
+        if parts:
+            index = torch.tensor(slots, device=grad_values.device)
+            parts = torch.stack([part.to(device=grad_values.device, dtype=grad_values.dtype) for part in parts])
+            grad_values.index_add_(0, index, parts)
+        return (grad_values.t(), None, None, *([None] * len(taus)))
 
 
-def weighted_sum(base: Tensor, coefficients: Tensor, tau: Tensor) -> Tensor:
-    """``base + Σ_k coefficients[k] · tau[k]``; ``coefficients`` is ``[K]`` or per-row ``[K, rows]``."""
-    return _WeightedSum.apply(base, coefficients, tau)
+def merge_blocks(rows: int, numel: int, slots: tuple[int, ...], block: int = BLOCK) -> list[tuple[int, int, int]]:
+    """``(start, stop, slot)`` ranges of a flattened tensor: its row chunks (as ``chunk_sizes``), cut into blocks."""
+    per_row = numel // rows if rows else 0
+    ranges, row = [], 0
+    for slot, size in zip(slots, chunk_sizes(rows, len(slots))):
+        start, stop = row * per_row, (row + size) * per_row
+        ranges.extend((s, min(s + block, stop), slot) for s in range(start, stop, block))
+        row += size
+    return ranges
 
 
 class FunctionalModel(nn.Module):
@@ -74,6 +104,9 @@ class FunctionalModel(nn.Module):
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"the backbone must be an nn.Module, got {type(backbone).__name__}")
         self.backbone = backbone.requires_grad_(False).eval()
+        # tied tensors (one tensor under several names) need functional_call's tie search; others skip it
+        named = [*self.backbone.named_parameters(remove_duplicate=False), *self.backbone.named_buffers(remove_duplicate=False)]
+        self._tied = len({id(tensor) for _, tensor in named}) < len(named)
 
     def base_tensors(self) -> dict[str, Tensor]:
         """Every parameter and buffer of the backbone at its current value (tied names once)."""
@@ -83,7 +116,7 @@ class FunctionalModel(nn.Module):
 
     def forward_with(self, params: Mapping[str, Tensor], *args, **kwargs):
         """Run the backbone with the given tensors swapped in (merged weights, plus e.g. a task's head)."""
-        return functional_call(self.backbone, dict(params), args, kwargs, tie_weights=True, strict=False)
+        return functional_call(self.backbone, dict(params), args, kwargs, tie_weights=self._tied, strict=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -91,11 +124,26 @@ class FunctionalModel(nn.Module):
         return self
 
 
+class _VectorStore(nn.Module):
+    """The task vectors, as non-persistent buffers. Offloaded, they stay where they are (CPU
+    memory, possibly memory-mapped from safetensors) whatever ``.to()``/``.cuda()``/``.half()``
+    does to the model, and the merge copies each block to the model's device as it needs it."""
+
+    def __init__(self, offload: bool = False):
+        super().__init__()
+        self.offload = offload
+
+    def _apply(self, fn, recurse: bool = True):
+        return self if self.offload else super()._apply(fn, recurse)
+
+
 class MergedModel(FunctionalModel):
     """A frozen backbone whose in-scope weights are ``θ_0 + Σ_k c_k ⊙ τ_k``.
 
     Only the coefficients (``self.coefficients``) are trainable. Call it like the backbone:
-    ``merged(*inputs)``.
+    ``merged(*inputs)``. ``offload_vectors=True`` keeps the task vectors in host memory (as
+    given: e.g. ``TaskVectors.load`` memory-maps its file) when the model moves to an
+    accelerator; each step then streams them to it block by block (``K × BLOCK`` entries at a time).
     """
 
     def __init__(
@@ -109,27 +157,20 @@ class MergedModel(FunctionalModel):
         groups: GroupSpec = None,
         chunks: ChunkSpec = None,
         freeze: str | list[str] | None = None,
+        offload_vectors: bool = False,
     ):
         super().__init__(pretrained)
         self.expert_names = task_vectors.expert_names
         self.keys = list(task_vectors.keys)
         self._check_scope(task_vectors)
-        self.vectors = nn.Module()
-        for index, key in enumerate(self.keys):
-            self.vectors.register_buffer(f"t{index}", task_vectors[key], persistent=False)
+        self.vectors = _VectorStore(offload_vectors)
+        for index, key in enumerate(self.keys):  # contiguous: the merge reads flat views of them
+            self.vectors.register_buffer(f"t{index}", task_vectors[key].contiguous(), persistent=False)
         shapes = {key: tuple(task_vectors[key].shape[1:]) for key in self.keys}
         layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, freeze=freeze)
         self.coefficients = MergeCoefficients(layout, init=init, constraint=constraint)
-        self._slots = [layout.tensor_slots[key] for key in self.keys]
+        self._blocks = [merge_blocks(layout.rows[key], layout.numels[key], layout.tensor_slots[key]) for key in self.keys]
         self._aliases = parameter_aliases(self.backbone)
-        self.row_chunks = nn.Module()
-        for index, key in enumerate(self.keys):
-            slots = self._slots[index]
-            if len(slots) > 1:
-                sizes = torch.tensor(chunk_sizes(layout.rows[key], len(slots)))
-                self.row_chunks.register_buffer(
-                    f"t{index}", torch.arange(len(slots)).repeat_interleave(sizes), persistent=False
-                )
         self._cache: tuple[tuple, dict[str, Tensor]] | None = None
 
     def _check_scope(self, task_vectors: TaskVectors) -> None:
@@ -189,17 +230,10 @@ class MergedModel(FunctionalModel):
         return self._cache[1]
 
     def _merge(self) -> dict[str, Tensor]:
-        values = self.coefficients()
         base = self.base_tensors()
-        merged = {}
-        for index, key in enumerate(self.keys):
-            slots = self._slots[index]
-            if len(slots) == 1:
-                coefficients = values[:, slots[0]]
-            else:
-                coefficients = values[:, list(slots)][:, getattr(self.row_chunks, f"t{index}")]
-            merged[key] = weighted_sum(base[key], coefficients, getattr(self.vectors, f"t{index}"))
-        return merged
+        taus = [getattr(self.vectors, f"t{index}") for index in range(len(self.keys))]
+        merged = _Merge.apply(self.coefficients(), [base[key] for key in self.keys], self._blocks, *taus)
+        return dict(zip(self.keys, merged))
 
     @torch.no_grad()
     def pretrained_parameters(self) -> dict[str, Tensor]:
@@ -213,7 +247,7 @@ class MergedModel(FunctionalModel):
         index = self.expert_names.index(expert) if isinstance(expert, str) else int(expert)
         base = self.base_tensors()
         return {
-            key: base[key] + getattr(self.vectors, f"t{i}")[index].to(base[key].dtype)
+            key: base[key] + getattr(self.vectors, f"t{i}")[index].to(device=base[key].device, dtype=base[key].dtype)
             for i, key in enumerate(self.keys)
         }
 
