@@ -186,7 +186,7 @@ class Recipe:
     task_vectors: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     coefficients: CoefficientConfig = field(default_factory=CoefficientConfig)
     objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
-    task_balance: str = "sum"  # sum | log: add task losses, or their logs (equal weight to relative progress)
+    task_balance: str = "sum"  # sum | log | initial: add task losses as they are, their logs, or each ÷ its starting value
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: Optional[MethodConfig] = None

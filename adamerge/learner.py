@@ -74,9 +74,11 @@ class CoefficientLearner(L.LightningModule):
         if unknown:
             raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(self.tasks)}")
         self.task_weights = {name: float((task_weights or {}).get(name, 1.0)) for name in self.tasks}
-        if task_balance not in ("sum", "log"):
-            raise ValueError(f"unknown task_balance {task_balance!r}; use 'sum' or 'log'")
+        if task_balance not in ("sum", "log", "initial"):
+            raise ValueError(f"unknown task_balance {task_balance!r}; use 'sum', 'log' or 'initial'")
         self.task_balance = task_balance
+        self.initial_losses: dict[str, float] | None = None  # task_balance 'initial': each task's starting loss
+        self.selection_reference: dict[str, float] | None = None  # ... and its starting held-out criterion
         self.per_task_backward = per_task_backward
         self.strict_loading = False
         self._objective_ready = False
@@ -97,7 +99,24 @@ class CoefficientLearner(L.LightningModule):
         self.objective.setup(context)
         if self.selection is not None:
             self.selection.setup(context)
+        if self.task_balance == "initial" and self.initial_losses is None:
+            self.initial_losses = self._mean_losses(self.objective, datamodule.calibration_batches)
         self._objective_ready = True
+
+    @torch.no_grad()
+    def _mean_losses(self, objective: Objective, batches_for) -> dict[str, float]:
+        """Each task's mean loss under ``objective`` over the batches ``batches_for(task)`` yields."""
+        params = self.merged.merged_parameters()
+        means = {}
+        for name, task in self.tasks.items():
+            losses = [
+                float(split_loss(objective(task(self.merged, params, b, objective.hidden_layers), b, name))[0])
+                for b in map(self._to_device, batches_for(name))
+            ]
+            if not losses:
+                raise ValueError(f"task {name!r} has no rows to measure the objective on (is selection.holdout > 0?)")
+            means[name] = sum(losses) / len(losses)
+        return means
 
     def _to_device(self, batch):
         return self.transfer_batch_to_device(batch, self.device, 0)
@@ -136,15 +155,23 @@ class CoefficientLearner(L.LightningModule):
             logs["penalty"] = penalty.detach()
         return total, logs
 
-    def _balanced(self, loss: Tensor, task: str) -> Tensor:
-        """``sum``: the loss as is. ``log``: ``log(loss)``, so every task's *relative* decrease
-        counts the same and tasks with small losses are not traded away for tasks with large
-        ones (needs a non-negative objective such as a KL)."""
+    def _balanced(self, loss: Tensor, task: str, reference: Mapping[str, float] | None = None) -> Tensor:
+        """How task losses are put on one scale before they are added.
+
+        ``sum``: as they are. ``log``: ``log(loss)``, so every task's *relative* decrease counts
+        the same at every step. ``initial``: ``loss / loss_at_start`` (the start measured over the
+        calibration set), fixed weights that put every task on the same footing. ``log`` and
+        ``initial`` need a non-negative objective, such as a KL.
+        """
         if self.task_balance == "sum":
             return loss
         if bool(loss.detach() < 0):
-            raise ValueError(f"task_balance 'log' needs a non-negative objective; task {task!r} has loss {float(loss):.4g}")
-        return torch.log(loss + 1e-6)
+            raise ValueError(
+                f"task_balance {self.task_balance!r} needs a non-negative objective; task {task!r} has loss {float(loss):.4g}"
+            )
+        if self.task_balance == "log":
+            return torch.log(loss + 1e-6)
+        return loss / max((reference or self.initial_losses)[task], 1e-6)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.step_loss(batch)
@@ -161,19 +188,12 @@ class CoefficientLearner(L.LightningModule):
     def held_out_criterion(self) -> float:
         """The selection objective over every task's held-out calibration rows (balanced across
         tasks the same way as the training loss)."""
-        datamodule = self.trainer.datamodule
-        params = self.merged.merged_parameters()
-        per_task = []
-        for name, task in self.tasks.items():
-            losses = [
-                split_loss(self.selection(task(self.merged, params, b, self.selection.hidden_layers), b, name))[0]
-                for b in map(self._to_device, datamodule.holdout_batches(name))
-            ]
-            if not losses:
-                raise ValueError("model selection needs held-out calibration rows: set selection.holdout > 0")
-            per_task.append(self._balanced(torch.stack(losses).mean(), name))
+        means = self._mean_losses(self.selection, self.trainer.datamodule.holdout_batches)
+        if self.selection_reference is None:
+            self.selection_reference = means
+        per_task = [float(self._balanced(torch.tensor(v), name, self.selection_reference)) for name, v in means.items()]
         penalty = self.selection.penalty(self.merged)
-        return float(torch.stack(per_task).mean() + (penalty if penalty is not None else 0.0))
+        return sum(per_task) / len(per_task) + (float(penalty) if penalty is not None else 0.0)
 
     def _consider_current(self) -> float:
         value = self.held_out_criterion()
@@ -204,9 +224,12 @@ class CoefficientLearner(L.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if k.startswith(COEFFICIENT_PREFIX)
         }
         checkpoint["adamerge_selection_best"] = self.best
+        checkpoint["adamerge_task_balance"] = {"initial": self.initial_losses, "selection": self.selection_reference}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best = checkpoint.get("adamerge_selection_best")
+        references = checkpoint.get("adamerge_task_balance", {})
+        self.initial_losses, self.selection_reference = references.get("initial"), references.get("selection")
         missing = [k for k in self.state_dict() if k.startswith(COEFFICIENT_PREFIX) and k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks coefficient tensor(s) {missing}: was it written by another recipe?")

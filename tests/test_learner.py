@@ -181,6 +181,31 @@ def test_log_task_balance_weighs_relative_progress():
         CoefficientLearner(merged, tasks, build_objective("infomax", diversity_weight=10.0), task_balance="log").step_loss(batch)
 
 
+def test_initial_task_balance_divides_by_each_task_starting_loss(tmp_path):
+    merged, tasks, data = make_problem()
+    calibration = CalibrationData(data, batch_size=4)
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="initial")
+    # the starting losses: each task's mean entropy over its calibration batches, before any step
+    expected = {}
+    with torch.no_grad():
+        for name, task in tasks.items():
+            values = [float(learner.objective(task(merged, merged.merged_parameters(), b), b, name))
+                      for b in calibration.calibration_batches(name)]
+            expected[name] = sum(values) / len(values)
+    fit(learner, calibration, max_steps=1)
+    assert learner.initial_losses == pytest.approx(expected, rel=1e-6)
+    batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
+    total, logs = learner.step_loss(batch)
+    assert float(total) == pytest.approx(sum(float(logs[f"{n}/loss"]) / expected[n] for n in tasks), rel=1e-6)
+    # the references travel with checkpoints, so a resumed run divides by the same numbers
+    folder = tmp_path / "ckpt"
+    resumed_from = CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="initial")
+    fit(resumed_from, CalibrationData(data, batch_size=4), max_steps=2, callbacks=[checkpointing(folder, 2)])
+    fresh = CoefficientLearner(copy.deepcopy(merged), tasks, build_objective("entropy"), task_balance="initial")
+    fresh.on_load_checkpoint(torch.load(folder / "last.ckpt", weights_only=False))
+    assert fresh.initial_losses == resumed_from.initial_losses
+
+
 @pytest.mark.parametrize("constraint", [Clamp(0.2, 0.4), Sigmoid(0.1, 0.5)], ids=["clamp", "sigmoid"])
 def test_constraints_hold_after_steps(constraint):
     merged, tasks, data = make_problem(constraint=constraint)
