@@ -186,7 +186,8 @@ class Recipe:
     task_vectors: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     coefficients: CoefficientConfig = field(default_factory=CoefficientConfig)
     objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
-    task_balance: str = "sum"  # sum | log | initial: add task losses as they are, their logs, or each ÷ its starting value
+    task_balance: str = "sum"  # sum | log | initial | guarded: how task losses add up (see CoefficientLearner)
+    guard_weight: float = 4.0  # guarded: extra pull on a task whose loss is above its starting value
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: Optional[MethodConfig] = None

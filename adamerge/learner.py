@@ -19,6 +19,7 @@ from adamerge.objectives import Objective, ObjectiveContext, split_loss
 from adamerge.tasks import Task
 
 COEFFICIENT_PREFIX = "merged.coefficients."
+BALANCES = ("sum", "log", "initial", "guarded")
 
 
 class _InjectGradients(torch.autograd.Function):
@@ -57,6 +58,7 @@ class CoefficientLearner(L.LightningModule):
         selection: Objective | None = None,
         select_every_n_steps: int = 50,
         task_balance: str = "sum",
+        guard_weight: float = 4.0,
         per_task_backward: bool = False,
     ):
         super().__init__()
@@ -74,9 +76,9 @@ class CoefficientLearner(L.LightningModule):
         if unknown:
             raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(self.tasks)}")
         self.task_weights = {name: float((task_weights or {}).get(name, 1.0)) for name in self.tasks}
-        if task_balance not in ("sum", "log", "initial"):
-            raise ValueError(f"unknown task_balance {task_balance!r}; use 'sum', 'log' or 'initial'")
-        self.task_balance = task_balance
+        if task_balance not in BALANCES:
+            raise ValueError(f"unknown task_balance {task_balance!r}; use one of {BALANCES}")
+        self.task_balance, self.guard_weight = task_balance, guard_weight
         self.initial_losses: dict[str, float] | None = None  # task_balance 'initial': each task's starting loss
         self.selection_reference: dict[str, float] | None = None  # ... and its starting held-out criterion
         self.per_task_backward = per_task_backward
@@ -99,7 +101,7 @@ class CoefficientLearner(L.LightningModule):
         self.objective.setup(context)
         if self.selection is not None:
             self.selection.setup(context)
-        if self.task_balance == "initial" and self.initial_losses is None:
+        if self.task_balance in ("initial", "guarded") and self.initial_losses is None:
             self.initial_losses = self._mean_losses(self.objective, datamodule.calibration_batches)
         self._objective_ready = True
 
@@ -160,8 +162,10 @@ class CoefficientLearner(L.LightningModule):
 
         ``sum``: as they are. ``log``: ``log(loss)``, so every task's *relative* decrease counts
         the same at every step. ``initial``: ``loss / loss_at_start`` (the start measured over the
-        calibration set), fixed weights that put every task on the same footing. ``log`` and
-        ``initial`` need a non-negative objective, such as a KL.
+        calibration set), fixed weights that put every task on the same footing. ``guarded``:
+        ``loss + ρ·max(0, loss − loss_at_start)``, the plain sum while every task improves, with
+        ``1 + ρ`` times the pull on any task that has fallen behind where it started — no task is
+        traded away for the others. All but ``sum`` need a non-negative objective, such as a KL.
         """
         if self.task_balance == "sum":
             return loss
@@ -171,7 +175,10 @@ class CoefficientLearner(L.LightningModule):
             )
         if self.task_balance == "log":
             return torch.log(loss + 1e-6)
-        return loss / max((reference or self.initial_losses)[task], 1e-6)
+        start = (reference or self.initial_losses)[task]
+        if self.task_balance == "initial":
+            return loss / max(start, 1e-6)
+        return loss + self.guard_weight * torch.relu(loss - start)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.step_loss(batch)

@@ -240,6 +240,7 @@ def fit(recipe: DictConfig | str) -> RunResult:
         selection=_selection_objective(recipe),
         select_every_n_steps=recipe.selection.every_n_steps if recipe.selection is not None else 1,
         task_balance=recipe.task_balance,
+        guard_weight=recipe.guard_weight,
     )
     if resume is not None:
         print(f"resuming the interrupted run from {resume}")

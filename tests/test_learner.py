@@ -206,6 +206,17 @@ def test_initial_task_balance_divides_by_each_task_starting_loss(tmp_path):
     assert fresh.initial_losses == resumed_from.initial_losses
 
 
+def test_guarded_task_balance_pulls_harder_on_tasks_behind_their_start():
+    merged, tasks, data = make_problem()
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="guarded", guard_weight=3.0)
+    batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
+    _, logs = CoefficientLearner(merged, tasks, build_objective("entropy")).step_loss(batch)
+    t0, t1 = float(logs["t0/loss"]), float(logs["t1/loss"])
+    learner.initial_losses = {"t0": t0 - 0.1, "t1": t1 + 0.1}  # t0 has fallen behind its start, t1 has not
+    total, _ = learner.step_loss(batch)
+    assert float(total) == pytest.approx(t0 + 3.0 * 0.1 + t1, rel=1e-5)
+
+
 @pytest.mark.parametrize("constraint", [Clamp(0.2, 0.4), Sigmoid(0.1, 0.5)], ids=["clamp", "sigmoid"])
 def test_constraints_hold_after_steps(constraint):
     merged, tasks, data = make_problem(constraint=constraint)
