@@ -8,6 +8,7 @@ coefficients and the optimiser state.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import lightning as L
@@ -17,6 +18,10 @@ from torch import Tensor, nn
 from adamerge.merged import MergedModel
 from adamerge.objectives import Objective, ObjectiveContext, split_loss
 from adamerge.tasks import Task
+
+# The backbone, the task heads and the objectives stay in eval mode on purpose (frozen; no
+# dropout): Lightning's warning about modules in eval mode at the start of training is expected.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 COEFFICIENT_PREFIX = "merged.coefficients."
 BALANCES = ("sum", "log", "initial", "guarded")
