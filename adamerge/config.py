@@ -81,6 +81,7 @@ class TaskVectorConfig:
     dtype: str = "float32"  # storage dtype: float32 | bfloat16 | float16
     ties: Optional[TiesConfig] = None  # AdaMerging++: learn on TIES-processed vectors
     dare: Optional[DareConfig] = None
+    offload: bool = False  # keep task vectors in host memory while the model runs on the accelerator
 
 
 @dataclass
@@ -126,6 +127,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 100
     progress_bar: bool = True
     threads: Optional[int] = None  # torch CPU threads (1 is fastest for tiny models on a busy machine)
+    per_task_backward: bool = False  # one task's activations alive at a time (same gradients, less memory)
 
 
 @dataclass

@@ -108,6 +108,7 @@ def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVe
         groups=to_plain(cfg.groups),
         chunks=resolve_chunks(to_plain(cfg.chunks), task_vectors),
         freeze=to_plain(cfg.freeze),
+        offload_vectors=recipe.task_vectors.offload,
     )
 
 
@@ -240,6 +241,7 @@ def fit(recipe: DictConfig | str) -> RunResult:
         select_every_n_steps=recipe.selection.every_n_steps if recipe.selection is not None else 1,
         task_balance=recipe.task_balance,
         guard_weight=recipe.guard_weight,
+        per_task_backward=recipe.trainer.per_task_backward,
     )
     if resume is not None:
         print(f"resuming the interrupted run from {resume}")

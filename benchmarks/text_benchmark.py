@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="method labels to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the learned recipes")
     args = parser.parse_args(argv)
+    import datasets
+
+    datasets.disable_progress_bars()  # one line per method, not one bar per tokenised split
     data = Path(args.data).expanduser().resolve()
     if not data.is_dir():
         print(f"no text data at {data}: nothing to benchmark")

@@ -181,6 +181,19 @@ def test_fit_writes_a_complete_run_directory(fitted, zoo):
     assert "layer-wise coefficients learned with ['entropy']" in card and "adamerge fit recipe.yaml" in card
 
 
+def test_memory_options_reach_the_run_and_keep_the_result(fitted, zoo, tmp_path):
+    """``task_vectors.offload`` and ``trainer.per_task_backward`` only change where tensors live
+    and when activations are freed: the learned coefficients are the default run's."""
+    recipe = load_recipe(
+        recipe_dict(zoo, tmp_path, name="lean"), ["task_vectors.offload=true", "trainer.per_task_backward=true"]
+    )
+    result = runner.fit(recipe)
+    assert result.merged.vectors.offload
+    torch.testing.assert_close(
+        result.merged.coefficients().detach(), fitted[1].merged.coefficients().detach(), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_mergekit_config_reproduces_the_layer_wise_coefficients(fitted, zoo):
     _, result = fitted
     config = OmegaConf.to_container(OmegaConf.load(result.run_dir / "mergekit.yaml"))
