@@ -46,6 +46,7 @@ METHODS = {
     ),
     "FW hard": ("fit", "text/fw_hard", [], "fw_hard"),
     "FW soft": ("fit", "text/fw_soft", [], "fw_soft"),
+    "expert KL, log balance": ("fit", "text/recommended", ["task_balance=log"], "recommended_log_balance"),
     "recommended": ("fit", "text/recommended", [], "recommended"),
 }
 
