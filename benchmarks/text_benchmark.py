@@ -6,7 +6,7 @@ Builds (or reuses) the zoo of six all-MiniLM-L6-v2 experts fine-tuned on the tas
 ``--data`` (``adamerge.zoo.text``), then runs each method's recipe from ``recipes/text/`` and
 writes ``<out>/results.md`` and ``<out>/results.json``: per-task and average accuracy, wall
 time, and the collapse diagnostics of every task (prediction histogram, entropy of the mean
-prediction). Runs that already finished in ``<out>`` are reused, so an interrupted benchmark
+prediction). Runs (and baselines) that already finished in ``<out>`` are reused, so an interrupted benchmark
 resumes; ``--only`` picks methods, ``key=value`` overrides apply to every learned recipe.
 Skips cleanly (exit 0) when the data directory is absent.
 """
@@ -74,13 +74,19 @@ def run_method(label: str, out: Path, data: Path, zoo: Path, overrides: list[str
     return {"results": result.results, "seconds": seconds}
 
 
-def baselines(data: Path, zoo: Path) -> dict[str, dict]:
+def baselines(data: Path, zoo: Path, out: Path) -> dict[str, dict]:
+    """Each expert on its own task and the pretrained encoder with each head (kept in ``out``)."""
+    saved = out / "baselines.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
     recipe = load_recipe(
         resolve_recipe("text/task_arithmetic"), [f"problem.options.data_root={data}", f"problem.options.zoo_dir={zoo}"]
     )
     problem = runner.build_problem(recipe.problem)
     merged = runner.build_merged(recipe, problem, runner.build_task_vectors(recipe, problem))
-    return runner.evaluate_baselines(merged, problem, runner.build_data(recipe, problem))
+    results = runner.evaluate_baselines(merged, problem, runner.build_data(recipe, problem))
+    write_text(saved, json.dumps(results))
+    return results
 
 
 def diagnostics_table(all_results: dict[str, dict]) -> str:
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     zoo = Path(args.zoo).expanduser() if args.zoo else default_zoo_dir()
     build_text_zoo(data, zoo)
     out = Path(args.out)
-    results = baselines(data, zoo)
+    results = baselines(data, zoo, out)
     seconds: dict[str, float | None] = {}
     for label in args.only or METHODS:
         print(f"== {label}", flush=True)
