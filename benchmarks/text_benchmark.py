@@ -7,7 +7,7 @@ Builds (or reuses) the zoo of six all-MiniLM-L6-v2 experts fine-tuned on the tas
 writes ``<out>/results.md`` and ``<out>/results.json``: per-task and average accuracy, wall
 time, and the collapse diagnostics of every task (prediction histogram, entropy of the mean
 prediction). Runs (and baselines) that already finished in ``<out>`` are reused, so an interrupted benchmark
-resumes; ``--only`` picks methods, ``key=value`` overrides apply to every learned recipe.
+resumes; ``--only LABEL`` (repeatable) picks methods, ``key=value`` overrides apply to every learned recipe.
 Skips cleanly (exit 0) when the data directory is absent.
 """
 
@@ -104,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="../shared/data/text", help="folder of <task>/{train,test}.jsonl")
     parser.add_argument("--zoo", default=None, help="expert zoo folder (default: the adamerge cache)")
     parser.add_argument("--out", default="runs/text-benchmark")
-    parser.add_argument("--only", nargs="*", default=None, help="method labels to run (default: all)")
+    parser.add_argument("--only", action="append", default=None, metavar="LABEL",
+                        help="a method label to run, repeatable (default: all)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the learned recipes")
     args = parser.parse_args(argv)
+    unknown = [label for label in args.only or [] if label not in METHODS]
+    if unknown:
+        parser.error(f"unknown method label(s) {unknown}; choose from {list(METHODS)}")
     import datasets
 
     datasets.disable_progress_bars()  # one line per method, not one bar per tokenised split
