@@ -181,14 +181,22 @@ def test_fit_writes_a_complete_run_directory(fitted, zoo):
     assert "layer-wise coefficients learned with ['entropy']" in card and "adamerge fit recipe.yaml" in card
 
 
-def test_memory_options_reach_the_run_and_keep_the_result(fitted, zoo, tmp_path):
+def test_memory_options_reach_the_run_and_keep_the_result(fitted, zoo, tmp_path, monkeypatch):
     """``task_vectors.offload`` and ``trainer.per_task_backward`` only change where tensors live
     and when activations are freed: the learned coefficients are the default run's."""
+    learners = []
+
+    class Recording(runner.CoefficientLearner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            learners.append(self)
+
+    monkeypatch.setattr(runner, "CoefficientLearner", Recording)
     recipe = load_recipe(
         recipe_dict(zoo, tmp_path, name="lean"), ["task_vectors.offload=true", "trainer.per_task_backward=true"]
     )
     result = runner.fit(recipe)
-    assert result.merged.vectors.offload
+    assert result.merged.vectors.offload and learners[0].per_task_backward
     torch.testing.assert_close(
         result.merged.coefficients().detach(), fitted[1].merged.coefficients().detach(), rtol=1e-5, atol=1e-6
     )
