@@ -156,11 +156,12 @@ def _temporary_path(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place only on success.
 
     A crash leaves a hidden ``.name.partial-*`` folder, never a ``name`` that looks finished.
-    An existing ``path`` is replaced only once the new one is complete.
+    An existing ``path`` is replaced only once the new one is complete, and only with
+    ``overwrite`` (checked again at the rename: another run may have finished there meanwhile).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +169,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the finished folder is not
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} was finished by another run meanwhile; set overwrite=true to replace it")
         if path.exists():
             retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             os.replace(path, retired / path.name)

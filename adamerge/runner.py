@@ -18,11 +18,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from adamerge.checkpoints import atomic_directory, write_text
 from adamerge.coefficients import make_constraint
-from adamerge.config import load_recipe, save_recipe, to_plain
+from adamerge.config import load_recipe, to_plain
 from adamerge.data import CalibrationData
 from adamerge.evaluate import evaluate
 from adamerge.export import write_coefficients, write_common
@@ -34,6 +34,7 @@ from adamerge.methods import get_method
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
 from adamerge.plotting import training_curves
 from adamerge.problems import MergeProblem, build_problem
+from adamerge.rundir import resume_point, run_lock
 from adamerge.task_vectors import TaskVectors
 
 
@@ -195,22 +196,6 @@ def _prepare_output(recipe: DictConfig) -> tuple[Path, Path]:
     return run_dir, run_dir.with_name(run_dir.name + ".partial")
 
 
-def _check_resume(recipe: DictConfig, work_dir: Path) -> Path | None:
-    """The checkpoint to resume from, if an earlier attempt of this very recipe was interrupted."""
-    saved = work_dir / "recipe.yaml"
-    last = work_dir / "checkpoints" / "last.ckpt"
-    if saved.exists():
-        before = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k != "overwrite"}
-        now = {k: v for k, v in OmegaConf.to_container(recipe, resolve=True).items() if k != "overwrite"}
-        if before != now:
-            raise ValueError(
-                f"{work_dir} holds an interrupted run of a different recipe; delete it or choose another output_dir"
-            )
-    work_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, saved)
-    return last if last.exists() else None
-
-
 # ---------------------------------------------------------------------- jobs
 
 
@@ -225,7 +210,13 @@ def fit(recipe: DictConfig | str) -> RunResult:
     L.seed_everything(recipe.seed, verbose=False)
     if recipe.frank_wolfe is not None:
         return _fit_frank_wolfe(recipe, build_problem(recipe.problem), run_dir)
-    resume = _check_resume(recipe, work_dir)
+    with run_lock(work_dir):
+        return _learn_coefficients(recipe, run_dir, work_dir)
+
+
+def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path) -> RunResult:
+    """Train in ``work_dir`` (held by this run), resuming its checkpoint if this recipe was interrupted there."""
+    resume = resume_point(recipe, work_dir)
     problem = build_problem(recipe.problem)
     merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
     data = build_data(recipe, problem)
@@ -251,7 +242,7 @@ def fit(recipe: DictConfig | str) -> RunResult:
         return RunResult(run_dir, {}, merged)
     results = evaluate_problem(merged, problem, data) if recipe.evaluation.enabled else {}
     how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
-    with atomic_directory(run_dir) as staging:
+    with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_coefficients(staging, merged, recipe, problem)
         if learner.best is not None:
             chosen = {"step": learner.best["step"], "criterion": learner.best["value"]}
@@ -285,7 +276,7 @@ def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -
         results = evaluate_problem(result.model, problem, data, params=result.merged_parameters())
     cfg = recipe.frank_wolfe
     how = f"FW-Merging ({cfg.mode}, {cfg.lmo}-wise LMO, {cfg.iterations} iterations) with {[o.name for o in recipe.objectives]}"
-    with atomic_directory(run_dir) as staging:
+    with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_text(staging / "fw_history.json", json.dumps(result.history, indent=1))
         write_common(staging, recipe, problem, result.model.backbone, how, results)
     return RunResult(run_dir, results, result.model)
@@ -301,7 +292,7 @@ def merge(recipe: DictConfig | str) -> RunResult:
     problem = build_problem(recipe.problem)
     module, merged, results = _merge_and_evaluate(recipe, problem)
     how = f"data-free `{recipe.method.name}` {to_plain(recipe.method.args)}"
-    with atomic_directory(run_dir) as staging:
+    with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_common(staging, recipe, problem, module, how, results)
     return RunResult(run_dir, results, merged)
 

@@ -186,3 +186,13 @@ def test_atomic_directory_success_and_failure(tmp_path):
         (staging / "other.txt").write_text("second")
     assert os.listdir(target) == ["other.txt"]
     assert os.listdir(tmp_path) == ["run"]
+
+
+def test_atomic_directory_without_overwrite_rechecks_at_the_rename(tmp_path):
+    target = tmp_path / "run"
+    with pytest.raises(FileExistsError, match="finished by another run meanwhile"):
+        with atomic_directory(target, overwrite=False) as staging:
+            (staging / "mine.txt").write_text("mine")
+            target.mkdir()  # another run finished here while this one was writing
+            (target / "theirs.txt").write_text("theirs")
+    assert os.listdir(target) == ["theirs.txt"] and os.listdir(tmp_path) == ["run"]

@@ -1,0 +1,149 @@
+"""Keeping runs apart: one live run per run directory, names that stay inside it, interrupted
+runs resumed only from a checkpoint of the very same recipe.
+
+A fit works in ``<output_dir>.partial``; ``<output_dir>.partial/lock`` holds the PID and host
+of the run working there, so a second run on the same directory refuses at once instead of
+resuming from the first one's live checkpoint. A lock left by a killed run is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+LOCK = "lock"
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_name(name: object, what: str = "task") -> str:
+    """A task or expert name safe to use as a file name: letters, digits, ``_``, ``-`` and ``.``
+    (not ``.`` or ``..``), so no name can point a written file outside the run directory."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", "..") or ".." in name:
+        raise ValueError(f"{what} name {name!r} is not allowed: use letters, digits, '_', '-' and '.' (no '..')")
+    return name
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path``, refused unless it lies inside ``root`` (after resolving ``..`` and links)."""
+    root, path = Path(root), Path(path)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"refusing to write {path}: it lies outside {root}")
+    return path
+
+
+# ---------------------------------------------------------------------- the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _holder(lock: Path) -> dict | None:
+    """Who holds ``lock``: ``{"pid", "host"}``, or None when it is stale (a dead PID on this host,
+    or an unreadable lock, e.g. one a crash cut short)."""
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return {"pid": pid, "host": host}
+
+
+def _is_secondary_process() -> bool:
+    """A DDP worker relaunched by Lightning (its rank-0 process already holds the lock)."""
+    return any(os.environ.get(key, "0") != "0" for key in ("LOCAL_RANK", "NODE_RANK"))
+
+
+@contextlib.contextmanager
+def run_lock(work_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<work_dir>/lock`` while the body runs; refuse at once if a live run holds it."""
+    if _is_secondary_process():
+        yield
+        return
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    lock = work_dir / LOCK
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    for _ in range(2):  # a stale lock is removed once, then taken like a free one
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            if holder is not None:
+                raise FileExistsError(
+                    f"{work_dir} is in use by a live run (PID {holder['pid']} on {holder['host']}); "
+                    f"wait for it, stop it, or choose another output_dir"
+                ) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(mine)
+        break
+    else:
+        raise FileExistsError(f"{work_dir}: another run took the lock at the same moment; try again")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == mine:
+                lock.unlink()
+
+
+# ---------------------------------------------------------------------- interrupted runs
+
+
+def differing_keys(before: object, now: object, prefix: str = "") -> list[str]:
+    """The dotted keys (``optimizer.lr``, ``objectives.0.name``) where two plain configs differ."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = list(dict.fromkeys([*before, *now]))
+        return [d for k in keys for d in differing_keys(before.get(k), now.get(k), f"{prefix}{k}.")]
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        return [d for i, (b, n) in enumerate(zip(before, now)) for d in differing_keys(b, n, f"{prefix}{i}.")]
+    return [] if before == now else [prefix.rstrip(".")]
+
+
+def resume_point(recipe: DictConfig, work_dir: Path) -> Path | None:
+    """The checkpoint to resume from when an earlier attempt of this very recipe was interrupted.
+
+    A partial run with no checkpoint has nothing to resume: it is cleared and started afresh
+    (whatever recipe it held). One with a checkpoint of a different recipe is refused, naming
+    the keys that differ. Call it holding :func:`run_lock`.
+    """
+    from adamerge.config import save_recipe
+
+    saved, last = work_dir / "recipe.yaml", work_dir / CHECKPOINT
+    if last.exists() and saved.exists():
+        before = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k != "overwrite"}
+        now = {k: v for k, v in OmegaConf.to_container(recipe, resolve=True).items() if k != "overwrite"}
+        changed = differing_keys(before, now)
+        if changed:
+            raise ValueError(
+                f"{work_dir} holds an interrupted run of a different recipe (differing: {', '.join(changed)}); "
+                "rerun that recipe to resume it, or delete the folder to start over"
+            )
+    elif work_dir.exists() and not _is_secondary_process():  # DDP workers start after rank 0 has begun
+        for entry in work_dir.iterdir():
+            if entry.name != LOCK:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, saved)
+    return last if last.exists() else None

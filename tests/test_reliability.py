@@ -1,0 +1,99 @@
+"""No run can damage another, nothing escapes the run directory, bad files are named, crashes
+resume: the run-directory lock, name checks, interrupted runs, checkpoints, the training log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from adamerge import runner  # noqa: E402
+from adamerge.config import load_recipe, save_recipe  # noqa: E402
+from test_runner import build_text_zoo, recipe_dict  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_text_zoo(tmp_path_factory)
+
+
+def quiet(zoo, out, name="run", **sections):
+    """A tiny fit recipe that writes no plots or merged model (fast)."""
+    sections.setdefault("export", {"plot": False, "merged_model": False, "mergekit": False})
+    return load_recipe(recipe_dict(zoo, out, name=name, **sections))
+
+
+# ---------------------------------------------------------------------- the run-directory lock
+
+
+def test_a_second_run_refuses_while_another_process_holds_the_directory_and_takes_over_a_stale_lock(zoo, tmp_path):
+    work_dir = tmp_path / "run.partial"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom adamerge.rundir import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)", str(work_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=rf"in use by a live run \(PID {holder.pid} on {socket.gethostname()}\)"):
+            runner.fit(quiet(zoo, tmp_path))
+        assert sorted(p.name for p in work_dir.iterdir()) == ["lock"]  # the live run's folder is untouched
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a killed run leaves its lock behind
+        holder.wait()
+    assert (work_dir / "lock").exists()
+    result = runner.fit(quiet(zoo, tmp_path))  # the stale lock is taken over
+    assert (result.run_dir / "coefficients.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_lock_is_released_when_a_run_fails(zoo, tmp_path):
+    bad = quiet(zoo, tmp_path, optimizer={"name": "nope"})
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        runner.fit(bad)
+    assert not (tmp_path / "run.partial" / "lock").exists()
+
+
+# ---------------------------------------------------------------------- interrupted runs
+
+
+def test_a_partial_run_without_a_checkpoint_is_restarted_not_refused(zoo, tmp_path):
+    work_dir = tmp_path / "run.partial"
+    save_recipe(quiet(zoo, tmp_path, optimizer={"lr": 0.5}), work_dir / "recipe.yaml")  # a failed earlier attempt
+    (work_dir / "metrics.csv").write_text("stale\n")
+    recipe = quiet(zoo, tmp_path)
+    result = runner.fit(recipe)
+    assert load_recipe(result.run_dir / "recipe.yaml") == recipe
+    assert (result.run_dir / "metrics.csv").read_text() != "stale\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_checkpoint_of_a_different_recipe_is_refused_naming_the_keys(zoo, tmp_path):
+    work_dir = tmp_path / "run.partial"
+    save_recipe(quiet(zoo, tmp_path, optimizer={"lr": 0.5}), work_dir / "recipe.yaml")
+    (work_dir / "checkpoints").mkdir()
+    (work_dir / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint of that recipe")
+    with pytest.raises(ValueError, match=r"different recipe \(differing: optimizer\.lr\)"):
+        runner.fit(quiet(zoo, tmp_path))
+    assert (work_dir / "checkpoints" / "last.ckpt").exists() and not (work_dir / "lock").exists()
+
+
+def test_differing_keys_are_dotted():
+    from adamerge.rundir import differing_keys
+
+    before = {"optimizer": {"lr": 1, "name": "adam"}, "objectives": [{"name": "entropy"}], "seed": 0}
+    now = {"optimizer": {"lr": 2, "name": "adam"}, "objectives": [{"name": "infomax"}], "seed": 0, "new": 1}
+    assert differing_keys(before, now) == ["optimizer.lr", "objectives.0.name", "new"]
+    assert differing_keys({"a": [1]}, {"a": [1, 2]}) == ["a"]
