@@ -245,6 +245,11 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
         key = getattr(error, "full_key", None)
         where = f" at {key!r}" if key else ""
         raise RecipeError(f"{origin}{where}: {error.msg if hasattr(error, 'msg') else error}") from None
+    from adamerge.rundir import check_name
+
+    for section in ("tasks", "experts"):  # names become file names in the run directory
+        for name in recipe.problem[section]:
+            check_name(name, f"{origin}: problem.{section}")
     OmegaConf.set_readonly(recipe, True)
     return recipe
 

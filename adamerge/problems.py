@@ -21,6 +21,7 @@ from torch import nn
 from adamerge.checkpoints import WeightsSource
 from adamerge.config import DataSourceConfig, ProblemConfig, TaskConfig
 from adamerge.data import Collate, rows_to_batch
+from adamerge.rundir import check_name, inside
 from adamerge.tasks import Task
 
 Exporter = Callable[[nn.Module, Path], None]
@@ -60,15 +61,20 @@ def build_problem(config: ProblemConfig) -> MergeProblem:
         config = OmegaConf.to_object(config)
     kind = config.kind
     if kind in PROBLEM_BUILDERS:
-        return PROBLEM_BUILDERS[kind](config)
-    if ":" in kind or "." in kind:
+        builder = PROBLEM_BUILDERS[kind]
+    elif ":" in kind or "." in kind:
         module, _, attr = kind.partition(":") if ":" in kind else kind.rpartition(".")
         try:
             builder = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as error:
             raise KeyError(f"cannot import problem builder {kind!r}: {error}") from error
-        return builder(config)
-    raise KeyError(f"unknown problem kind {kind!r}; built in: {sorted(PROBLEM_BUILDERS)} (or a dotted path)")
+    else:
+        raise KeyError(f"unknown problem kind {kind!r}; built in: {sorted(PROBLEM_BUILDERS)} (or a dotted path)")
+    problem = builder(config)
+    for what, names in (("task", problem.tasks), ("expert", problem.experts)):  # a builder's own names too
+        for name in names:
+            check_name(name, f"problem kind {kind!r}: {what}")
+    return problem
 
 
 # ---------------------------------------------------------------------- data loading
@@ -218,7 +224,7 @@ def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
         from adamerge.checkpoints import save_safetensors
 
         for name, task in tasks.items():
-            save_safetensors(task.head.as_dict(), folder / "heads" / f"{name}.safetensors")
+            save_safetensors(task.head.as_dict(), inside(folder, folder / "heads" / f"{name}.safetensors"))
 
     return MergeProblem(
         pretrained=backbone,
@@ -256,6 +262,8 @@ def text_zoo_problem(config: ProblemConfig) -> MergeProblem:
     names = config.options.get("tasks") or sorted(
         p.name for p in zoo_dir.iterdir() if not p.name.startswith(".") and (p / "config.json").exists()
     )
+    for name in names:
+        check_name(name, "problem.options.tasks")
     calibration = DataSourceConfig(**{"split": "test", **dict(config.options.get("calibration") or {})})
     evaluation = DataSourceConfig(**{"split": "test", **dict(config.options.get("evaluation") or {})})
     tasks = {}

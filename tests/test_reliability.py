@@ -4,6 +4,7 @@ resume: the run-directory lock, name checks, interrupted runs, checkpoints, the 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,3 +98,52 @@ def test_differing_keys_are_dotted():
     now = {"optimizer": {"lr": 2, "name": "adam"}, "objectives": [{"name": "infomax"}], "seed": 0, "new": 1}
     assert differing_keys(before, now) == ["optimizer.lr", "objectives.0.name", "new"]
     assert differing_keys({"a": [1]}, {"a": [1, 2]}) == ["a"]
+
+
+# ---------------------------------------------------------------------- names and paths
+
+
+@pytest.mark.parametrize("name", ["/any/dir/x", "../../x", "a/b", "a\\b", "..", ".", "a..b", "", "tâche", "a b"])
+def test_unsafe_task_and_expert_names_are_refused_where_they_enter(name, tmp_path):
+    from adamerge.config import load_recipe as load
+
+    for section in ({"tasks": {name: {}}}, {"experts": {name: "x"}}):
+        with pytest.raises(ValueError, match=rf"problem\.{next(iter(section))} name {re.escape(repr(name))} is not allowed"):
+            load({"output_dir": str(tmp_path), "problem": {"kind": "digits", **section}})
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_safe_names_pass():
+    from adamerge.rundir import check_name
+
+    for name in ("sst2", "mnli-m", "task_1.v2", "A.b-c_d"):
+        assert check_name(name) == name
+
+
+def bad_names_builder(config):
+    """A dotted-path builder that names its own tasks (as text_zoo or a user's builder does)."""
+    from torch import nn
+
+    from adamerge.problems import MergeProblem
+
+    return MergeProblem(pretrained=nn.Linear(2, 2), experts={"/tmp/x": {}}, tasks={"/tmp/x": None}, calibration={})
+
+
+def test_names_a_builder_returns_are_checked_too():
+    from adamerge.config import ProblemConfig
+    from adamerge.problems import build_problem
+
+    with pytest.raises(ValueError, match=r"test_reliability:bad_names_builder.*task name '/tmp/x' is not allowed"):
+        build_problem(ProblemConfig(kind="test_reliability:bad_names_builder"))
+
+
+def test_paths_outside_the_run_directory_are_refused(tmp_path):
+    from adamerge.rundir import inside
+
+    assert inside(tmp_path, tmp_path / "heads" / "a.safetensors") == tmp_path / "heads" / "a.safetensors"
+    for escaping in (tmp_path / ".." / "x", Path("/any/dir/x"), tmp_path / "heads" / "../../x"):
+        with pytest.raises(ValueError, match="lies outside"):
+            inside(tmp_path, escaping)
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(ValueError, match="lies outside"):
+        inside(tmp_path, tmp_path / "link" / "x")
