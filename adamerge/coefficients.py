@@ -5,6 +5,8 @@ model (``task``), one per tensor (``layer``), one per group of tensors (``group`
 ``m`` slots per tensor, each covering a contiguous chunk of rows (``chunk``). Every slot
 holds one value per expert, so all coefficients together are a ``[K, S]`` matrix.
 ``MergeCoefficients`` owns that matrix as an ``nn.Parameter`` (plus frozen slots).
+The ``element`` layout has one slot per tensor whose value is a whole tensor per expert
+(one coefficient per task-vector entry); :mod:`adamerge.element` owns those.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from torch import Tensor, nn
 
 from adamerge.checkpoints import save_safetensors, write_text
 
-Granularity = Literal["task", "layer", "group", "chunk"]
-GRANULARITIES = ("task", "layer", "group", "chunk")
+Granularity = Literal["task", "layer", "group", "chunk", "element"]
+GRANULARITIES = ("task", "layer", "group", "chunk", "element")
 _INDEX = re.compile(r"(^|\.)(\d+)(\.|$)")
 
 
@@ -164,7 +166,7 @@ def build_layout(
             tensor_slots[key] = (slot(f"{key} (frozen)", is_frozen=True),)
         elif granularity == "task":
             tensor_slots[key] = (slot("all"),)
-        elif granularity == "layer":
+        elif granularity in ("layer", "element"):  # element: the slot holds one value per entry
             tensor_slots[key] = (slot(key),)
         elif granularity == "group":
             tensor_slots[key] = (slot(group_of(key)),)
@@ -378,6 +380,10 @@ class MergeCoefficients(nn.Module):
             self.residual._version,
             self.residual.data_ptr(),
         )
+
+    def summary(self) -> Tensor:
+        """``[K, S]`` effective values, one per expert and slot (what plots show)."""
+        return self().detach()
 
     def row_values(self, key: str, values: Tensor | None = None) -> Tensor:
         """``[K, rows]``: the coefficient applied to every row of tensor ``key``."""

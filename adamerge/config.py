@@ -93,7 +93,7 @@ class ConstraintConfig:
 
 @dataclass
 class CoefficientConfig:
-    granularity: str = "layer"  # task | layer | group | chunk
+    granularity: str = "layer"  # task | layer | group | chunk | element (one per entry)
     init: Any = 0.3  # a number, one per expert, or a coefficients.safetensors path
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
     groups: Any = None  # group: "block", a list of regexes or {name: regex}
@@ -166,6 +166,18 @@ class FrankWolfeConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Progressive layer-wise distillation (ProDistill, Xu et al. 2025; ``adamerge fit`` with this
+    section): coefficients learned one block at a time so that each merged block, on the merged
+    model's own features, reproduces each expert's block on the expert's features (MSE).
+    ``coefficients``, ``optimizer`` (lr), ``trainer.batch_size`` and ``seed`` still apply;
+    ``objectives`` do not."""
+
+    epochs: int = 50  # passes over the samples per block (the paper's default)
+    samples_per_task: int = 64  # the first N calibration rows of each task (after its shuffle)
+
+
+@dataclass
 class EvaluationConfig:
     enabled: bool = True
     batch_size: int = 64
@@ -195,6 +207,7 @@ class Recipe:
     method: Optional[MethodConfig] = None
     selection: Optional[SelectionConfig] = None  # default: keep the last step's coefficients
     frank_wolfe: Optional[FrankWolfeConfig] = None  # FW-Merging instead of learning coefficients
+    progressive: Optional[ProgressiveConfig] = None  # ProDistill: block-by-block distillation instead
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

@@ -18,9 +18,12 @@ from torch import nn
 from adamerge.checkpoints import open_weights, save_safetensors, write_text
 from adamerge.config import save_recipe
 from adamerge.evaluate import average_accuracy
-from adamerge.merged import MergedModel
+from adamerge.coefficients import MergeCoefficients
+from adamerge.element import ElementCoefficients
 from adamerge.plotting import coefficient_heatmap
 from adamerge.problems import MergeProblem
+
+Coefficients = MergeCoefficients | ElementCoefficients
 
 
 def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path) -> None:
@@ -77,9 +80,11 @@ def model_card(recipe: DictConfig, problem: MergeProblem, how: str, results: Map
     return "\n".join(lines)
 
 
-def mergekit_config(merged: MergedModel, problem: MergeProblem) -> tuple[dict | None, str]:
+def mergekit_config(coefficients: Coefficients, problem: MergeProblem) -> tuple[dict | None, str]:
     """A mergekit ``task_arithmetic`` config reproducing a task/layer/group-wise merge, or why there is none."""
-    layout = merged.layout
+    layout = coefficients.layout
+    if layout.granularity == "element":
+        return None, "element-wise coefficients have no mergekit equivalent"
     if any(len(slots) > 1 for slots in layout.tensor_slots.values()):
         return None, "chunk-wise coefficients have no mergekit equivalent"
     base = problem.description.get("base")
@@ -90,14 +95,14 @@ def mergekit_config(merged: MergedModel, problem: MergeProblem) -> tuple[dict | 
         base_names = set(open_weights(base))
     except (FileNotFoundError, TypeError, ValueError) as error:
         return None, f"cannot read the base checkpoint: {error}"
-    if not set(merged.keys) <= base_names:
+    if not set(layout.keys) <= base_names:
         return None, "the merged tensors are named differently in the base checkpoint (e.g. an encoder inside a classifier)"
-    values = merged.coefficients().detach().cpu()
+    values = coefficients().detach().cpu()
     models = []
     for k, name in enumerate(layout.expert_names):
         filters = [
             {"filter": key, "value": round(float(values[k, layout.tensor_slots[key][0]]), 6)}
-            for key in sorted(merged.keys, key=len, reverse=True)
+            for key in sorted(layout.keys, key=len, reverse=True)
         ]
         models.append({"model": experts[name], "parameters": {"weight": filters + [{"value": 0.0}]}})
     config = {
@@ -110,8 +115,8 @@ def mergekit_config(merged: MergedModel, problem: MergeProblem) -> tuple[dict | 
     return config, "ok"
 
 
-def write_mergekit(folder: Path, merged: MergedModel, problem: MergeProblem) -> str:
-    config, reason = mergekit_config(merged, problem)
+def write_mergekit(folder: Path, coefficients: Coefficients, problem: MergeProblem) -> str:
+    config, reason = mergekit_config(coefficients, problem)
     if config is not None:
         write_text(folder / "mergekit.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     return reason
@@ -135,9 +140,9 @@ def write_common(
         write_text(target / "README.md", model_card(recipe, problem, how, results))
 
 
-def write_coefficients(folder: Path, merged: MergedModel, recipe: DictConfig, problem: MergeProblem) -> None:
-    merged.coefficients.save(folder / "coefficients.safetensors", {"recipe": OmegaConf.to_yaml(recipe)})
+def write_coefficients(folder: Path, coefficients: Coefficients, recipe: DictConfig, problem: MergeProblem) -> None:
+    coefficients.save(folder / "coefficients.safetensors", {"recipe": OmegaConf.to_yaml(recipe)})
     if recipe.export.plot:
-        coefficient_heatmap(merged.coefficients, folder / "coefficients.png", title=recipe.name)
+        coefficient_heatmap(coefficients, folder / "coefficients.png", title=recipe.name)
     if recipe.export.mergekit:
-        write_mergekit(folder, merged, problem)
+        write_mergekit(folder, coefficients, problem)

@@ -8,6 +8,7 @@ tensors, so any ``nn.Module`` (Hugging Face or not) works unchanged, and autogra
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 
 import torch
@@ -24,6 +25,7 @@ from adamerge.coefficients import (
     build_layout,
     chunk_sizes,
 )
+from adamerge.element import ElementCoefficients
 from adamerge.task_vectors import TaskVectors, parameter_aliases
 
 
@@ -92,6 +94,36 @@ def merge_blocks(rows: int, numel: int, slots: tuple[int, ...], block: int = BLO
     return ranges
 
 
+@torch.no_grad()
+def state_with_tensors(backbone: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``backbone``'s state dict with ``tensors`` (canonical names) in place, tied aliases included."""
+    state = {name: tensor.detach() for name, tensor in backbone.state_dict().items()}
+    state.update({key: tensor.detach() for key, tensor in tensors.items()})
+    for alias, canonical in parameter_aliases(backbone).items():
+        if canonical in tensors and alias in state:
+            state[alias] = tensors[canonical].detach()
+    return state
+
+
+def module_with_tensors(backbone: nn.Module, tensors: Mapping[str, Tensor]) -> nn.Module:
+    """A standalone copy of ``backbone`` holding ``tensors`` (eval mode, trainable)."""
+    module = copy.deepcopy(backbone)
+    module.load_state_dict(state_with_tensors(backbone, tensors))
+    return module.requires_grad_(True).eval()
+
+
+def _check_shared(layout, expert_names, shapes) -> None:
+    """Shared coefficients must be for the same experts and cover every merged tensor."""
+    if tuple(layout.expert_names) != tuple(expert_names):
+        raise ValueError(f"shared coefficients are for experts {list(layout.expert_names)}, this merge has {list(expert_names)}")
+    missing = [key for key in shapes if key not in layout.tensor_slots]
+    if missing:
+        raise KeyError(f"shared coefficients do not cover tensor {missing[0]!r} ({len(missing)} missing)")
+    for key, shape in shapes.items():
+        if layout.numels[key] != math.prod(shape):
+            raise ValueError(f"shared coefficients were laid out for another shape of {key!r}")
+
+
 class FunctionalModel(nn.Module):
     """A frozen backbone run with tensors swapped in: what tasks call, whatever the merge.
 
@@ -141,7 +173,9 @@ class MergedModel(FunctionalModel):
     """A frozen backbone whose in-scope weights are ``θ_0 + Σ_k c_k ⊙ τ_k``.
 
     Only the coefficients (``self.coefficients``) are trainable. Call it like the backbone:
-    ``merged(*inputs)``. ``offload_vectors=True`` keeps the task vectors in host memory (as
+    ``merged(*inputs)``. ``coefficients`` shares an existing coefficient module whose layout
+    covers these tensors (and possibly more: progressive distillation merges one block at a
+    time against the whole model's coefficients). ``offload_vectors=True`` keeps the task vectors in host memory (as
     given: e.g. ``TaskVectors.load`` memory-maps its file) when the model moves to an
     accelerator; each step then streams them to it block by block (``K × BLOCK`` entries at a time).
     """
@@ -158,6 +192,7 @@ class MergedModel(FunctionalModel):
         chunks: ChunkSpec = None,
         freeze: str | list[str] | None = None,
         offload_vectors: bool = False,
+        coefficients: MergeCoefficients | ElementCoefficients | None = None,
     ):
         super().__init__(pretrained)
         self.expert_names = task_vectors.expert_names
@@ -167,10 +202,17 @@ class MergedModel(FunctionalModel):
         for index, key in enumerate(self.keys):  # contiguous: the merge reads flat views of them
             self.vectors.register_buffer(f"t{index}", task_vectors[key].contiguous(), persistent=False)
         shapes = {key: tuple(task_vectors[key].shape[1:]) for key in self.keys}
-        layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, freeze=freeze)
-        self.coefficients = MergeCoefficients(layout, init=init, constraint=constraint)
+        if coefficients is None:
+            layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, freeze=freeze)
+            if layout.granularity == "element":
+                coefficients = ElementCoefficients(layout, shapes, init=init, constraint=constraint)
+            else:
+                coefficients = MergeCoefficients(layout, init=init, constraint=constraint)
+        else:
+            _check_shared(coefficients.layout, self.expert_names, shapes)
+        self.coefficients = coefficients
+        layout = coefficients.layout
         self._blocks = [merge_blocks(layout.rows[key], layout.numels[key], layout.tensor_slots[key]) for key in self.keys]
-        self._aliases = parameter_aliases(self.backbone)
         self._cache: tuple[tuple, dict[str, Tensor]] | None = None
 
     def _check_scope(self, task_vectors: TaskVectors) -> None:
@@ -189,6 +231,10 @@ class MergedModel(FunctionalModel):
 
     def load_coefficients(self, source: MergeCoefficients | str) -> None:
         """Restore saved coefficients exactly (same layout required), e.g. a finished run's."""
+        if isinstance(self.coefficients, ElementCoefficients):
+            saved = source if isinstance(source, ElementCoefficients) else ElementCoefficients.load(source)
+            self.coefficients.load_state_from(saved)
+            return
         saved = source if isinstance(source, MergeCoefficients) else MergeCoefficients.load(source)
         if saved.layout != self.layout:
             raise ValueError(
@@ -221,7 +267,7 @@ class MergedModel(FunctionalModel):
         the coefficients change (tensors made in inference mode are kept apart, since they
         cannot enter a graph later).
         """
-        if torch.is_grad_enabled() and self.coefficients.raw.requires_grad:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.coefficients.parameters()):
             self._cache = None
             return self._merge()
         version = (self.coefficients.version(), torch.is_inference_mode_enabled())
@@ -231,9 +277,16 @@ class MergedModel(FunctionalModel):
 
     def _merge(self) -> dict[str, Tensor]:
         base = self.base_tensors()
+        if isinstance(self.coefficients, ElementCoefficients):
+            return {key: self._merge_elementwise(key, base[key], i) for i, key in enumerate(self.keys)}
         taus = [getattr(self.vectors, f"t{index}") for index in range(len(self.keys))]
         merged = _Merge.apply(self.coefficients(), [base[key] for key in self.keys], self._blocks, *taus)
         return dict(zip(self.keys, merged))
+
+    def _merge_elementwise(self, key: str, base: Tensor, index: int) -> Tensor:
+        """``θ_0 + Σ_k C_k ⊙ τ_k`` for one tensor (autograd gives ``∂L/∂C_k = ∂L/∂θ ⊙ τ_k``)."""
+        tau = getattr(self.vectors, f"t{index}").to(device=base.device, dtype=base.dtype)
+        return base + (self.coefficients.effective(key).to(base.dtype) * tau).sum(dim=0)
 
     @torch.no_grad()
     def pretrained_parameters(self) -> dict[str, Tensor]:
@@ -258,20 +311,11 @@ class MergedModel(FunctionalModel):
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:
         """The backbone's full state dict with the merged tensors in place (tied names included)."""
-        merged = self._merge()
-        state = {name: tensor.detach() for name, tensor in self.backbone.state_dict().items()}
-        for key, tensor in merged.items():
-            state[key] = tensor.detach()
-        for alias, canonical in self._aliases.items():
-            if canonical in merged and alias in state:
-                state[alias] = merged[canonical].detach()
-        return state
+        return state_with_tensors(self.backbone, self._merge())
 
     def to_module(self) -> nn.Module:
         """A standalone copy of the backbone holding the merged weights (eval mode, trainable)."""
-        module = copy.deepcopy(self.backbone)
-        module.load_state_dict(self.merged_state_dict())
-        return module.requires_grad_(True).eval()
+        return module_with_tensors(self.backbone, self._merge())
 
     # ------------------------------------------------------------------ nn.Module plumbing
     def _apply(self, fn, recurse: bool = True):
@@ -282,6 +326,7 @@ class MergedModel(FunctionalModel):
         layout = self.layout
         return (
             f"experts={list(self.expert_names)}, tensors={len(self.keys)}, granularity={layout.granularity!r}, "
-            f"coefficients={layout.num_experts}x{layout.num_slots} ({len(layout.frozen)} frozen slots), "
+            f"coefficients={layout.num_experts}x{layout.num_slots} ({len(layout.frozen)} frozen slots"
+            f"{', one value per entry' if layout.granularity == 'element' else ''}), "
             f"constraint={self.coefficients.constraint.name!r}"
         )

@@ -17,10 +17,11 @@ from adamerge.coefficients import MergeCoefficients  # noqa: E402
 
 
 def coefficient_heatmap(coefficients: MergeCoefficients, path: str | os.PathLike, title: str = "") -> Path:
-    """Heat-map of coefficients: one row per slot (tensor, group or chunk), one column per expert."""
+    """Heat-map of coefficients: one row per slot (tensor, group or chunk), one column per expert
+    (element-wise coefficients show each tensor's mean)."""
     layout = coefficients.layout
     with torch.no_grad():
-        values = coefficients().detach().float().cpu().T.numpy()  # [slots, experts]
+        values = coefficients.summary().float().cpu().T.numpy()  # [slots, experts]
     names = [_short(n) for n in layout.slot_names]
     height = min(60.0, 1.5 + 0.18 * len(names))
     width = 3.0 + 0.9 * layout.num_experts + 0.06 * max(len(n) for n in names)

@@ -21,21 +21,23 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from adamerge.checkpoints import atomic_directory, write_text
-from adamerge.coefficients import make_constraint
+from adamerge.coefficients import MergeCoefficients, build_layout, make_constraint
 from adamerge.config import load_recipe, to_plain
-from adamerge.data import CalibrationData
+from adamerge.data import CalibrationData, ordered_batches
+from adamerge.element import ElementCoefficients
 from adamerge.evaluate import evaluate
 from adamerge.export import write_coefficients, write_common
 from adamerge.frank_wolfe import frank_wolfe_merge
 from adamerge.importance import importance_chunks
 from adamerge.learner import CoefficientLearner
-from adamerge.merged import FunctionalModel, MergedModel
+from adamerge.merged import FunctionalModel, MergedModel, module_with_tensors
 from adamerge.methods import get_method
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
 from adamerge.plotting import training_curves
 from adamerge.problems import MergeProblem, build_problem
+from adamerge.progressive import ProgressiveDistiller
 from adamerge.rundir import resume_point, run_lock
-from adamerge.task_vectors import TaskVectors
+from adamerge.task_vectors import TaskVectors, in_scope
 
 
 def _setup_process(recipe: DictConfig) -> None:
@@ -208,9 +210,13 @@ def fit(recipe: DictConfig | str) -> RunResult:
     run_dir, work_dir = _prepare_output(recipe)
     _setup_process(recipe)
     L.seed_everything(recipe.seed, verbose=False)
+    if recipe.frank_wolfe is not None and recipe.progressive is not None:
+        raise ValueError("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
     if recipe.frank_wolfe is not None:
         return _fit_frank_wolfe(recipe, build_problem(recipe.problem), run_dir)
     with run_lock(work_dir):
+        if recipe.progressive is not None:
+            return _fit_progressive(recipe, run_dir, work_dir)
         return _learn_coefficients(recipe, run_dir, work_dir)
 
 
@@ -243,7 +249,7 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path) -> Ru
     results = evaluate_problem(merged, problem, data) if recipe.evaluation.enabled else {}
     how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
-        write_coefficients(staging, merged, recipe, problem)
+        write_coefficients(staging, merged.coefficients, recipe, problem)
         if learner.best is not None:
             chosen = {"step": learner.best["step"], "criterion": learner.best["value"]}
             write_text(staging / "selection.json", json.dumps(chosen, indent=1))
@@ -254,6 +260,55 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path) -> Ru
                 training_curves(staging / "metrics.csv", staging / "training.png")
     shutil.rmtree(work_dir, ignore_errors=True)
     return RunResult(run_dir, results, merged)
+
+
+def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path) -> RunResult:
+    """ProDistill: coefficients learned block by block, resumable after every finished block."""
+    _check_progressive(recipe)
+    resume_point(recipe, work_dir)
+    problem = build_problem(recipe.problem)
+    scope = merge_scope(recipe, problem)
+    shapes = {n: tuple(p.shape) for n, p in problem.pretrained.named_parameters() if p.is_floating_point() and in_scope(n, **scope)}
+    cfg = recipe.coefficients
+    layout = build_layout(list(problem.experts), shapes, cfg.granularity, groups=to_plain(cfg.groups), chunks=to_plain(cfg.chunks), freeze=to_plain(cfg.freeze))
+    constraint = make_constraint(to_plain(cfg.constraint))
+    if layout.granularity == "element":
+        coefficients = ElementCoefficients(layout, shapes, init=to_plain(cfg.init), constraint=constraint)
+    else:
+        coefficients = MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint)
+    data = build_data(recipe, problem)
+    samples = recipe.progressive.samples_per_task
+    batches = {
+        name: list(ordered_batches(name, rows, recipe.trainer.batch_size, data.collate_for(name), range(min(samples, len(rows)))))
+        for name, rows in problem.calibration.items()
+    }
+    distiller = ProgressiveDistiller(
+        problem.pretrained, problem.experts, problem.tasks, batches, coefficients,
+        keys=list(shapes), dtype=recipe.task_vectors.dtype, epochs=recipe.progressive.epochs,
+        lr=recipe.optimizer.lr, optimizer=recipe.optimizer.name, weight_decay=recipe.optimizer.weight_decay,
+        task_weights={name: task.weight for name, task in recipe.problem.tasks.items()}, seed=recipe.seed,
+        checkpoint=work_dir / "progress.safetensors", progress=recipe.trainer.progress_bar,
+    )
+    result = distiller.run()
+    model = FunctionalModel(problem.pretrained)
+    results = evaluate_problem(model, problem, data, params=result.merged) if recipe.evaluation.enabled else {}
+    how = f"{layout.granularity}-wise coefficients learned block by block (progressive layer-wise distillation)"
+    with atomic_directory(run_dir, recipe.overwrite) as staging:
+        write_coefficients(staging, coefficients, recipe, problem)
+        write_text(staging / "progressive.json", json.dumps(result.history, indent=1))
+        write_common(staging, recipe, problem, module_with_tensors(problem.pretrained, result.merged), how, results)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return RunResult(run_dir, results, model)
+
+
+def _check_progressive(recipe: DictConfig) -> None:
+    """What progressive learning cannot honour is refused, not ignored."""
+    if recipe.selection is not None or recipe.task_balance != "sum":
+        raise ValueError("progressive learning has no `selection` or `task_balance` (every block matches its experts directly): remove them")
+    if recipe.task_vectors.ties is not None or recipe.task_vectors.dare is not None:
+        raise ValueError("progressive learning reads one block's task vectors at a time: task_vectors.ties/dare are not supported with it")
+    if isinstance(to_plain(recipe.coefficients.chunks), dict) and "importance_from" in recipe.coefficients.chunks:
+        raise ValueError("progressive learning takes explicit coefficients.chunks, not importance_from")
 
 
 def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -> RunResult:

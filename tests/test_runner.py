@@ -226,10 +226,10 @@ def test_mergekit_config_reproduces_the_layer_wise_coefficients(fitted, zoo):
 def test_mergekit_absent_when_checkpoint_names_differ(fitted, zoo):
     _, result = fitted
     problem = SimpleNamespace(description={"base": str(zoo / "encoder_only"), "experts": {"a": "x", "b": "y"}})
-    config, reason = mergekit_config(result.merged, problem)
+    config, reason = mergekit_config(result.merged.coefficients, problem)
     assert config is None and "named differently" in reason
     problem = SimpleNamespace(description={"base": str(zoo / "base"), "experts": {"a": torch.nn.Linear(1, 1), "b": "y"}})
-    assert mergekit_config(result.merged, problem)[0] is None
+    assert mergekit_config(result.merged.coefficients, problem)[0] is None
 
 
 def test_evaluate_run_reproduces_the_fit_exactly(fitted):

@@ -1,0 +1,297 @@
+"""Progressive layer-wise distillation: learn merge coefficients one block at a time.
+
+ProDistill (Xu et al., "Scalable Model Merging with Progressive Layer-wise Distillation",
+ICML 2025, arXiv 2502.12706). For every stage ℓ in order (embeddings, each transformer block,
+then what follows), block ℓ's coefficients minimise, over a few unlabelled samples per task,
+
+    Σ_k w_k · MSE( f_ℓ(θ_merged^ℓ; X_merged,k^(ℓ-1)),  f_ℓ(θ_k^ℓ; X_k^(ℓ-1)) )
+
+where ``X_merged,k`` are the merged model's own features on task k's inputs and ``X_k`` expert
+k's own features; then block ℓ is fixed, both feature sets move one block forward and the next
+block trains. Features are cached, so a stage costs one block's forward and backward, and
+only that stage's task vectors are ever in memory (read from the experts' checkpoints when
+the stage starts). The paper's defaults: element-wise coefficients from 0.3, Adam with
+lr 0.01, 50 epochs per layer over 64 samples per task in batches of 16, one task per batch.
+Its NLU code keeps the embeddings at task arithmetic (0.3): a recipe does that with
+``coefficients.freeze``. The last stage compares the task's outputs (the expert's head on the
+merged features against the expert on its own), as MSE on the logits.
+
+The coefficients are one object for the whole model (any layout but ``task``, whose single
+slot spans every block), shared by the per-stage :class:`~adamerge.merged.MergedModel`; a
+stage's optimiser moves only the slots that stage owns.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from adamerge import blocks as B
+from adamerge.checkpoints import WeightsSource, save_safetensors
+from adamerge.element import ElementCoefficients
+from adamerge.merged import FunctionalModel, MergedModel
+from adamerge.task_vectors import TaskVectors, parameter_aliases
+from adamerge.tasks import Task
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+@dataclass
+class ProgressiveResult:
+    """The learned coefficients, the merged tensors (merge scope, by name) and each stage's log."""
+
+    coefficients: object
+    merged: dict[str, Tensor]
+    history: list[dict] = field(default_factory=list)
+
+
+def masked_mse(output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean squared error over valid positions (``mask``: ``[B, T]``, for ``[B, T, ...]`` features)."""
+    squared = (output.float() - target.float()).pow(2)
+    if mask is None or squared.dim() < 2 or tuple(squared.shape[:2]) != tuple(mask.shape):
+        return squared.mean()
+    weights = mask.to(squared.dtype).view(*mask.shape, *([1] * (squared.dim() - 2))).expand_as(squared)
+    return (squared * weights).sum() / weights.sum().clamp(min=1)
+
+
+class ProgressiveDistiller:
+    """Trains ``coefficients`` stage by stage (see the module docstring).
+
+    ``batches[task]``: that task's calibration batches (a few, fixed). ``checkpoint`` (a
+    path): after each stage the coefficients and the stage reached are saved there
+    atomically, and a rerun resumes after the last finished stage, exactly.
+    """
+
+    def __init__(
+        self,
+        pretrained: torch.nn.Module,
+        experts: Mapping[str, WeightsSource],
+        tasks: Mapping[str, Task],
+        batches: Mapping[str, Sequence[dict]],
+        coefficients,
+        *,
+        keys: Sequence[str],
+        dtype: str = "float32",
+        epochs: int = 50,
+        lr: float = 0.01,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        task_weights: Mapping[str, float] | None = None,
+        seed: int = 0,
+        checkpoint: str | Path | None = None,
+        progress: bool = True,
+        stages: Sequence[B.Stage] | None = None,
+    ):
+        if coefficients.layout.granularity == "task":
+            raise ValueError(
+                "progressive learning trains one block at a time: task-wise coefficients span every block; "
+                "use granularity layer, chunk, group (within blocks) or element"
+            )
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZERS)}")
+        self.model = FunctionalModel(pretrained)
+        config = getattr(self.model.backbone, "config", None)
+        if config is not None and getattr(config, "use_cache", False):
+            config.use_cache = False  # a KV cache would carry state from one block call to the next
+        self.pretrained, self.experts, self.tasks = pretrained, dict(experts), dict(tasks)
+        self.batches = {name: list(b) for name, b in batches.items()}
+        self.coefficients, self.keys, self.dtype = coefficients, list(keys), dtype
+        self.epochs, self.lr, self.optimizer, self.weight_decay = epochs, lr, optimizer, weight_decay
+        self.task_weights = {t: float((task_weights or {}).get(t, 1.0)) for t in self.tasks}
+        self.seed, self.progress = seed, progress
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        unmatched = sorted(set(self.tasks) - set(self.experts))
+        if unmatched:
+            raise KeyError(f"progressive distillation needs an expert per task; no expert named {unmatched[0]!r}")
+        self.prefix = B.find_blocks(self.model.backbone)
+        first_task = next(iter(self.tasks))
+        base = self.model.base_tensors()
+        self._pretrained_params = {k: base[k] for k in self.keys}
+        probe = lambda: self.tasks[first_task](self.model, self._pretrained_params, self.batches[first_task][0])  # noqa: E731
+        self.stages = list(stages) if stages is not None else B.split_stages(
+            self.model.backbone, self.keys, probe, parameter_aliases(self.model.backbone)
+        )
+        self._check_slots()
+
+    def _check_slots(self) -> None:
+        """Every coefficient slot belongs to one stage (else a later stage would move an earlier one's)."""
+        layout, owner = self.coefficients.layout, {}
+        for stage in self.stages:
+            for key in stage.owns:
+                for slot in layout.tensor_slots[key]:
+                    if owner.setdefault(slot, stage.name) != stage.name:
+                        raise ValueError(
+                            f"coefficient slot {layout.slot_names[slot]!r} spans stages {owner[slot]!r} and "
+                            f"{stage.name!r}: progressive learning needs coefficients within one block"
+                        )
+
+    # ------------------------------------------------------------------ one stage's forward
+    def _run_task(self, task: str, params: Mapping[str, Tensor], batch: dict):
+        return self.tasks[task](self.model, params, batch)
+
+    def _stage_output(self, stage: B.Stage, task: str, params, batch: dict, features: Tensor | None) -> Tensor:
+        """What ``stage`` produces on one batch from ``features`` with the given tensors."""
+        backbone = self.model.backbone
+        if stage.kind == "pre":
+            call = B.capture_block_input(backbone, self.prefix, lambda: self._run_task(task, params, batch))
+            return call.hidden()
+        if stage.kind == "block":
+            return B.run_block(backbone, self.prefix, stage.index, params, self._calls[task][id(batch)], features)
+        outside = {k: v for k, v in params.items() if B.block_of_key(k, self.prefix) is None}
+        with B.blocks_bypassed(backbone, self.prefix, features, self._as_tuple):
+            return self._run_task(task, outside, batch).logits
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self) -> ProgressiveResult:
+        self._calls = {
+            t: {id(b): B.capture_block_input(self.model.backbone, self.prefix, lambda: self._run_task(t, self._pretrained_params, b)) for b in bs}
+            for t, bs in self.batches.items()
+        }
+        first_call = next(iter(next(iter(self._calls.values())).values()))
+        self._as_tuple = B.block_returns_tuple(self.model.backbone, self.prefix, first_call)
+        done = self._resume()
+        features = {t: [(None, None) for _ in bs] for t, bs in self.batches.items()}
+        merged_tensors: dict[str, Tensor] = {}
+        history: list[dict] = []
+        total = sum(len(bs) for bs in self.batches.values()) * self.epochs * sum(bool(self._trainable(s)) for s in self.stages[done:])
+        bar = _progress_bar(total, self.progress)
+        for number, stage in enumerate(self.stages):
+            merged = self._stage_merge(stage)
+            targets = self._expert_outputs(stage, merged, features)
+            if number >= done:
+                history.append(self._train_stage(stage, merged, features, targets, bar))
+                self._save_checkpoint(number + 1)
+            with torch.no_grad():
+                params = merged.merged_parameters()
+                merged_tensors.update({k: params[k].detach().clone() for k in stage.owns})
+                if stage.kind != "post":
+                    features = {
+                        t: [(self._stage_output(stage, t, params, b, features[t][i][0]), targets[t][i]) for i, b in enumerate(bs)]
+                        for t, bs in self.batches.items()
+                    }
+            del merged
+        bar.close()
+        return ProgressiveResult(self.coefficients, merged_tensors, history)
+
+    def _stage_merge(self, stage: B.Stage) -> MergedModel:
+        """The merge of the tensors this stage reads, against the shared coefficients; only
+        these tensors' task vectors are read from the experts."""
+        if not stage.reads:
+            return _EmptyMerge()
+        include = [f"^{re.escape(k)}$" for k in stage.reads]
+        vectors = TaskVectors.from_models(self.pretrained, self.experts, include=include, dtype=self.dtype)
+        return MergedModel(self.pretrained, vectors, coefficients=self.coefficients)
+
+    @torch.no_grad()
+    def _expert_outputs(self, stage, merged, features) -> dict[str, list[Tensor]]:
+        """Each task's expert through this stage on its own features: the stage's targets."""
+        out = {}
+        for task, task_batches in self.batches.items():
+            params = merged.expert_parameters(task)
+            out[task] = [self._stage_output(stage, task, params, b, features[task][i][1]) for i, b in enumerate(task_batches)]
+        return out
+
+    def _trainable(self, stage: B.Stage) -> list[torch.nn.Parameter]:
+        if isinstance(self.coefficients, ElementCoefficients):
+            return self.coefficients.parameters_of(stage.owns)
+        layout = self.coefficients.layout
+        owned = {s for k in stage.owns for s in layout.tensor_slots[k]} - set(layout.frozen)
+        return [self.coefficients.raw] if owned else []
+
+    def _train_stage(self, stage, merged, features, targets, bar) -> dict:
+        params = self._trainable(stage)
+        if not params:
+            return {"stage": stage.name, "steps": 0}
+        keep = self._slot_keeper(stage)
+        optimizer = OPTIMIZERS[self.optimizer](params, lr=self.lr, weight_decay=self.weight_decay)
+        order = [(t, i) for t, bs in self.batches.items() for i in range(len(bs))]
+        rng = random.Random(f"{self.seed}:{stage.name}")
+        first = last = None
+        for epoch in range(self.epochs):
+            rng.shuffle(order)
+            total = 0.0
+            for task, i in order:
+                batch = self.batches[task][i]
+                output = self._stage_output(stage, task, merged.merged_parameters(), batch, features[task][i][0])
+                loss = self.task_weights[task] * masked_mse(output, targets[task][i], batch.get("attention_mask"))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                self.coefficients.project_()
+                keep()
+                total += float(loss.detach())
+                bar.update(1)
+            mean = total / len(order)
+            first = mean if first is None else first
+            last = mean
+            bar.set_postfix(stage=stage.name, loss=f"{mean:.4g}")
+        return {"stage": stage.name, "steps": self.epochs * len(order), "first_epoch_loss": first, "last_epoch_loss": last}
+
+    def _slot_keeper(self, stage: B.Stage) -> Callable[[], None]:
+        """With one ``[K, S]`` matrix for the whole model, put back every slot this stage does not own
+        after each step (an optimiser step moves what weight decay or momentum touch)."""
+        if isinstance(self.coefficients, ElementCoefficients):
+            return lambda: None
+        layout = self.coefficients.layout
+        owned = {s for k in stage.owns for s in layout.tensor_slots[k]}
+        columns = [i for i, s in enumerate(layout.trainable_slots) if s not in owned]
+        if not columns:
+            return lambda: None
+        index = torch.tensor(columns)
+        saved = self.coefficients.raw.detach()[:, index].clone()
+
+        def keep() -> None:
+            with torch.no_grad():
+                self.coefficients.raw[:, index] = saved
+
+        return keep
+
+    # ------------------------------------------------------------------ resume
+    def _save_checkpoint(self, stages_done: int) -> None:
+        """The coefficients after ``stages_done`` stages, as safetensors (atomic; nothing pickled)."""
+        if self.checkpoint is None:
+            return
+        state = {k: v.detach().cpu() for k, v in self.coefficients.state_dict().items()}
+        stages = json.dumps([s.name for s in self.stages])
+        save_safetensors(state, self.checkpoint, metadata={"stages_done": str(stages_done), "stages": stages})
+
+    def _resume(self) -> int:
+        """How many stages an interrupted run finished (their coefficients restored), else 0."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return 0
+        try:
+            with safe_open(str(self.checkpoint), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                state = {k: handle.get_tensor(k) for k in handle.keys()}
+        except Exception as error:  # a damaged file: say which, do not guess
+            raise ValueError(f"progressive checkpoint {self.checkpoint} cannot be read ({error}): delete it to start over") from None
+        if json.loads(metadata.get("stages", "[]")) != [s.name for s in self.stages]:
+            raise ValueError(f"{self.checkpoint} was written for other stages: delete it to start over")
+        self.coefficients.load_state_dict(state)
+        return int(metadata["stages_done"])
+
+
+class _EmptyMerge:
+    """A stage that reads no merged tensor (e.g. no pooler): nothing to merge or learn."""
+
+    expert_names: tuple = ()
+
+    def merged_parameters(self) -> dict:
+        return {}
+
+    def expert_parameters(self, expert) -> dict:
+        return {}
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="progressive distillation", unit="step", disable=not enabled or total == 0)

@@ -1,0 +1,322 @@
+"""Progressive layer-wise distillation: block splitting on BERT, GPT-2 and Llama; the cached
+features equal the full merged model's hidden states; learning lowers every stage's loss and
+moves only the stage's own coefficients; resume after any finished stage is exact; the
+``progressive`` recipe section end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from adamerge import blocks as B  # noqa: E402
+from adamerge.coefficients import MergeCoefficients, build_layout  # noqa: E402
+from adamerge.element import ElementCoefficients  # noqa: E402
+from adamerge.hf import CausalLMTask, SequenceClassificationTask  # noqa: E402
+from adamerge.merged import MergedModel  # noqa: E402
+from adamerge.progressive import ProgressiveDistiller, masked_mse  # noqa: E402
+from adamerge.task_vectors import TaskVectors  # noqa: E402
+from conftest import perturbed  # noqa: E402
+
+
+def _ids(seed, vocab=60, shape=(3, 6)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, shape, generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # one padded row
+    return ids, mask
+
+
+def bert_setup():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    pretrained = BertForSequenceClassification(config).eval()
+    experts = {f"e{k}": perturbed(pretrained, seed=40 + k, scale=0.1) for k in range(2)}
+    tasks = {n: SequenceClassificationTask(n, {k: v for k, v in e.state_dict().items() if k.startswith("classifier")})
+             for n, e in experts.items()}
+    batches = {}
+    for i, name in enumerate(tasks):
+        batches[name] = []
+        for j in range(2):
+            ids, mask = _ids(10 * i + j)
+            batches[name].append({"input_ids": ids, "attention_mask": mask})
+    keys = [n for n, _ in pretrained.named_parameters() if n.startswith("bert.")]
+    return pretrained, experts, tasks, batches, keys
+
+
+def decoder_setup(kind):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                             tie_word_embeddings=True)).eval()
+    experts = {f"e{k}": perturbed(model, seed=50 + k, scale=0.1) for k in range(2)}
+    tasks = {n: CausalLMTask(n) for n in experts}
+    batches = {}
+    for i, name in enumerate(tasks):
+        ids, mask = _ids(20 + i)
+        batches[name] = [{"input_ids": ids, "attention_mask": mask, "loss_mask": mask}]
+    keys = [n for n, _ in model.named_parameters()]  # canonical names: the tied head is not among them
+    return model, experts, tasks, batches, keys
+
+
+def coefficients_for(granularity, experts, pretrained, keys, **options):
+    shapes = {n: tuple(p.shape) for n, p in pretrained.named_parameters() if n in keys}
+    layout = build_layout(list(experts), shapes, granularity, **options)
+    if granularity == "element":
+        return ElementCoefficients(layout, shapes, init=0.3)
+    return MergeCoefficients(layout, init=0.3)
+
+
+def full_merge(pretrained, experts, coefficients, keys):
+    include = [f"^{k.replace('.', '[.]')}$" for k in keys]
+    vectors = TaskVectors.from_models(pretrained, experts, include=include)
+    return MergedModel(copy.deepcopy(pretrained), vectors, coefficients=coefficients)
+
+
+# ---------------------------------------------------------------------- stages
+
+
+def test_bert_stages_are_embeddings_each_layer_then_pooler():
+    pretrained, experts, tasks, batches, keys = bert_setup()
+    distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches,
+                                     coefficients_for("layer", experts, pretrained, keys), keys=keys, epochs=0, progress=False)
+    stages = distiller.stages
+    assert [s.name for s in stages] == ["embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "head"]
+    assert all(k.startswith("bert.embeddings.") for k in stages[0].owns)
+    assert stages[-1].owns == ["bert.pooler.dense.weight", "bert.pooler.dense.bias"]
+    assert sorted(k for s in stages for k in s.owns) == sorted(keys)  # every tensor owned exactly once
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoder_tied_head_is_read_by_the_last_stage_and_owned_by_the_first(kind):
+    model, experts, tasks, batches, keys = decoder_setup(kind)
+    distiller = ProgressiveDistiller(copy.deepcopy(model), experts, tasks, batches,
+                                     coefficients_for("layer", experts, model, keys), keys=keys, epochs=0, progress=False)
+    first, last = distiller.stages[0], distiller.stages[-1]
+    embedding = "transformer.wte.weight" if kind == "gpt2" else "model.embed_tokens.weight"
+    assert embedding in first.owns and embedding in last.reads and embedding not in last.owns
+    assert len(distiller.stages) == 2 + 2
+
+
+def test_a_model_without_blocks_is_refused_clearly():
+    with pytest.raises(ValueError, match="no nn.ModuleList of blocks"):
+        B.find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------------- exactness of the cached features
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_cached_features_equal_the_full_merged_models_hidden_states(kind):
+    """After learning, each stage's merged features (what the next stage trained on) are the
+    full merged model's hidden states, and the last stage's output its logits."""
+    pretrained, experts, tasks, batches, keys = bert_setup() if kind == "bert" else decoder_setup(kind)
+    coefficients = coefficients_for("layer", experts, pretrained, keys)
+    distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients,
+                                     keys=keys, epochs=2, lr=0.05, progress=False)
+    seen = []
+    original = distiller._stage_output
+
+    def spy(stage, task, params, batch, features):
+        out = original(stage, task, params, batch, features)
+        if not torch.is_grad_enabled() and task == "e0" and batch is batches["e0"][0]:
+            seen.append((stage.name, out.detach()))
+        return out
+
+    distiller._stage_output = spy
+    result = distiller.run()
+    merged = full_merge(pretrained, experts, coefficients, keys)
+    params = merged.merged_parameters()
+    assert all(torch.equal(params[k], result.merged[k]) for k in keys)
+    batch = batches["e0"][0]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        full = merged.forward_with({**params, **getattr(tasks["e0"], "head", None).as_dict()} if kind == "bert" else params,
+                                   **inputs, output_hidden_states=True, return_dict=True)
+    expert = full_merge(pretrained, experts, coefficients, keys)
+    with torch.no_grad():
+        own = expert.forward_with(expert.expert_parameters("e0"), **inputs, output_hidden_states=True, return_dict=True)
+    # per stage: the expert's features (the targets) come first, the merged model's last
+    names = [s.name for s in distiller.stages[:-1]]
+    expert_features = [next(out for name, out in seen if name == n) for n in names]
+    merged_features = [[out for name, out in seen if name == n][-1] for n in names]
+    mask = batch["attention_mask"].bool()
+    for depth in range(len(names)):
+        if kind != "bert" and depth == len(names) - 1:
+            continue  # decoders' last hidden state is reported after the final norm
+        torch.testing.assert_close(merged_features[depth][mask], full.hidden_states[depth][mask], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(expert_features[depth][mask], own.hidden_states[depth][mask], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("granularity", ["layer", "element", "chunk"])
+def test_every_stage_learns_and_moves_only_its_own_coefficients(granularity):
+    pretrained, experts, tasks, batches, keys = bert_setup()
+    options = {"chunks": 2} if granularity == "chunk" else {}
+    coefficients = coefficients_for(granularity, experts, pretrained, keys, **options)
+    distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients,
+                                     keys=keys, epochs=6, lr=0.05, progress=False)
+    snapshots = []
+    original = distiller._train_stage
+
+    def record(stage, *args):
+        out = original(stage, *args)
+        snapshots.append((stage, {k: v.detach().clone() for k, v in coefficients.state_dict().items()}))
+        return out
+
+    distiller._train_stage = record
+    result = distiller.run()
+    for entry in result.history:
+        assert entry["last_epoch_loss"] < entry["first_epoch_loss"], entry
+    # a stage changes only the coefficients of the tensors it owns
+    before = {k: v.clone() for k, v in coefficients_for(granularity, experts, pretrained, keys, **options).state_dict().items()}
+    for stage, after in snapshots:
+        owned = _owned_entries(coefficients, stage.owns)
+        for name, tensor in after.items():
+            moved = (tensor != before[name])
+            assert not (moved & ~owned.get(name, torch.zeros_like(moved))).any(), (stage.name, name)
+        before = after
+
+
+def _owned_entries(coefficients, owns):
+    """state-dict name -> mask of entries a stage owning ``owns`` may change."""
+    if isinstance(coefficients, ElementCoefficients):
+        return {f"raw.{coefficients._names[k]}": torch.ones(coefficients.raw[coefficients._names[k]].shape, dtype=torch.bool)
+                for k in owns}
+    layout = coefficients.layout
+    slots = {s for k in owns for s in layout.tensor_slots[k]}
+    columns = torch.tensor([s in slots for s in layout.trainable_slots])
+    return {"raw": columns.expand(coefficients.raw.shape)}
+
+
+def test_distillation_beats_task_arithmetic_on_the_targets():
+    """The learned merge's final outputs are closer to each expert's than task arithmetic's (0.3)."""
+    pretrained, experts, tasks, batches, keys = bert_setup()
+    coefficients = coefficients_for("element", experts, pretrained, keys)
+    result = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients,
+                                  keys=keys, epochs=15, lr=0.05, progress=False).run()
+    ta = full_merge(pretrained, experts, coefficients_for("layer", experts, pretrained, keys), keys)
+    learned_error = ta_error = 0.0
+    with torch.no_grad():
+        for name, task in tasks.items():
+            expert = full_merge(pretrained, experts, coefficients_for("layer", experts, pretrained, keys), keys)
+            for batch in batches[name]:
+                target = task(expert, expert.expert_parameters(name), batch).logits
+                learned_error += float(masked_mse(task(ta, result.merged, batch).logits, target, None))
+                ta_error += float(masked_mse(task(ta, ta.merged_parameters(), batch).logits, target, None))
+    assert learned_error < 0.5 * ta_error
+
+
+def test_task_wise_coefficients_are_refused():
+    pretrained, experts, tasks, batches, keys = bert_setup()
+    with pytest.raises(ValueError, match="task-wise coefficients span every block"):
+        ProgressiveDistiller(pretrained, experts, tasks, batches, coefficients_for("task", experts, pretrained, keys), keys=keys)
+
+
+def test_a_group_across_blocks_is_refused():
+    pretrained, experts, tasks, batches, keys = bert_setup()
+    coefficients = coefficients_for("group", experts, pretrained, keys, groups={"dense": r"dense"})
+    with pytest.raises(ValueError, match="spans stages"):
+        ProgressiveDistiller(pretrained, experts, tasks, batches, coefficients, keys=keys, progress=False)
+
+
+# ---------------------------------------------------------------------- resume
+
+
+def test_resume_after_a_finished_stage_is_exact(tmp_path):
+    pretrained, experts, tasks, batches, keys = bert_setup()
+
+    def distiller(coefficients, checkpoint):
+        return ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients, keys=keys,
+                                    epochs=3, lr=0.05, progress=False, checkpoint=checkpoint)
+
+    reference = coefficients_for("element", experts, pretrained, keys)
+    distiller(reference, None).run()
+
+    class Interrupt(Exception):
+        pass
+
+    interrupted = coefficients_for("element", experts, pretrained, keys)
+    first = distiller(interrupted, tmp_path / "progress.safetensors")
+    original = first._save_checkpoint
+
+    def save_then_die(done):
+        original(done)
+        if done == 2:
+            raise Interrupt
+
+    first._save_checkpoint = save_then_die
+    with pytest.raises(Interrupt):
+        first.run()
+    resumed = coefficients_for("element", experts, pretrained, keys)
+    distiller(resumed, tmp_path / "progress.safetensors").run()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_masked_mse_ignores_padding_by_hand():
+    output = torch.tensor([[[1.0], [2.0]], [[3.0], [50.0]]])
+    target = torch.zeros_like(output)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert float(masked_mse(output, target, mask)) == pytest.approx((1 + 4 + 9) / 3)
+
+
+# ---------------------------------------------------------------------- the recipe section
+
+
+def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(tmp_path, tmp_path_factory):
+    from test_runner import build_text_zoo, hand_merge, recipe_dict
+
+    from adamerge import runner
+    from adamerge.checkpoints import open_weights
+    from adamerge.config import load_recipe
+
+    zoo = build_text_zoo(tmp_path_factory)
+    recipe = load_recipe(recipe_dict(zoo, tmp_path, name="pd", progressive={"epochs": 2, "samples_per_task": 8},
+                                     coefficients={"granularity": "element", "init": 0.3, "freeze": ["word_embeddings"]}))
+    result = runner.fit(recipe)
+    run = result.run_dir
+    for name in ("coefficients.safetensors", "coefficients.json", "coefficients.png", "progressive.json", "eval.json",
+                 "merged/model.safetensors"):
+        assert (run / name).exists(), name
+    assert not (tmp_path / "pd.partial").exists()
+    coefficients = ElementCoefficients.load(run / "coefficients.safetensors")
+    merged = dict(open_weights(str(run / "merged")))
+    keys = [k for k in coefficients.layout.keys]
+    by_hand = hand_merge(zoo, keys, lambda key, k: coefficients.effective(key)[k])
+    for key in keys:
+        torch.testing.assert_close(merged[key.removeprefix("bert.")], by_hand[key], atol=1e-6, rtol=1e-6)
+    frozen = coefficients.effective("bert.embeddings.word_embeddings.weight")
+    assert torch.equal(frozen, torch.full_like(frozen, 0.3))  # frozen: task arithmetic, as the paper's NLU code
+    assert not torch.equal(coefficients.effective("bert.encoder.layer.0.attention.self.query.weight"),
+                           torch.full_like(frozen[:, :1, :1].expand(2, 16, 16), 0.3))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"selection": {}}, "no `selection`"),
+    ({"task_vectors": {"ties": {}}}, "ties/dare"),
+    ({"frank_wolfe": {}}, "not both"),
+])
+def test_progressive_recipe_refuses_what_it_cannot_honour(tmp_path, tmp_path_factory, section, message):
+    from test_runner import build_text_zoo, recipe_dict
+
+    from adamerge import runner
+    from adamerge.config import load_recipe
+
+    zoo = build_text_zoo(tmp_path_factory)
+    recipe = load_recipe(recipe_dict(zoo, tmp_path, name="bad", progressive={"epochs": 1}, **section))
+    with pytest.raises(ValueError, match=message):
+        runner.fit(recipe)
