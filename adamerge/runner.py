@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from adamerge.evaluate import evaluate
 from adamerge.export import write_coefficients, write_common
 from adamerge.frank_wolfe import frank_wolfe_merge
 from adamerge.importance import importance_chunks
-from adamerge.learner import CoefficientLearner
+from adamerge.learner import CheckpointFiles, CoefficientLearner
 from adamerge.merged import FunctionalModel, MergedModel, module_with_tensors
 from adamerge.methods import get_method
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
@@ -63,6 +64,7 @@ class RunResult:
     run_dir: Path
     results: dict[str, dict]
     merged: FunctionalModel  # a MergedModel, or for FW-Merging the backbone holding the merged weights
+    seconds_to_merge: float | None = None  # from the job's start to the merged model (evaluation and export excluded)
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -183,6 +185,7 @@ def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
         precision=to_plain(cfg.precision),
         logger=CSVLogger(work_dir, name="", version=""),
         callbacks=[checkpoint],
+        plugins=[CheckpointFiles()],
         log_every_n_steps=cfg.log_every_n_steps,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
@@ -214,13 +217,14 @@ def fit(recipe: DictConfig | str) -> RunResult:
         raise ValueError("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
     if recipe.frank_wolfe is not None:
         return _fit_frank_wolfe(recipe, build_problem(recipe.problem), run_dir)
+    started = time.perf_counter()
     with run_lock(work_dir):
         if recipe.progressive is not None:
-            return _fit_progressive(recipe, run_dir, work_dir)
-        return _learn_coefficients(recipe, run_dir, work_dir)
+            return _fit_progressive(recipe, run_dir, work_dir, started)
+        return _learn_coefficients(recipe, run_dir, work_dir, started)
 
 
-def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path) -> RunResult:
+def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
     """Train in ``work_dir`` (held by this run), resuming its checkpoint if this recipe was interrupted there."""
     resume = resume_point(recipe, work_dir)
     problem = build_problem(recipe.problem)
@@ -246,6 +250,7 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path) -> Ru
     trainer.fit(learner, datamodule=data, ckpt_path=resume)
     if trainer.global_rank != 0:
         return RunResult(run_dir, {}, merged)
+    seconds = time.perf_counter() - started
     results = evaluate_problem(merged, problem, data) if recipe.evaluation.enabled else {}
     how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
@@ -259,10 +264,10 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path) -> Ru
             if recipe.export.plot:
                 training_curves(staging / "metrics.csv", staging / "training.png")
     shutil.rmtree(work_dir, ignore_errors=True)
-    return RunResult(run_dir, results, merged)
+    return RunResult(run_dir, results, merged, seconds)
 
 
-def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path) -> RunResult:
+def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
     """ProDistill: coefficients learned block by block, resumable after every finished block."""
     _check_progressive(recipe)
     resume_point(recipe, work_dir)
@@ -290,6 +295,7 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path) -> RunRe
         checkpoint=work_dir / "progress.safetensors", progress=recipe.trainer.progress_bar,
     )
     result = distiller.run()
+    seconds = time.perf_counter() - started
     model = FunctionalModel(problem.pretrained)
     results = evaluate_problem(model, problem, data, params=result.merged) if recipe.evaluation.enabled else {}
     how = f"{layout.granularity}-wise coefficients learned block by block (progressive layer-wise distillation)"
@@ -298,7 +304,7 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path) -> RunRe
         write_text(staging / "progressive.json", json.dumps(result.history, indent=1))
         write_common(staging, recipe, problem, module_with_tensors(problem.pretrained, result.merged), how, results)
     shutil.rmtree(work_dir, ignore_errors=True)
-    return RunResult(run_dir, results, model)
+    return RunResult(run_dir, results, model, seconds)
 
 
 def _check_progressive(recipe: DictConfig) -> None:
