@@ -73,8 +73,37 @@ def describe(source: WeightsSource) -> str:
     return str(source)
 
 
-def open_weights(source: WeightsSource) -> Mapping[str, torch.Tensor]:
-    """Return ``name -> tensor`` for any supported source without copying more than needed."""
+class UnreadableInput(ValueError):
+    """An input file that cannot be read, named with its role and the real cause."""
+
+
+def _cause(error: BaseException) -> str:
+    """The real reason behind a reader's error, in one line."""
+    text = str(error).strip()
+    if isinstance(error, EOFError) or not text:
+        return f"{type(error).__name__}: the file is empty or cut short"
+    if "Weights only load failed" in text:
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), text.splitlines()[-1].strip())
+        return f"it holds more than tensors and plain values, refused (weights_only) so that no pickled code runs ({detail})"
+    return f"{type(error).__name__}: {text.splitlines()[0]}"
+
+
+@contextlib.contextmanager
+def reading(role: str, path: str | os.PathLike) -> Iterator[None]:
+    """Read an input inside this: any reader's error becomes one line naming the role (expert,
+    pretrained, task data, coefficients, checkpoint), the file and the cause. Errors that already
+    say what is wrong (a missing file, a wrong kind of content) pass through."""
+    try:
+        yield
+    except (FileNotFoundError, TypeError, UnreadableInput):
+        raise
+    except Exception as error:
+        raise UnreadableInput(f"{role} {path}: cannot read it: {_cause(error)}") from error
+
+
+def open_weights(source: WeightsSource, role: str = "weights") -> Mapping[str, torch.Tensor]:
+    """Return ``name -> tensor`` for any supported source without copying more than needed;
+    ``role`` names the source in errors (``pretrained``, ``expert 'math'``)."""
     if isinstance(source, nn.Module):
         return {name: tensor.detach() for name, tensor in source.state_dict().items()}
     if isinstance(source, LazySafetensors):
@@ -86,12 +115,13 @@ def open_weights(source: WeightsSource) -> Mapping[str, torch.Tensor]:
         return source
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"no weights at {path}")
-    if path.is_dir():
-        return _open_directory(path)
-    if path.suffix == ".safetensors":
-        return LazySafetensors([path])
-    return _torch_load(path)
+        raise FileNotFoundError(f"{role}: no weights at {path}")
+    with reading(role, path):
+        if path.is_dir():
+            return _open_directory(path)
+        if path.suffix == ".safetensors":
+            return LazySafetensors([path])
+        return _torch_load(path)
 
 
 def _open_directory(path: Path) -> Mapping[str, torch.Tensor]:
@@ -123,6 +153,25 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise TypeError(f"{path} does not hold a flat state dict of tensors")
     return dict(loaded)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint, read with ``weights_only=True`` whatever the environment asks
+    (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` only overrides an unset argument)."""
+    with reading("checkpoint", path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically and durably (temporary file in the same folder, fsync, rename): a
+    full disk or a crash mid-write leaves the previous file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

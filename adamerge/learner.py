@@ -8,13 +8,16 @@ coefficients and the optimiser state.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Mapping
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
+from adamerge.checkpoints import load_checkpoint, write_bytes
 from adamerge.merged import MergedModel
 from adamerge.objectives import Objective, ObjectiveContext, split_loss
 from adamerge.tasks import Task
@@ -245,3 +248,17 @@ class CoefficientLearner(L.LightningModule):
         missing = [k for k in self.state_dict() if k.startswith(COEFFICIENT_PREFIX) and k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks coefficient tensor(s) {missing}: was it written by another recipe?")
+
+
+class CheckpointFiles(TorchCheckpointIO):
+    """Lightning's checkpoint files, written atomically and durably (a full disk mid-write leaves
+    the previous ``last.ckpt`` whole) and read back with ``weights_only=True`` (a planted
+    ``last.ckpt`` runs no code), an unreadable one named in one line."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes(path, buffer.getvalue())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint(path)

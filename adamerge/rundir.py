@@ -146,4 +146,25 @@ def resume_point(recipe: DictConfig, work_dir: Path) -> Path | None:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     work_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, saved)
-    return last if last.exists() else None
+    return _readable_checkpoint(last) if last.exists() else None
+
+
+def _readable_checkpoint(last: Path) -> Path:
+    """``last`` if it reads back (safely), else the newest earlier ``step*.ckpt`` that does; an
+    unreadable checkpoint with nothing to fall back on is an error naming it."""
+    from adamerge.checkpoints import UnreadableInput, load_checkpoint
+
+    try:
+        load_checkpoint(last)
+        return last
+    except UnreadableInput as error:
+        problem = error
+    earlier = sorted(last.parent.glob("step*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in earlier:
+        try:
+            load_checkpoint(candidate)
+        except UnreadableInput:
+            continue
+        print(f"{problem}; resuming from the earlier {candidate.name} instead")
+        return candidate
+    raise UnreadableInput(f"{problem}; delete it to start this run over") from None

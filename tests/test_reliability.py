@@ -147,3 +147,87 @@ def test_paths_outside_the_run_directory_are_refused(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path.parent)
     with pytest.raises(ValueError, match="lies outside"):
         inside(tmp_path, tmp_path / "link" / "x")
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+TRAINER = {"max_steps": 6, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
+           "log_every_n_steps": 1, "accelerator": "cpu"}
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_the_run_resumes(zoo, tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from adamerge import checkpoints
+
+    straight = runner.fit(quiet(zoo, tmp_path, name="straight", trainer=TRAINER))
+    real_fsync, calls = os.fsync, []
+
+    def disk_full_on_the_second_checkpoint(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoints.os, "fsync", disk_full_on_the_second_checkpoint)
+    recipe = quiet(zoo, tmp_path, trainer=TRAINER)
+    with pytest.raises(OSError, match="No space left"):
+        runner.fit(recipe)
+    monkeypatch.setattr(checkpoints.os, "fsync", real_fsync)
+    folder = tmp_path / "run.partial" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no half-written temporary file
+    assert checkpoints.load_checkpoint(folder / "last.ckpt")["global_step"] == 2
+
+    # a damaged last.ckpt is named; with an earlier good checkpoint the run resumes from it
+    (folder / "step2.ckpt").write_bytes((folder / "last.ckpt").read_bytes())
+    (folder / "last.ckpt").write_bytes(b"")
+    capsys.readouterr()
+    resumed = runner.fit(recipe)
+    out = capsys.readouterr().out
+    assert f"checkpoint {folder / 'last.ckpt'}: cannot read it: EOFError: the file is empty" in out
+    assert "resuming from the earlier step2.ckpt instead" in out
+    a = load_file(str(straight.run_dir / "coefficients.safetensors"))
+    b = load_file(str(resumed.run_dir / "coefficients.safetensors"))
+    assert torch.equal(a["raw"], b["raw"])
+
+
+def test_a_corrupt_last_checkpoint_is_named_in_one_line(zoo, tmp_path):
+    from adamerge.checkpoints import UnreadableInput
+
+    recipe = quiet(zoo, tmp_path)
+    last = tmp_path / "run.partial" / "checkpoints" / "last.ckpt"
+    save_recipe(recipe, tmp_path / "run.partial" / "recipe.yaml")
+    last.parent.mkdir()
+    for damaged, cause in ((b"", "EOFError: the file is empty or cut short"), (b"PK\x03\x04 cut", "RuntimeError")):
+        last.write_bytes(damaged)
+        with pytest.raises(UnreadableInput) as error:
+            runner.fit(recipe)
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(f"checkpoint {last}: cannot read it: {cause}")
+        assert message.endswith("delete it to start this run over")
+
+
+def test_a_planted_pickle_checkpoint_runs_no_code_even_when_the_environment_asks(zoo, tmp_path, monkeypatch):
+    import torch
+
+    from adamerge.checkpoints import UnreadableInput
+    from adamerge.learner import CheckpointFiles
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    recipe = quiet(zoo, tmp_path)
+    last = tmp_path / "run.partial" / "checkpoints" / "last.ckpt"
+    save_recipe(recipe, tmp_path / "run.partial" / "recipe.yaml")
+    last.parent.mkdir()
+    torch.save({"state_dict": {}, "global_step": Payload()}, last)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UnreadableInput, match=r"refused \(weights_only\) so that no pickled code runs \(.*GLOBAL posix\.mkdir"):
+        runner.fit(recipe)
+    with pytest.raises(UnreadableInput, match="no pickled code runs"):  # Lightning's own resume path
+        CheckpointFiles().load_checkpoint(last, weights_only=False)
+    assert not marker.exists()
