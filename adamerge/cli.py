@@ -1,11 +1,22 @@
-"""Command line: ``adamerge fit|merge|eval|quickstart|recipes``."""
+"""Command line: ``adamerge fit|merge|eval|quickstart|recipes``.
+
+A user error (a bad recipe or input, a refused run) prints ``error: <message>`` and exits with
+status 2; anything unexpected prints its traceback and exits with 1. ``--debug`` (or
+``ADAMERGE_DEBUG=1``) shows the traceback of user errors too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)  # RecipeError and UnreadableInput are ValueErrors
+SIGTERM_STATUS = 128 + 15
 
 def _recipes_dir() -> Path:
     """The repository's recipes/ in a source checkout, else the copy installed inside the package."""
@@ -40,23 +51,68 @@ def _print_results(title: str, run_dir: Path | None, results: dict) -> None:
         print(f"\nrun directory: {run_dir}")
 
 
+def is_user_error(error: BaseException) -> bool:
+    """A missing or existing file, or a ValueError/KeyError that adamerge itself raised (one raised
+    deep inside a library or in your own builder is unexpected: its traceback is the clue)."""
+    if isinstance(error, (FileNotFoundError, FileExistsError)):
+        return True
+    if not isinstance(error, USER_ERRORS):
+        return False
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+
+
+def _report(error: BaseException, debug: bool) -> int:
+    """The exit status for an error, after saying what went wrong on stderr."""
+    if isinstance(error, SystemExit):  # Lightning's SIGTERMException: it stops between steps, and would exit with 0
+        print("error: stopped by SIGTERM; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return SIGTERM_STATUS
+    if isinstance(error, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    user = is_user_error(error)
+    if debug or not user:
+        traceback.print_exception(error, file=sys.stderr)
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"error: {message}", file=sys.stderr)
+    return 2 if user else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    debug_help = "show the traceback of user errors too (or set ADAMERGE_DEBUG=1)"
     parser = argparse.ArgumentParser(prog="adamerge", description="Learn how to merge models.")
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("fit", "learn merge coefficients as a recipe says, evaluate, export a run directory"),
         ("merge", "run a data-free merge recipe (task arithmetic, TIES, DARE, ...)"),
     ):
-        command = commands.add_parser(name, help=text, description=text)
+        command = commands.add_parser(name, help=text, description=text, parents=[common])
         command.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
         command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
-    evaluate = commands.add_parser("eval", help="re-evaluate a finished run directory")
+    evaluate = commands.add_parser("eval", help="re-evaluate a finished run directory", parents=[common])
     evaluate.add_argument("run_dir")
-    quickstart = commands.add_parser("quickstart", help="build the digits zoo, merge it every way, print a table")
+    quickstart = commands.add_parser(
+        "quickstart", help="build the digits zoo, merge it every way, print a table", parents=[common]
+    )
     quickstart.add_argument("--out", default="runs/quickstart", help="where the runs go (default: runs/quickstart)")
-    commands.add_parser("recipes", help="list the built-in recipes")
+    commands.add_parser("recipes", help="list the built-in recipes", parents=[common])
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BaseException as error:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        if isinstance(error, SystemExit) and not isinstance(error, SIGTERMException):
+            raise
+        return _report(error, args.debug or os.environ.get("ADAMERGE_DEBUG", "") not in ("", "0"))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "recipes":
         print("\n".join(built_in_recipes()))
         return 0

@@ -99,9 +99,81 @@ def test_python_m_adamerge_recipes_lists_the_built_in_recipes():
     assert cli.resolve_recipe("text/ties") == REPO / "recipes" / "text" / "ties.yaml"
 
 
-def test_missing_recipe_file_errors_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no recipe file '.*nope\.yaml'.*adamerge recipes"):
-        cli.main(["fit", str(tmp_path / "nope.yaml")])
+def test_missing_recipe_file_errors_clearly(tmp_path, capsys):
+    assert cli.main(["fit", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no recipe file ") and "nope.yaml" in err and "adamerge recipes" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- exit status and messages
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer: {max_stepz: 3}\n")
+    assert cli.main(["fit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "max_stepz" in err and "Traceback" not in err
+
+    path.write_text("problem: {tasks: {'../x': {}}}\n")
+    assert cli.main(["merge", str(path)]) == 2
+    assert "problem.tasks name '../x' is not allowed" in capsys.readouterr().err
+
+    monkeypatch.setattr("adamerge.runner.evaluate_run", lambda run_dir: {}[run_dir])  # a KeyError, but not ours
+    assert cli.main(["eval", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("how", ["flag before", "flag after", "environment"])
+def test_debug_shows_the_traceback_of_user_errors(tmp_path, capsys, monkeypatch, how):
+    missing = str(tmp_path / "nope.yaml")
+    if how == "environment":
+        monkeypatch.setenv("ADAMERGE_DEBUG", "1")
+    argv = {"flag before": ["--debug", "fit", missing], "flag after": ["fit", missing, "--debug"]}.get(how, ["fit", missing])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].startswith("error: no recipe file")
+
+
+def test_unexpected_errors_exit_1_with_the_traceback(tmp_path, capsys, monkeypatch):
+    def broken(recipe):
+        return int("not a number")  # a ValueError, raised outside adamerge's own checks
+
+    monkeypatch.setattr("adamerge.runner.merge", broken)
+    path = tmp_path / "r.yaml"
+    path.write_text("method: {name: task_arithmetic}\n")
+    assert cli.main(["merge", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "invalid literal for int()" in err
+
+
+def test_sigterm_during_fit_exits_non_zero_and_leaves_a_resumable_partial_run(zoo, tmp_path):
+    import signal
+    import time
+
+    from adamerge.rundir import resume_point
+
+    recipe = recipe_dict(zoo, tmp_path, name="long")
+    recipe["trainer"].update(max_steps=100_000, checkpoint_every_n_steps=1)
+    recipe["export"] = {"plot": False}
+    path = tmp_path / "long.yaml"
+    OmegaConf.save(OmegaConf.create(recipe), path)
+    process = subprocess.Popen([sys.executable, "-m", "adamerge", "fit", str(path)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "long.partial" / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == cli.SIGTERM_STATUS, err[-2000:]
+    assert "error: stopped by SIGTERM" in err
+    work_dir = tmp_path / "long.partial"
+    assert not (work_dir / "lock").exists() and not (tmp_path / "long").exists()
+    assert resume_point(load_recipe(path), work_dir) == last
 
 
 @pytest.fixture(scope="module")
