@@ -79,8 +79,10 @@ class UnreadableInput(ValueError):
 
 def _cause(error: BaseException) -> str:
     """The real reason behind a reader's error, in one line."""
+    while type(error).__name__ == "DatasetGenerationError" and error.__cause__ is not None:
+        error = error.__cause__  # datasets' wrapper; the reader's own error says what is wrong
     text = str(error).strip()
-    if isinstance(error, EOFError) or not text:
+    if isinstance(error, (EOFError, StopIteration)) or not text:
         return f"{type(error).__name__}: the file is empty or cut short"
     if "Weights only load failed" in text:
         detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), text.splitlines()[-1].strip())

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from adamerge.checkpoints import save_safetensors, write_text
+from adamerge.checkpoints import UnreadableInput, reading, save_safetensors, write_text
 
 Granularity = Literal["task", "layer", "group", "chunk", "element"]
 GRANULARITIES = ("task", "layer", "group", "chunk", "element")
@@ -430,10 +430,12 @@ class MergeCoefficients(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> "MergeCoefficients":
         """Rebuild saved coefficients exactly (layout, constraint, values)."""
-        with safe_open(str(path), framework="pt") as handle:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"coefficients: no file {path}")
+        with reading("coefficients", path), safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != "adamerge.coefficients":
-                raise ValueError(f"{path} is not an adamerge coefficient file")
+                raise UnreadableInput(f"{path} is not an adamerge coefficient file")
             raw = handle.get_tensor("raw")
             initial = handle.get_tensor("initial")
         layout = CoefficientLayout.from_json(metadata["layout"])

@@ -112,7 +112,7 @@ def sequence_classification_tasks(
     """One task per expert with that expert's head, and the regex of the merge scope (the encoder)."""
     tasks = {}
     for name, source in experts.items():
-        weights = open_weights(source)
+        weights = open_weights(source, f"expert {name!r}")
         keys = head_keys(backbone, weights)
         if not keys or len(keys) == len(weights):  # all keys outside the prefix: a bare encoder, not a classifier
             raise KeyError(f"expert {name!r} has no head outside {backbone.base_model_prefix!r}: is it a sequence classifier?")

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
-from adamerge.checkpoints import WeightsSource
+from adamerge.checkpoints import UnreadableInput, WeightsSource, reading
 from adamerge.config import DataSourceConfig, ProblemConfig, TaskConfig
 from adamerge.data import Collate, rows_to_batch
 from adamerge.rundir import check_name, inside
@@ -88,18 +88,22 @@ def load_table(source: DataSourceConfig, task: str, seed: int = 0):
 
     if (source.path is None) == (source.dataset is None):
         raise ValueError(f"task {task!r}: give exactly one of data 'path' or 'dataset'")
-    try:
-        if source.path is not None:
-            file = _split_file(Path(source.path).expanduser(), source.split, task)
-            table = datasets.load_dataset(_FORMATS[file.suffix], data_files=str(file), split="train")
-            where = str(file)
-        else:
+    if source.path is not None:
+        file = _split_file(Path(source.path).expanduser(), source.split, task)
+        where = str(file)
+        with reading(f"task {task!r} data", file):
+            if file.stat().st_size == 0:
+                raise UnreadableInput(f"task {task!r} data {file}: the file is empty")
+            try:
+                table = datasets.load_dataset(_FORMATS[file.suffix], data_files=str(file), split="train")
+            except ValueError as error:  # datasets' words for a header without rows
+                if "corresponds to no data" not in str(error):
+                    raise
+                raise UnreadableInput(f"task {task!r}: no rows in {file}") from None
+    else:
+        where = f"{source.dataset}[{source.split}]"
+        with reading(f"task {task!r} data", where):
             table = datasets.load_dataset(source.dataset, source.subset, split=source.split)
-            where = f"{source.dataset}[{source.split}]"
-    except (FileNotFoundError, ValueError, KeyError):
-        raise
-    except Exception as error:  # datasets raises many kinds for unreadable files
-        raise ValueError(f"task {task!r}: cannot read {source.path or source.dataset}: {error}") from error
     if source.shuffle:
         table = table.shuffle(seed=seed)
     if source.skip:

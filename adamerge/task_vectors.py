@@ -105,7 +105,7 @@ class TaskVectors:
         """
         storage = _as_dtype(dtype) if dtype is not None else torch.float32
         named = name_experts(experts)
-        base = open_weights(pretrained)
+        base = open_weights(pretrained, "pretrained")
         if isinstance(pretrained, nn.Module):
             aliases = parameter_aliases(pretrained)
             candidates = [n for n, p in pretrained.named_parameters() if p.is_floating_point()]
@@ -123,7 +123,7 @@ class TaskVectors:
         }
         _check_finite(base, keys, "the pretrained model")
         for index, (expert_name, source) in enumerate(named.items()):
-            weights = open_weights(source)
+            weights = open_weights(source, f"expert {expert_name!r}")
             # an expert module's own tied aliases are not extra keys, even when the pretrained
             # model comes from a file that saved only the canonical names
             own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}

@@ -196,3 +196,20 @@ def test_atomic_directory_without_overwrite_rechecks_at_the_rename(tmp_path):
             target.mkdir()  # another run finished here while this one was writing
             (target / "theirs.txt").write_text("theirs")
     assert os.listdir(target) == ["theirs.txt"] and os.listdir(tmp_path) == ["run"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_damaged_safetensors_are_named_with_their_role_and_file(tmp_path, damage):
+    from adamerge.checkpoints import UnreadableInput
+    from adamerge.coefficients import MergeCoefficients
+
+    path = tmp_path / "expert.safetensors"
+    save_file(tensors(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:8] + b"{not json" + data[17:])
+    with pytest.raises(UnreadableInput) as error:
+        open_weights(path, "expert 'math'")
+    message = str(error.value)
+    assert message.startswith(f"expert 'math' {path}: cannot read it: ") and "\n" not in message
+    with pytest.raises(UnreadableInput, match=rf"^coefficients {path}: cannot read it: "):
+        MergeCoefficients.load(path)

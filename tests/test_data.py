@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -236,3 +237,35 @@ def test_load_table_errors_name_task_and_file(tmp_path):
         load_table(DataSourceConfig(path=path, dataset="glue"), "qnli")
     with pytest.raises(ValueError, match="exactly one of"):
         load_table(DataSourceConfig(), "qnli")
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """datasets' cache inside the test's folder (it would write to ~/.cache otherwise)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+@pytest.mark.parametrize("name, content, cause", [
+    ("empty.jsonl", b"", "the file is empty"),
+    ("blank.jsonl", b"\n\n", None),
+    ("header.csv", b"text,label\n", None),
+    ("cut.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": "d', r"JSON parse error: .* in row 3"),
+    ("garbage.parquet", b"\x00garbage" * 40, r"ArrowInvalid: Parquet magic bytes not found .*not a parquet file"),
+    ("empty.csv", b"\n", "EmptyDataError: No columns to parse"),
+])
+def test_unreadable_tables_are_named_in_one_line(tmp_path, datasets_cache, name, content, cause):
+    from adamerge.checkpoints import UnreadableInput
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UnreadableInput) as error:
+        load_table(DataSourceConfig(path=str(path)), "b")
+    message = str(error.value)
+    assert "\n" not in message
+    if cause is None:
+        assert message == f"task 'b': no rows in {path}"
+    else:
+        assert message.startswith(f"task 'b' data {path}: ")
+        assert re.search(cause, message), message
