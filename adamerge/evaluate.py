@@ -91,6 +91,40 @@ def evaluate(
         merged.train(was_training)
 
 
+def _labels(dataset) -> list[int] | None:
+    """A dataset's integer class labels (a ``label`` column or list rows), or None if it has none."""
+    if hasattr(dataset, "column_names"):
+        labels = dataset.with_format(None)["label"] if "label" in dataset.column_names else None
+    elif isinstance(dataset, list):
+        labels = [row["label"] for row in dataset if isinstance(row, Mapping) and "label" in row] or None
+    else:
+        return None
+    return labels if labels is not None and all(isinstance(v, int) for v in labels) else None
+
+
+@torch.no_grad()
+def check_labels(model: FunctionalModel, tasks: Mapping[str, Task], data) -> None:
+    """Every label of each task's calibration and evaluation rows within its head's classes,
+    checked before training: a bad one would otherwise fail inside torchmetrics at the end."""
+    params, device = model.base_tensors(), next(model.backbone.parameters()).device
+    for split, datasets, batches in (
+        ("calibration", data.calibration, data.calibration_batches),
+        ("evaluation", data.evaluation, data.evaluation_batches),
+    ):
+        for name, dataset in datasets.items():
+            labels = _labels(dataset)
+            if not labels or name not in tasks:
+                continue
+            batch = next(iter(batches(name, 1)))  # one row tells the head's size
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            classes = tasks[name](model, params, batch).logits.shape[-1]
+            bad = next((v for v in labels if not 0 <= v < classes), None)
+            if bad is not None:
+                raise ValueError(
+                    f"task {name!r}: {split} label {bad} is outside its head's {classes} classes (0..{classes - 1})"
+                )
+
+
 def average_accuracy(results: Mapping[str, Mapping]) -> float | None:
     values = [r["accuracy"] for r in results.values() if "accuracy" in r]
     return sum(values) / len(values) if values else None

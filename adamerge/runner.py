@@ -26,7 +26,7 @@ from adamerge.coefficients import MergeCoefficients, build_layout, make_constrai
 from adamerge.config import load_recipe, to_plain
 from adamerge.data import CalibrationData, ordered_batches
 from adamerge.element import ElementCoefficients
-from adamerge.evaluate import evaluate
+from adamerge.evaluate import check_labels, evaluate
 from adamerge.export import write_coefficients, write_common
 from adamerge.frank_wolfe import frank_wolfe_merge
 from adamerge.importance import importance_chunks
@@ -230,6 +230,7 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
     problem = build_problem(recipe.problem)
     merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
     data = build_data(recipe, problem)
+    check_labels(merged, problem.tasks, data)
     learner = CoefficientLearner(
         merged,
         problem.tasks,

@@ -231,3 +231,18 @@ def test_a_planted_pickle_checkpoint_runs_no_code_even_when_the_environment_asks
     with pytest.raises(UnreadableInput, match="no pickled code runs"):  # Lightning's own resume path
         CheckpointFiles().load_checkpoint(last, weights_only=False)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- labels
+
+
+def test_labels_outside_a_head_are_refused_before_training_naming_the_task_and_value(zoo, tmp_path):
+    rows = (zoo / "data" / "a" / "test.jsonl").read_text().splitlines()
+    folder = tmp_path / "data-a"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("\n".join(rows[:-1] + ['{"text": "the cat", "label": 2}']) + "\n")
+    recipe = recipe_dict(zoo, tmp_path, export={"plot": False})
+    recipe["problem"]["tasks"]["a"]["calibration"] = {"path": str(folder)}
+    with pytest.raises(ValueError, match=r"task 'a': calibration label 2 is outside its head's 2 classes \(0\.\.1\)"):
+        runner.fit(load_recipe(recipe))
+    assert not (tmp_path / "run.partial" / "checkpoints").exists()  # refused before any training
