@@ -1,0 +1,66 @@
+"""Data-free merges with fixed coefficients, one module per method, registered by name.
+
+Every method computes a merged task vector per tensor and returns ``θ_0 + merged``: an
+``nn.Module`` (a merged copy) when ``pretrained`` is a module, else a state dict. Tensors
+outside the merge scope keep their pretrained values. ``τ_k = θ_k − θ_0``, ``K`` experts.
+
+- ``average``:          ``θ_0 + (1/K) Σ_k τ_k`` (the mean of the experts' weights).
+- ``task_arithmetic``:  ``θ_0 + Σ_k λ_k τ_k`` (Ilharco et al., 2023), ``λ_k`` a scalar or one per expert.
+- ``ties``:             trim, elect sign, disjoint mean, ``× λ`` (Yadav et al., 2023).
+- ``dare``:             drop-and-rescale, then task arithmetic or TIES election (Yu et al., 2024).
+- ``lines``:            ``θ_0 + (α + β (ℓ − 1)/(L − 1)) Σ_k τ_k`` by block depth (Wang et al., 2025).
+- ``tsv``:              TSV-M, whitened per-task top-``⌊r/K⌋`` singular components (Gargiulo et al., 2025).
+- ``iso_c``:            ``Σ_k τ_k`` with a flat spectrum (Marczak et al., 2025).
+- ``iso_cts``:          common + task-specific singular directions, flat spectrum (Marczak et al., 2025).
+- ``wudi``:             per linear layer, Adam on ``Σ_k ‖(τ_m − τ_k) τ_kᵀ‖²/‖τ_k‖²`` (Cheng et al., 2025).
+
+Each method's module (``adamerge/methods/<name>.py``) documents the exact definition, the
+paper's defaults and what happens to non-matrix tensors; the ``*_delta`` functions compute
+one tensor's merged update from stacked task vectors ``[K, m, n]`` (the registered methods
+are thin wrappers over them). ``base`` holds the registry, ``svd`` the shared SVD helpers.
+"""
+
+from adamerge.methods.base import (
+    MERGE_METHODS,
+    MergeResult,
+    apply_deltas,
+    embedding_keys,
+    get_method,
+    register_method,
+)
+from adamerge.methods.average import average
+from adamerge.methods.dare import dare
+from adamerge.methods.iso_c import iso_c, iso_c_delta
+from adamerge.methods.iso_cts import iso_cts, iso_cts_components, iso_cts_delta, iso_cts_sizes
+from adamerge.methods.lines import layer_depths, lines
+from adamerge.methods.task_arithmetic import task_arithmetic
+from adamerge.methods.ties import ties
+from adamerge.methods.tsv import tsv, tsv_components, tsv_delta
+from adamerge.methods.wudi import wudi, wudi_delta, wudi_loss
+
+__all__ = [
+    "MERGE_METHODS",
+    "MergeResult",
+    "apply_deltas",
+    "average",
+    "dare",
+    "embedding_keys",
+    "get_method",
+    "iso_c",
+    "iso_c_delta",
+    "iso_cts",
+    "iso_cts_components",
+    "iso_cts_delta",
+    "iso_cts_sizes",
+    "layer_depths",
+    "lines",
+    "register_method",
+    "task_arithmetic",
+    "ties",
+    "tsv",
+    "tsv_components",
+    "tsv_delta",
+    "wudi",
+    "wudi_delta",
+    "wudi_loss",
+]

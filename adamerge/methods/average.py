@@ -1,0 +1,16 @@
+"""Weight averaging: ``θ_0 + (1/K) Σ_k τ_k``, the mean of the experts' weights."""
+
+from __future__ import annotations
+
+from adamerge.checkpoints import WeightsSource
+from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
+from adamerge.task_vectors import Experts, Patterns
+
+
+@register_method("average")
+def average(
+    pretrained: WeightsSource, experts: Experts, include: Patterns = None, exclude: Patterns = None
+) -> MergeResult:
+    """The experts' mean, ``θ_0 + (1/K) Σ_k τ_k``."""
+    tv = task_vectors(pretrained, experts, include, exclude)
+    return apply_deltas(pretrained, {k: t.float().mean(dim=0) for k, t in tv.items()})

@@ -1,0 +1,89 @@
+"""The method registry and what every data-free merge shares.
+
+A method computes one merged task vector per tensor of the merge scope and returns
+``θ_0 + merged`` through :func:`apply_deltas`: an ``nn.Module`` (a merged copy) when
+``pretrained`` is a module, else a state dict. Tensors outside the scope, and in-scope
+tensors a method leaves out of its deltas, keep their pretrained values.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.checkpoints import WeightsSource, open_weights
+from adamerge.task_vectors import Experts, Patterns, TaskVectors, parameter_aliases
+
+MergeResult = nn.Module | dict[str, Tensor]
+MERGE_METHODS: dict[str, Callable[..., MergeResult]] = {}
+
+
+def register_method(name: str):
+    """Register a data-free merge under ``name`` (used by ``adamerge merge`` recipes)."""
+
+    def decorate(fn):
+        MERGE_METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> Callable[..., MergeResult]:
+    if name not in MERGE_METHODS:
+        raise KeyError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}")
+    return MERGE_METHODS[name]
+
+
+def apply_deltas(pretrained: WeightsSource, deltas: Mapping[str, Tensor]) -> MergeResult:
+    """``θ_0 + delta`` for every tensor in ``deltas``; a merged module copy or a state dict."""
+    base = open_weights(pretrained)
+    state = {name: base[name] for name in base}
+    for key, delta in deltas.items():
+        state[key] = (base[key].float() + delta.float().to(base[key].device)).to(base[key].dtype)
+    if not isinstance(pretrained, nn.Module):
+        return state
+    for alias, canonical in parameter_aliases(pretrained).items():
+        if canonical in deltas:
+            state[alias] = state[canonical]
+    merged = copy.deepcopy(pretrained)
+    merged.load_state_dict(state)
+    return merged
+
+
+def task_vectors(pretrained: WeightsSource, experts: Experts, include: Patterns, exclude: Patterns) -> TaskVectors:
+    return TaskVectors.from_models(pretrained, experts, include=include, exclude=exclude)
+
+
+def per_expert(scaling: float | Sequence[float], tv: TaskVectors) -> Tensor:
+    """A scalar or one value per expert, as a ``[K]`` tensor."""
+    if isinstance(scaling, (int, float)):
+        return torch.full((tv.num_experts,), float(scaling))
+    values = torch.tensor([float(s) for s in scaling])
+    if values.numel() != tv.num_experts:
+        raise ValueError(f"scaling has {values.numel()} values but there are {tv.num_experts} experts")
+    return values
+
+
+def is_matrix(stacked: Tensor) -> bool:
+    """Whether a stacked task vector ``[K, *shape]`` is one of 2-D weight matrices."""
+    return stacked.dim() == 3
+
+
+# names of embedding tables when only a state dict (no module types) is at hand:
+# BERT/RoBERTa ``embeddings.*``, LLaMA ``embed_tokens``, CLIP ``positional_embedding``, GPT-2 ``wte``/``wpe``
+EMBEDDING_NAME = re.compile(r"embed|(^|\.)(wte|wpe)\.")
+
+
+def embedding_keys(pretrained: WeightsSource, keys: Iterable[str]) -> set[str]:
+    """The keys that are embedding tables: weights of ``nn.Embedding`` modules (tied aliases
+    included) when ``pretrained`` is a module, else keys whose name matches ``EMBEDDING_NAME``."""
+    keys = list(keys)
+    if isinstance(pretrained, nn.Module):
+        tables = {id(m.weight) for m in pretrained.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        names = {n for n, p in pretrained.named_parameters(remove_duplicate=False) if id(p) in tables}
+        return {k for k in keys if k in names}
+    return {k for k in keys if EMBEDDING_NAME.search(k)}

@@ -1,0 +1,25 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023): ``θ_0 + Σ_k λ_k τ_k``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from adamerge.checkpoints import WeightsSource
+from adamerge.methods.base import MergeResult, apply_deltas, per_expert, register_method, task_vectors
+from adamerge.task_vectors import Experts, Patterns
+
+
+@register_method("task_arithmetic")
+def task_arithmetic(
+    pretrained: WeightsSource,
+    experts: Experts,
+    scaling: float | Sequence[float] = 0.3,
+    include: Patterns = None,
+    exclude: Patterns = None,
+) -> MergeResult:
+    """``θ_0 + Σ_k λ_k τ_k``; ``λ_k`` a scalar or one per expert."""
+    tv = task_vectors(pretrained, experts, include, exclude)
+    weights = per_expert(scaling, tv)
+    return apply_deltas(pretrained, {k: torch.tensordot(weights, t.float(), dims=1) for k, t in tv.items()})

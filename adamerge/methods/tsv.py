@@ -1,0 +1,71 @@
+"""TSV-M, Task Singular Vectors merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081).
+
+Per 2-D weight matrix (``τ_k ∈ R^{m×n}``, ``r = min(m, n)``):
+
+1. SVD of every task matrix, ``τ_k = U_k Σ_k V_kᵀ``; keep its top ``⌊r/K⌋`` components
+   (the paper's ``1/K`` share of the rank per task).
+2. Stack them: ``U = [U_1 … U_K]`` (``m × K⌊r/K⌋``), ``V = [V_1 … V_K]``, ``Σ`` the
+   block-diagonal of the kept singular values.
+3. Decorrelate (the paper's whitening): replace ``U`` and ``V`` by their nearest matrices
+   with orthonormal columns, ``U_⊥ = P Qᵀ`` for ``U = P S Qᵀ`` (orthogonal Procrustes).
+4. ``Δ = α U_⊥ Σ V_⊥ᵀ``.
+
+Paper defaults: ``α = 1.0`` (TSV-M needs no tuned scale; the authors' code can also sweep
+``α ∈ (0, 3]`` on validation). Every other tensor (biases, LayerNorm, any non-2-D tensor)
+gets ``α × mean_k τ_k``, as in the authors' code (``compute_and_sum_svd_mem_reduction``).
+Embedding tables are 2-D and go through steps 1–4 like any other matrix: the authors' code
+decomposes every 2-D tensor (CLIP's ``positional_embedding`` included) and only averages
+CLIP's ``text_projection``, which a vision-tower scope does not contain; exclude embeddings
+from the scope to keep them pretrained instead.
+
+Implementation notes: float32, whole matrices. Components whose singular value is
+numerically zero (``τ_k`` of rank below ``⌊r/K⌋``) are dropped before the whitening: their
+vectors are arbitrary null-space directions that would otherwise bend the others; for
+full-rank task matrices this is the authors' computation exactly. With ``K > r`` no
+component is kept and the matrix gets no update (as in the authors' code).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from adamerge.checkpoints import WeightsSource
+from adamerge.methods.base import MergeResult, apply_deltas, is_matrix, register_method, task_vectors
+from adamerge.methods.svd import nonzero, top_components, whitened_merge
+from adamerge.task_vectors import Experts, Patterns
+
+
+def tsv_components(taus: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1–2: the stacked ``U`` (``m × c``), ``σ`` (``c``) and ``V`` (``n × c``), task by task,
+    each task's top ``⌊r/K⌋`` components (``c ≤ K⌊r/K⌋`` after dropping numerical zeros)."""
+    num_tasks, m, n = taus.shape
+    u, s, v = top_components(taus, min(m, n) // num_tasks)
+    parts = [nonzero(u[k], s[k], v[k], (m, n)) for k in range(num_tasks)]
+    return (
+        torch.cat([p[0] for p in parts], dim=1),
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts], dim=1),
+    )
+
+
+def tsv_delta(taus: Tensor, alpha: float = 1.0) -> Tensor:
+    """TSV-M's merged update ``α U_⊥ Σ V_⊥ᵀ`` for stacked task matrices ``taus`` (``[K, m, n]``)."""
+    return alpha * whitened_merge(*tsv_components(taus))
+
+
+@register_method("tsv")
+def tsv(
+    pretrained: WeightsSource,
+    experts: Experts,
+    alpha: float = 1.0,
+    include: Patterns = None,
+    exclude: Patterns = None,
+) -> MergeResult:
+    """TSV-M: per-task top-``⌊r/K⌋`` singular components, whitened, recombined, times ``α``;
+    non-matrix tensors get ``α × mean_k τ_k``."""
+    tv = task_vectors(pretrained, experts, include, exclude)
+    deltas = {
+        key: tsv_delta(t, alpha) if is_matrix(t) else alpha * t.float().mean(dim=0) for key, t in tv.items()
+    }
+    return apply_deltas(pretrained, deltas)
