@@ -9,6 +9,8 @@ resuming from the first one's live checkpoint. A lock left by a killed run is ta
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import re
@@ -146,7 +148,63 @@ def resume_point(recipe: DictConfig, work_dir: Path) -> Path | None:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     work_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, saved)
-    return _readable_checkpoint(last) if last.exists() else None
+    if not last.exists():
+        return None
+    checkpoint = _readable_checkpoint(last)
+    if not _is_secondary_process():
+        _set_log_aside(work_dir)
+    return checkpoint
+
+
+# ---------------------------------------------------------------------- the training log
+
+LOG, EARLIER_LOG = "metrics.csv", "metrics.before-resume.csv"
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
+    if not path.exists():
+        return [], []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _step(row: dict) -> int:
+    return int(float(row.get("step") or 0))
+
+
+def _joined_log(earlier: Path, later: Path) -> str | None:
+    """The rows of ``earlier`` logged before the first step of ``later``, then ``later``'s, as CSV."""
+    (early_keys, early_rows), (late_keys, late_rows) = _read_rows(earlier), _read_rows(later)
+    if not early_rows and not late_rows:
+        return None
+    first = min((_step(r) for r in late_rows), default=None)
+    rows = [r for r in early_rows if first is None or _step(r) < first] + late_rows
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(early_keys + late_keys)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _set_log_aside(work_dir: Path) -> None:
+    """Before a resume: Lightning's CSV logger starts ``metrics.csv`` afresh, so the rows so far
+    (with those kept from any earlier resume) wait in ``metrics.before-resume.csv``."""
+    from adamerge.checkpoints import write_text
+
+    text = _joined_log(work_dir / EARLIER_LOG, work_dir / LOG)
+    if text is not None:
+        write_text(work_dir / EARLIER_LOG, text)
+    (work_dir / LOG).unlink(missing_ok=True)
+
+
+def restore_log(work_dir: Path) -> None:
+    """After training: ``metrics.csv`` holds every step's rows again, from the first attempt on."""
+    from adamerge.checkpoints import write_text
+
+    if (work_dir / EARLIER_LOG).exists():
+        write_text(work_dir / LOG, _joined_log(work_dir / EARLIER_LOG, work_dir / LOG))
+        (work_dir / EARLIER_LOG).unlink()
 
 
 def _readable_checkpoint(last: Path) -> Path:

@@ -37,7 +37,7 @@ from adamerge.objectives import Objective, WeightedObjectives, build_objective
 from adamerge.plotting import training_curves
 from adamerge.problems import MergeProblem, build_problem
 from adamerge.progressive import ProgressiveDistiller
-from adamerge.rundir import resume_point, run_lock
+from adamerge.rundir import restore_log, resume_point, run_lock
 from adamerge.task_vectors import TaskVectors, in_scope
 
 
@@ -251,6 +251,7 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
     trainer.fit(learner, datamodule=data, ckpt_path=resume)
     if trainer.global_rank != 0:
         return RunResult(run_dir, {}, merged)
+    restore_log(work_dir)
     seconds = time.perf_counter() - started
     results = evaluate_problem(merged, problem, data) if recipe.evaluation.enabled else {}
     how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"

@@ -246,3 +246,30 @@ def test_labels_outside_a_head_are_refused_before_training_naming_the_task_and_v
     with pytest.raises(ValueError, match=r"task 'a': calibration label 2 is outside its head's 2 classes \(0\.\.1\)"):
         runner.fit(load_recipe(recipe))
     assert not (tmp_path / "run.partial" / "checkpoints").exists()  # refused before any training
+
+
+# ---------------------------------------------------------------------- the training log
+
+
+def test_the_training_log_survives_resumes(zoo, tmp_path):
+    import csv
+
+    from test_runner import CRASH
+
+    sections = {"objectives": [{"name": "test_runner:CrashingEntropy"}], "trainer": TRAINER}
+
+    def log(run_dir):
+        with (run_dir / "metrics.csv").open(newline="") as handle:
+            return [(row["step"], row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+    CRASH.update(after_calls=None, calls=0)
+    straight = runner.fit(quiet(zoo, tmp_path, name="straight", **sections))
+    recipe = quiet(zoo, tmp_path, **sections)
+    for crash_after in (2 * 3, 2 * 2):  # crash in step 4 (checkpoint at 2), then in step 5 (checkpoint at 4)
+        CRASH.update(after_calls=crash_after, calls=0)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            runner.fit(recipe)
+    CRASH.update(after_calls=None, calls=0)
+    resumed = runner.fit(recipe)
+    assert [step for step, _ in log(straight.run_dir)] == [str(s) for s in range(6)]
+    assert log(resumed.run_dir) == log(straight.run_dir)  # every step once, with the same losses
