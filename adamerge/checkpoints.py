@@ -90,11 +90,24 @@ def _cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}"
 
 
+_recorded: dict[str, str] | None = None
+
+
+def record_inputs() -> dict[str, str]:
+    """From now on, every existing file or folder read through :func:`reading` lands in the
+    returned ``path -> role`` dict (a run's provenance); a new call starts a new record."""
+    global _recorded
+    _recorded = {}
+    return _recorded
+
+
 @contextlib.contextmanager
 def reading(role: str, path: str | os.PathLike) -> Iterator[None]:
     """Read an input inside this: any reader's error becomes one line naming the role (expert,
     pretrained, task data, coefficients, checkpoint), the file and the cause. Errors that already
     say what is wrong (a missing file, a wrong kind of content) pass through."""
+    if _recorded is not None and role != "checkpoint" and Path(path).exists():
+        _recorded.setdefault(str(Path(path).resolve()), role)
     try:
         yield
     except (FileNotFoundError, TypeError, UnreadableInput):

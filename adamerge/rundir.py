@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -154,6 +155,54 @@ def resume_point(recipe: DictConfig, work_dir: Path) -> Path | None:
     if not _is_secondary_process():
         _set_log_aside(work_dir)
     return checkpoint
+
+
+# ---------------------------------------------------------------------- provenance
+
+INPUTS = "inputs.json"
+
+
+def _fingerprints(path: Path) -> dict[str, dict]:
+    """``file -> {sha256, size}`` for a file, or for every file under a folder (a model directory)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    prints = {}
+    for file in files:
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        prints[str(file)] = {"sha256": digest.hexdigest(), "size": file.stat().st_size}
+    return prints
+
+
+def write_inputs(folder: Path, read: dict[str, str], description: dict) -> None:
+    """``inputs.json``: the sha256 and size of every input file the run read (``read``, from
+    :func:`~adamerge.checkpoints.record_inputs`, plus the base model its problem names)."""
+    from adamerge.checkpoints import write_text
+
+    base = description.get("base")
+    sources = dict(read)
+    if isinstance(base, str) and Path(base).exists():
+        sources.setdefault(str(Path(base).resolve()), "pretrained")
+    entries = {
+        file: {"role": role, **fingerprint}
+        for source, role in sources.items()
+        for file, fingerprint in _fingerprints(Path(source)).items()
+    }
+    write_text(inside(folder, folder / INPUTS), json.dumps(entries, indent=1))
+
+
+def changed_inputs(run_dir: Path) -> list[str]:
+    """One line per input file of a finished run that is gone or differs from when it ran."""
+    if not (run_dir / INPUTS).exists():
+        return []
+    changed = []
+    for file, was in json.loads((run_dir / INPUTS).read_text()).items():
+        if not Path(file).is_file():
+            changed.append(f"{was['role']} {file} is gone")
+        elif _fingerprints(Path(file))[file] != {"sha256": was["sha256"], "size": was["size"]}:
+            changed.append(f"{was['role']} {file} changed since the run")
+    return changed
 
 
 # ---------------------------------------------------------------------- the training log

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
-from adamerge.checkpoints import atomic_directory, write_text
+from adamerge.checkpoints import atomic_directory, record_inputs, write_text
 from adamerge.coefficients import MergeCoefficients, build_layout, make_constraint
 from adamerge.config import load_recipe, to_plain
 from adamerge.data import CalibrationData, ordered_batches
@@ -37,7 +37,7 @@ from adamerge.objectives import Objective, WeightedObjectives, build_objective
 from adamerge.plotting import training_curves
 from adamerge.problems import MergeProblem, build_problem
 from adamerge.progressive import ProgressiveDistiller
-from adamerge.rundir import restore_log, resume_point, run_lock
+from adamerge.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
 from adamerge.task_vectors import TaskVectors, in_scope
 
 
@@ -227,6 +227,7 @@ def fit(recipe: DictConfig | str) -> RunResult:
 def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
     """Train in ``work_dir`` (held by this run), resuming its checkpoint if this recipe was interrupted there."""
     resume = resume_point(recipe, work_dir)
+    inputs = record_inputs()
     problem = build_problem(recipe.problem)
     merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
     data = build_data(recipe, problem)
@@ -257,6 +258,7 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
     how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_coefficients(staging, merged.coefficients, recipe, problem)
+        write_inputs(staging, inputs, problem.description)
         if learner.best is not None:
             chosen = {"step": learner.best["step"], "criterion": learner.best["value"]}
             write_text(staging / "selection.json", json.dumps(chosen, indent=1))
@@ -352,11 +354,13 @@ def merge(recipe: DictConfig | str) -> RunResult:
         raise ValueError("this recipe has no 'method' section; learn coefficients with `adamerge fit`")
     run_dir, _ = _prepare_output(recipe)
     _setup_process(recipe)
+    inputs = record_inputs()
     problem = build_problem(recipe.problem)
     module, merged, results = _merge_and_evaluate(recipe, problem)
     how = f"data-free `{recipe.method.name}` {to_plain(recipe.method.args)}"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_common(staging, recipe, problem, module, how, results)
+        write_inputs(staging, inputs, problem.description)
     return RunResult(run_dir, results, merged)
 
 
@@ -376,6 +380,8 @@ def evaluate_run(run_dir: str | Path) -> dict[str, dict]:
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a finished adamerge run (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
+    for change in changed_inputs(run_dir):
+        warnings.warn(f"{run_dir}: {change}; the results may differ from the run's", stacklevel=2)
     if recipe.frank_wolfe is not None:
         raise ValueError(f"{run_dir} is an FW-Merging run: it has no coefficients to re-evaluate; run `adamerge fit` again")
     _setup_process(recipe)

@@ -273,3 +273,43 @@ def test_the_training_log_survives_resumes(zoo, tmp_path):
     resumed = runner.fit(recipe)
     assert [step for step, _ in log(straight.run_dir)] == [str(s) for s in range(6)]
     assert log(resumed.run_dir) == log(straight.run_dir)  # every step once, with the same losses
+
+
+# ---------------------------------------------------------------------- provenance
+
+
+def test_inputs_json_records_every_input_and_eval_warns_when_one_changed(zoo, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    from adamerge.checkpoints import record_inputs
+    from adamerge.coefficients import MergeCoefficients
+
+    data = tmp_path / "data-a"
+    shutil.copytree(zoo / "data" / "a", data)
+    recipe = recipe_dict(zoo, tmp_path, export={"plot": False, "merged_model": False, "mergekit": False})
+    recipe["problem"]["tasks"]["a"].update(calibration={"path": str(data)}, evaluation={"path": str(data)})
+    result = runner.fit(load_recipe(recipe))
+    inputs = json.loads((result.run_dir / "inputs.json").read_text())
+    roles = {Path(file).relative_to(zoo if Path(file).is_relative_to(zoo) else tmp_path).as_posix(): entry["role"]
+             for file, entry in inputs.items()}
+    assert roles["data-a/test.jsonl"] == "task 'a' data" and roles["data/b/test.jsonl"] == "task 'b' data"
+    assert roles["zoo/a/model.safetensors"] == "expert 'a'" and roles["zoo/b/config.json"] == "expert 'b'"
+    assert roles["base/model.safetensors"] == "pretrained"
+    for file, entry in inputs.items():
+        content = Path(file).read_bytes()
+        assert entry["size"] == len(content) and entry["sha256"] == hashlib.sha256(content).hexdigest()
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unchanged inputs: no warning
+        runner.evaluate_run(result.run_dir)
+    (data / "test.jsonl").write_text((data / "test.jsonl").read_text().replace('"label": 1', '"label": 0'))
+    with pytest.warns(UserWarning, match=rf"task 'a' data {re.escape(str(data / 'test.jsonl'))} changed since the run"):
+        runner.evaluate_run(result.run_dir)
+
+    read = record_inputs()  # initial coefficients are inputs too
+    MergeCoefficients.load(result.run_dir / "coefficients.safetensors")
+    assert read == {str((result.run_dir / "coefficients.safetensors").resolve()): "coefficients"}
