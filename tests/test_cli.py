@@ -158,7 +158,8 @@ def test_sigterm_during_fit_exits_non_zero_and_leaves_a_resumable_partial_run(zo
     recipe["export"] = {"plot": False}
     path = tmp_path / "long.yaml"
     OmegaConf.save(OmegaConf.create(recipe), path)
-    process = subprocess.Popen([sys.executable, "-m", "adamerge", "fit", str(path)], cwd=tmp_path,
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    process = subprocess.Popen([sys.executable, "-m", "adamerge", "fit", str(path)], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "long.partial" / "checkpoints" / "last.ckpt"
     try:

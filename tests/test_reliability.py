@@ -30,6 +30,14 @@ def zoo(tmp_path_factory):
     return build_text_zoo(tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    """datasets' cache inside the test's folder (it would write to ~/.cache otherwise)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
 def quiet(zoo, out, name="run", **sections):
     """A tiny fit recipe that writes no plots or merged model (fast)."""
     sections.setdefault("export", {"plot": False, "merged_model": False, "mergekit": False})
@@ -57,7 +65,7 @@ def test_a_second_run_refuses_while_another_process_holds_the_directory_and_take
     assert (work_dir / "lock").exists()
     result = runner.fit(quiet(zoo, tmp_path))  # the stale lock is taken over
     assert (result.run_dir / "coefficients.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-cache") == ["run"]
 
 
 def test_the_lock_is_released_when_a_run_fails(zoo, tmp_path):
@@ -78,7 +86,7 @@ def test_a_partial_run_without_a_checkpoint_is_restarted_not_refused(zoo, tmp_pa
     result = runner.fit(recipe)
     assert load_recipe(result.run_dir / "recipe.yaml") == recipe
     assert (result.run_dir / "metrics.csv").read_text() != "stale\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-cache") == ["run"]
 
 
 def test_a_checkpoint_of_a_different_recipe_is_refused_naming_the_keys(zoo, tmp_path):
