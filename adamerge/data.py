@@ -126,6 +126,15 @@ def ordered_batches(name: str, dataset: Sequence, batch_size: int, collate: Coll
         yield collate_rows(dataset, rows[start : start + batch_size], collate)
 
 
+def by_length(dataset: Sequence, rows: Sequence[int], field: str = "input_ids") -> list[int]:
+    """``rows`` ordered by the length of their ``field`` (stable), so batches of neighbours pad
+    little; rows without the field keep their order."""
+    rows = list(rows)
+    if not rows or not isinstance(dataset[rows[0]], Mapping) or field not in dataset[rows[0]]:
+        return rows
+    return sorted(rows, key=lambda i: len(dataset[i][field]))
+
+
 def split_holdout(size: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
     """(training rows, held-out rows): a seeded random ``holdout`` fraction (or count, if >= 1) held out."""
     count = int(holdout) if holdout >= 1 else int(round(holdout * size))

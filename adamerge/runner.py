@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from adamerge.checkpoints import atomic_directory, record_inputs, write_text
 from adamerge.coefficients import MergeCoefficients, build_layout, make_constraint
 from adamerge.config import load_recipe, to_plain
-from adamerge.data import CalibrationData, ordered_batches
+from adamerge.data import CalibrationData, by_length, ordered_batches
 from adamerge.element import ElementCoefficients
 from adamerge.evaluate import check_labels, evaluate
 from adamerge.export import write_coefficients, write_common
@@ -287,8 +287,8 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
         coefficients = MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint)
     data = build_data(recipe, problem)
     samples = recipe.progressive.samples_per_task
-    batches = {
-        name: list(ordered_batches(name, rows, recipe.trainer.batch_size, data.collate_for(name), range(min(samples, len(rows)))))
+    batches = {  # the first N rows of each task, batched by length: padding costs compute, not accuracy
+        name: list(ordered_batches(name, rows, recipe.trainer.batch_size, data.collate_for(name), by_length(rows, range(min(samples, len(rows))))))
         for name, rows in problem.calibration.items()
     }
     distiller = ProgressiveDistiller(

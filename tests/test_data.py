@@ -269,3 +269,13 @@ def test_unreadable_tables_are_named_in_one_line(tmp_path, datasets_cache, name,
     else:
         assert message.startswith(f"task 'b' data {path}: ")
         assert re.search(cause, message), message
+
+
+def test_by_length_orders_rows_by_their_token_count_and_leaves_other_rows_alone():
+    from adamerge.data import by_length
+
+    rows = [{"input_ids": [1] * n} for n in (5, 2, 7, 2)]
+    assert by_length(rows, [0, 1, 2, 3]) == [1, 3, 0, 2]  # stable among equal lengths
+    assert by_length(rows, [2, 0]) == [0, 2]
+    plain = [{"x": 1}, {"x": 2}]
+    assert by_length(plain, [1, 0]) == [1, 0]

@@ -305,9 +305,9 @@ def test_selection_returns_the_best_held_out_coefficients_not_the_last(tmp_path)
     learner, merged = _selection_run(8, [checkpointing(tmp_path, 8)])
     last = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert float(last["state_dict"]["merged.coefficients.raw"]) == 2.0  # where training ended
-    assert learner.best["step"] == 4 and learner.best["value"] == 0.0
+    assert learner.best["step"] == 4 and abs(learner.best["value"]) < 1e-6  # KL to itself: 0 up to rounding
     assert float(merged.coefficients()) == 1.0  # ... but the run finishes on the best
-    assert learner.held_out_criterion() == 0.0
+    assert abs(learner.held_out_criterion()) < 1e-6
     with torch.no_grad():
         merged.coefficients.raw.fill_(2.0)
     assert learner.held_out_criterion() > 1e-4
@@ -325,5 +325,5 @@ def test_selection_best_is_carried_through_a_resume(tmp_path):
     assert checkpoint["adamerge_selection_best"]["step"] == 4
     assert float(checkpoint["state_dict"]["merged.coefficients.raw"]) == 1.5
     learner, merged = _selection_run(8, ckpt_path=tmp_path / "last.ckpt")
-    assert learner.best["step"] == 4 and learner.best["value"] == 0.0
+    assert learner.best["step"] == 4 and abs(learner.best["value"]) < 1e-6
     assert float(merged.coefficients()) == 1.0
