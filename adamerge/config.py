@@ -263,6 +263,9 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
     for section in ("tasks", "experts"):  # names become file names in the run directory
         for name in recipe.problem[section]:
             check_name(name, f"{origin}: problem.{section}")
+    from adamerge.recipe_checks import check_recipe
+
+    check_recipe(recipe, origin)
     OmegaConf.set_readonly(recipe, True)
     return recipe
 

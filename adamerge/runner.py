@@ -213,8 +213,6 @@ def fit(recipe: DictConfig | str) -> RunResult:
     run_dir, work_dir = _prepare_output(recipe)
     _setup_process(recipe)
     L.seed_everything(recipe.seed, verbose=False)
-    if recipe.frank_wolfe is not None and recipe.progressive is not None:
-        raise ValueError("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
     if recipe.frank_wolfe is not None:
         return _fit_frank_wolfe(recipe, build_problem(recipe.problem), run_dir)
     started = time.perf_counter()
@@ -273,7 +271,6 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
 
 def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
     """ProDistill: coefficients learned block by block, resumable after every finished block."""
-    _check_progressive(recipe)
     resume_point(recipe, work_dir)
     problem = build_problem(recipe.problem)
     scope = merge_scope(recipe, problem)
@@ -309,16 +306,6 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
         write_common(staging, recipe, problem, module_with_tensors(problem.pretrained, result.merged), how, results)
     shutil.rmtree(work_dir, ignore_errors=True)
     return RunResult(run_dir, results, model, seconds)
-
-
-def _check_progressive(recipe: DictConfig) -> None:
-    """What progressive learning cannot honour is refused, not ignored."""
-    if recipe.selection is not None or recipe.task_balance != "sum":
-        raise ValueError("progressive learning has no `selection` or `task_balance` (every block matches its experts directly): remove them")
-    if recipe.task_vectors.ties is not None or recipe.task_vectors.dare is not None:
-        raise ValueError("progressive learning reads one block's task vectors at a time: task_vectors.ties/dare are not supported with it")
-    if isinstance(to_plain(recipe.coefficients.chunks), dict) and "importance_from" in recipe.coefficients.chunks:
-        raise ValueError("progressive learning takes explicit coefficients.chunks, not importance_from")
 
 
 def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -> RunResult:

@@ -1,0 +1,87 @@
+"""One validation pass over a loaded recipe, before any model or data is read.
+
+The schema (``config.py``) checks keys and types; this checks what a type cannot: every
+closed choice (granularity, constraint, task balance, optimiser, storage dtype, TIES options,
+FW mode and LMO) against its allowed values, and the rules across sections (which sections
+exclude each other, what progressive learning refuses). A bad value costs milliseconds and
+an error naming the key, not a model load. Allowed values are the ones the components
+themselves accept, imported from them, so the two lists cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from omegaconf import DictConfig
+
+from adamerge.coefficients import GRANULARITIES
+from adamerge.learner import BALANCES
+
+CONSTRAINTS = ("none", "clamp", "sigmoid")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _choices(recipe: DictConfig) -> dict[str, tuple[object, tuple]]:
+    """``dotted key -> (value, allowed values)`` for every closed choice present in the recipe."""
+    checks = {
+        "coefficients.granularity": (recipe.coefficients.granularity, GRANULARITIES),
+        "coefficients.constraint.name": (recipe.coefficients.constraint.name, CONSTRAINTS),
+        "task_balance": (recipe.task_balance, BALANCES),
+        "optimizer.name": (recipe.optimizer.name, OPTIMIZERS),
+        "task_vectors.dtype": (recipe.task_vectors.dtype, DTYPES),
+    }
+    if recipe.task_vectors.ties is not None:
+        checks["task_vectors.ties.scope"] = (recipe.task_vectors.ties.scope, ("model", "tensor"))
+        checks["task_vectors.ties.sign_method"] = (recipe.task_vectors.ties.sign_method, ("sum", "count"))
+    if recipe.frank_wolfe is not None:
+        checks["frank_wolfe.mode"] = (recipe.frank_wolfe.mode, ("hard", "soft"))
+        checks["frank_wolfe.lmo"] = (recipe.frank_wolfe.lmo, ("model", "tensor"))
+        checks["frank_wolfe.inner_granularity"] = (
+            recipe.frank_wolfe.inner_granularity, tuple(g for g in GRANULARITIES if g != "element"),
+        )
+    return checks
+
+
+def _exclusive(recipe: DictConfig) -> list[str]:
+    """Problems with how the recipe's sections combine."""
+    problems = []
+    learned = [name for name in ("frank_wolfe", "progressive", "selection") if recipe[name] is not None]
+    if recipe.method is not None and learned:
+        problems.append(f"`method` (a data-free merge) cannot be combined with {', '.join(f'`{n}`' for n in learned)}")
+    if recipe.frank_wolfe is not None and recipe.progressive is not None:
+        problems.append("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
+    if recipe.progressive is not None:
+        if recipe.selection is not None or recipe.task_balance != "sum":
+            problems.append("progressive learning has no `selection` or `task_balance` (every block matches its experts directly)")
+        if recipe.task_vectors.ties is not None or recipe.task_vectors.dare is not None:
+            problems.append("progressive learning reads one block's task vectors at a time: task_vectors.ties/dare are not supported")
+        chunks = recipe.coefficients.chunks
+        if isinstance(chunks, DictConfig) and "importance_from" in chunks:
+            problems.append("progressive learning takes explicit coefficients.chunks, not importance_from (it needs every task vector)")
+        if recipe.coefficients.granularity == "task":
+            problems.append("progressive learning trains one block at a time: coefficients.granularity 'task' spans every block")
+    granularity = recipe.coefficients.granularity
+    if recipe.coefficients.groups is not None and granularity != "group":
+        problems.append(f"coefficients.groups is only used with granularity 'group', not {granularity!r}")
+    if recipe.coefficients.chunks is not None and granularity != "chunk":
+        problems.append(f"coefficients.chunks is only used with granularity 'chunk', not {granularity!r}")
+    if recipe.coefficients.constraint.name == "none" and (
+        recipe.coefficients.constraint.lo is not None or recipe.coefficients.constraint.hi is not None
+    ):
+        problems.append("coefficients.constraint: lo/hi need a constraint name (clamp or sigmoid)")
+    return problems
+
+
+def check_recipe(recipe: DictConfig, origin: str = "recipe") -> None:
+    """Raise ``RecipeError`` naming the first bad key (with the closest allowed value) or rule."""
+    from adamerge.config import RecipeError
+
+    for key, (value, allowed) in _choices(recipe).items():
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{origin}: {key} is {value!r}; use one of {list(allowed)}{hint}")
+    problems = _exclusive(recipe)
+    if problems:
+        raise RecipeError(f"{origin}: {problems[0]}")

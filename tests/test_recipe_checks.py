@@ -1,0 +1,51 @@
+"""Every closed choice and cross-section rule is checked when the recipe loads: before any
+model or data is read, with an error naming the key (the pretrained path here does not exist,
+so reaching a model load would raise FileNotFoundError, not RecipeError)."""
+
+from __future__ import annotations
+
+import pytest
+
+from adamerge.config import RecipeError, load_recipe
+
+BASE = {"problem": {"kind": "hf_sequence_classification", "pretrained": "/nonexistent/model"}}
+
+
+@pytest.mark.parametrize("override, key, hint", [
+    ("coefficients.granularity=lyer", "coefficients.granularity", "layer"),
+    ("coefficients.constraint.name=clamped", "coefficients.constraint.name", "clamp"),
+    ("task_balance=lgo", "task_balance", "log"),
+    ("optimizer.name=adma", "optimizer.name", "adam"),
+    ("task_vectors.dtype=fp8", "task_vectors.dtype", None),
+    ("task_vectors.ties.scope=modle", "task_vectors.ties.scope", "model"),
+    ("frank_wolfe.lmo=tensr", "frank_wolfe.lmo", "tensor"),
+])
+def test_a_bad_closed_choice_names_its_key_and_the_closest_value(override, key, hint):
+    with pytest.raises(RecipeError) as error:  # not FileNotFoundError: no model was looked for
+        load_recipe(BASE, [override])
+    message = str(error.value)
+    assert key in message and "use one of" in message
+    assert (f"did you mean {hint!r}" in message) if hint else "did you mean" not in message
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"method": {"name": "ties"}, "selection": {}}, "cannot be combined with `selection`"),
+    ({"method": {"name": "ties"}, "frank_wolfe": {}}, "cannot be combined with `frank_wolfe`"),
+    ({"frank_wolfe": {}, "progressive": {}}, "not both"),
+    ({"progressive": {}, "task_balance": "guarded"}, "no `selection` or `task_balance`"),
+    ({"progressive": {}, "task_vectors": {"dare": {}}}, "ties/dare"),
+    ({"progressive": {}, "coefficients": {"granularity": "task"}}, "spans every block"),
+    ({"progressive": {}, "coefficients": {"granularity": "chunk", "chunks": {"importance_from": "x", "budget": 2}}},
+     "not importance_from"),
+    ({"coefficients": {"granularity": "layer", "chunks": 2}}, "only used with granularity 'chunk'"),
+    ({"coefficients": {"granularity": "task", "groups": "block"}}, "only used with granularity 'group'"),
+    ({"coefficients": {"constraint": {"lo": 0.0}}}, "lo/hi need a constraint name"),
+])
+def test_sections_that_exclude_each_other_are_refused_at_load(sections, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe({**BASE, **sections})
+
+
+def test_a_good_recipe_passes_and_stays_read_only():
+    recipe = load_recipe(BASE, ["coefficients.granularity=element", "progressive.epochs=3"])
+    assert recipe.coefficients.granularity == "element" and recipe.progressive.epochs == 3
