@@ -1,4 +1,4 @@
-"""Command line: ``adamerge fit|merge|eval|quickstart|recipes``.
+"""Command line: ``adamerge fit|merge|eval|quickstart|recipes`` (and ``--version``).
 
 A user error (a bad recipe or input, a refused run) prints ``error: <message>`` and exits with
 status 2; anything unexpected prints its traceback and exits with 1. ``--debug`` (or
@@ -82,7 +82,10 @@ def _report(error: BaseException, debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     debug_help = "show the traceback of user errors too (or set ADAMERGE_DEBUG=1)"
+    from adamerge import __version__
+
     parser = argparse.ArgumentParser(prog="adamerge", description="Learn how to merge models.")
+    parser.add_argument("--version", action="version", version=f"adamerge {__version__}")
     parser.add_argument("--debug", action="store_true", help=debug_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)

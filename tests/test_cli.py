@@ -99,6 +99,18 @@ def test_python_m_adamerge_recipes_lists_the_built_in_recipes():
     assert cli.resolve_recipe("text/ties") == REPO / "recipes" / "text" / "ties.yaml"
 
 
+def test_version_prints_the_package_version(capsys):
+    import importlib.metadata
+
+    import adamerge
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out == f"adamerge {adamerge.__version__}\n"
+    assert adamerge.__version__ == importlib.metadata.version("adamerge")  # the code's and the package's agree
+
+
 def test_missing_recipe_file_errors_clearly(tmp_path, capsys):
     assert cli.main(["fit", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
