@@ -272,6 +272,7 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
 def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
     """ProDistill: coefficients learned block by block, resumable after every finished block."""
     resume_point(recipe, work_dir)
+    inputs = record_inputs()
     problem = build_problem(recipe.problem)
     scope = merge_scope(recipe, problem)
     shapes = {n: tuple(p.shape) for n, p in problem.pretrained.named_parameters() if p.is_floating_point() and in_scope(n, **scope)}
@@ -283,6 +284,8 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
     else:
         coefficients = MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint)
     data = build_data(recipe, problem)
+    model = FunctionalModel(problem.pretrained)
+    check_labels(model, problem.tasks, data)
     samples = recipe.progressive.samples_per_task
     batches = {  # the first N rows of each task, batched by length: padding costs compute, not accuracy
         name: list(ordered_batches(name, rows, recipe.trainer.batch_size, data.collate_for(name), by_length(rows, range(min(samples, len(rows))))))
@@ -297,11 +300,11 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
     )
     result = distiller.run()
     seconds = time.perf_counter() - started
-    model = FunctionalModel(problem.pretrained)
     results = evaluate_problem(model, problem, data, params=result.merged) if recipe.evaluation.enabled else {}
     how = f"{layout.granularity}-wise coefficients learned block by block (progressive layer-wise distillation)"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_coefficients(staging, coefficients, recipe, problem)
+        write_inputs(staging, inputs, problem.description)
         write_text(staging / "progressive.json", json.dumps(result.history, indent=1))
         write_common(staging, recipe, problem, module_with_tensors(problem.pretrained, result.merged), how, results)
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -290,7 +290,7 @@ def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(tmp_path, tmp
     result = runner.fit(recipe)
     run = result.run_dir
     for name in ("coefficients.safetensors", "coefficients.json", "coefficients.png", "progressive.json", "eval.json",
-                 "merged/model.safetensors"):
+                 "inputs.json", "merged/model.safetensors"):
         assert (run / name).exists(), name
     assert not (tmp_path / "pd.partial").exists()
     coefficients = ElementCoefficients.load(run / "coefficients.safetensors")
