@@ -89,6 +89,6 @@ def test_learned_merge_of_the_real_text_zoo_beats_task_arithmetic(tmp_path):
     ]
     ta = runner.merge(load_recipe(resolve_recipe("text/task_arithmetic"), common + [f"output_dir={tmp_path / 'ta'}"]))
     learned = runner.fit(
-        load_recipe(resolve_recipe("text/recommended"), common + [f"output_dir={tmp_path / 'learned'}", "trainer.max_steps=60"])
+        load_recipe(resolve_recipe("text/recommended"), common + [f"output_dir={tmp_path / 'learned'}", "progressive.epochs=3"])
     )
     assert average_accuracy(learned.results) > average_accuracy(ta.results)
