@@ -173,7 +173,13 @@ class MergedModel(FunctionalModel):
     """A frozen backbone whose in-scope weights are ``θ_0 + Σ_k c_k ⊙ τ_k``.
 
     Only the coefficients (``self.coefficients``) are trainable. Call it like the backbone:
-    ``merged(*inputs)``. ``coefficients`` shares an existing coefficient module whose layout
+    ``merged(*inputs)``; with several tasks (or batches) per step, merge once with
+    ``params = merged.merged_parameters()`` and call ``merged.forward_with(params, ...)`` for
+    each: every call of ``merged(...)`` with gradients on re-merges the whole model (a loop
+    over K tasks would merge K times per step). One backward over the summed losses, or one
+    per task with ``retain_graph=True``, both reach the coefficients through that one merge.
+    The ``pretrained`` module is frozen in place and kept in eval mode (pass a copy to keep
+    yours trainable). ``coefficients`` shares an existing coefficient module whose layout
     covers these tensors (and possibly more: progressive distillation merges one block at a
     time against the whole model's coefficients). ``offload_vectors=True`` keeps the task vectors in host memory (as
     given: e.g. ``TaskVectors.load`` memory-maps its file) when the model moves to an
