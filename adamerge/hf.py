@@ -120,6 +120,20 @@ def sequence_classification_tasks(
     return tasks, f"^{backbone.base_model_prefix}\\."
 
 
+def save_task_classifier(encoder: Mapping[str, Tensor], head: Mapping[str, Tensor], expert: str, tokenizer, folder) -> None:
+    """One task as a complete ``XForSequenceClassification`` folder (the merged encoder, the task's
+    head, its expert's config with ``num_labels``/``id2label``, the tokenizer), so that
+    ``from_pretrained`` and ``pipeline`` open what was merged, not the encoder alone."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(expert))
+    model.load_state_dict({**encoder, **head}, strict=True)
+    with quiet_transformers():
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def text_collate(tokenizer):
     """Pad tokenised rows to the longest in the batch; ``label`` becomes ``labels``."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,13 @@ def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
         with hf.quiet_transformers():
             getattr(module, encoder_prefix).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        encoder = {k: v for k, v in module.state_dict().items() if k.startswith(encoder_prefix + ".")}
+        for name, task in tasks.items():
+            target = inside(folder, folder / "tasks" / name)
+            if not (Path(experts[name]) / "config.json").is_file():
+                warnings.warn(f"task {name!r}: expert {experts[name]} has no config.json, so no {target} (its head is in heads/)")
+                continue
+            hf.save_task_classifier(encoder, task.head.as_dict(), experts[name], tokenizer, target)
 
     def save_heads(folder: Path) -> None:
         from adamerge.checkpoints import save_safetensors

@@ -1,0 +1,108 @@
+"""What a run exports, opened with the other tools' own loaders: per-task Hugging Face classifiers
+(``from_pretrained``, ``pipeline``), the model card (``huggingface_hub``), mergekit YAMLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from adamerge import runner  # noqa: E402
+from adamerge.config import load_recipe  # noqa: E402
+from adamerge.hf import SequenceClassificationTask  # noqa: E402
+from adamerge.problems import build_problem  # noqa: E402
+from test_runner import build_text_zoo  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+LABEL_NAMES = {"a": ["neg", "pos"], "b": ["no", "maybe", "yes"]}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_text_zoo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def named_zoo(zoo, tmp_path_factory):
+    """The tiny text zoo with label names: in each expert's config (id2label/label2id) and in each
+    task's meta.json (label_names)."""
+    root = tmp_path_factory.mktemp("named_zoo")
+    shutil.copytree(zoo / "zoo", root / "zoo")
+    shutil.copytree(zoo / "data", root / "data")
+    for task, names in LABEL_NAMES.items():
+        file = root / "zoo" / task / "config.json"
+        config = json.loads(file.read_text())
+        config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        config["label2id"] = {name: i for i, name in enumerate(names)}
+        file.write_text(json.dumps(config))
+        (root / "data" / task / "meta.json").write_text(json.dumps({"pair": task == "b", "label_names": names}))
+    return root
+
+
+def zoo_recipe(zoo, named_zoo, out, name, **sections):
+    recipe = {
+        "name": name,
+        "output_dir": f"{out}/{name}",
+        "problem": {
+            "kind": "text_zoo",
+            "pretrained": str(zoo / "base"),
+            "max_length": 32,
+            "options": {"data_root": str(named_zoo / "data"), "zoo_dir": str(named_zoo / "zoo")},
+        },
+        "coefficients": {"granularity": "layer", "init": 0.3},
+        "optimizer": {"lr": 0.05},
+        "trainer": {"max_steps": 3, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
+                    "log_every_n_steps": 1, "accelerator": "cpu"},
+    }
+    recipe.update(sections)
+    return load_recipe(recipe)
+
+
+@pytest.fixture(scope="module")
+def fitted(zoo, named_zoo, tmp_path_factory):
+    recipe = zoo_recipe(zoo, named_zoo, tmp_path_factory.mktemp("runs"), "ada")
+    return recipe, runner.fit(recipe)
+
+
+def read_rows(named_zoo, task):
+    return [json.loads(line) for line in (named_zoo / "data" / task / "test.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------- per-task Hugging Face folders
+
+
+def test_each_task_exports_a_classifier_transformers_opens_with_the_merged_logits(fitted, named_zoo):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    recipe, result = fitted
+    problem = build_problem(recipe.problem)
+    merged = result.merged.eval()
+    params = merged.merged_parameters()
+    evaluation = json.loads((result.run_dir / "eval.json").read_text())
+    for task, names in LABEL_NAMES.items():
+        folder = result.run_dir / "merged" / "tasks" / task
+        model, info = AutoModelForSequenceClassification.from_pretrained(str(folder), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert type(model).__name__ == "BertForSequenceClassification"
+        assert model.config.num_labels == len(names)
+        assert model.config.id2label == dict(enumerate(names))
+
+        batch = problem.collate([problem.evaluation[task][i] for i in range(6)])
+        with torch.no_grad():
+            expected = problem.tasks[task](merged, params, batch).logits
+            actual = model(**{k: batch[k] for k in SequenceClassificationTask.INPUTS if k in batch}).logits
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+        rows = read_rows(named_zoo, task)
+        classify = pipeline("text-classification", model=str(folder))
+        inputs = [{"text": r["text"], "text_pair": r["text_pair"]} if "text_pair" in r else r["text"] for r in rows]
+        predicted = [model.config.label2id[p["label"]] for p in classify(inputs)]
+        accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+        assert accuracy == pytest.approx(evaluation[task]["accuracy"])
