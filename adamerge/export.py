@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -62,22 +64,64 @@ def write_results(folder: Path, results: Mapping[str, Mapping]) -> None:
     write_text(folder / "eval.csv", buffer.getvalue())
 
 
-def model_card(recipe: DictConfig, problem: MergeProblem, how: str, results: Mapping[str, Mapping] | None) -> str:
-    """A Hugging Face model card naming the base model, the experts and the method."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TASK_TYPES = {"hf_sequence_classification": "text-classification", "hf_clip": "zero-shot-image-classification",
+              "hf_causal_lm": "text-generation"}
+
+
+def hub_id(source) -> str | None:
+    """The Hugging Face hub id a model is known by: the name itself, or the ``_name_or_path`` its
+    folder's config.json records; None for anything else, as a card's ``base_model`` is a hub link."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        return str(source) if HUB_ID.match(str(source)) else None
+    if not (path / "config.json").is_file():
+        return None
+    name = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    return name if isinstance(name, str) and HUB_ID.match(name) and not Path(name).expanduser().exists() else None
+
+
+def model_card(
+    recipe: DictConfig,
+    problem: MergeProblem,
+    how: str,
+    results: Mapping[str, Mapping] | None,
+    coefficients: Coefficients | None = None,
+) -> str:
+    """A Hugging Face model card (``huggingface_hub``'s ModelCard): base model by hub id, experts,
+    method, mean coefficient per expert and the evaluation, also as model-index results."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     description = problem.description
+    kind = str(description.get("kind", ""))
+    base = description.get("base", "unknown")
     experts = description.get("experts", {})
-    front = {
-        "base_model": str(description.get("base", "unknown")),
-        "tags": ["merge", "adamerge", "model-merging"],
-        "library_name": "transformers" if str(description.get("kind", "")).startswith("hf_") else "pytorch",
-    }
-    lines = ["---", OmegaConf.to_yaml(OmegaConf.create(front)).strip(), "---", "", f"# {recipe.name}", ""]
-    lines += [f"Merged with adamerge: {how}.", "", f"- **Base model:** `{front['base_model']}`"]
-    lines += ["- **Experts:**"] + [f"  - `{name}`: `{path}`" for name, path in experts.items()]
+    evals = [
+        EvalResult(task_type=TASK_TYPES.get(kind, "other"), dataset_type=task, dataset_name=task,
+                   metric_type="accuracy", metric_value=r["accuracy"])
+        for task, r in (results or {}).items() if "accuracy" in r
+    ]
+    data = ModelCardData(
+        model_name=recipe.name,
+        base_model=hub_id(base),
+        tags=["merge", "adamerge", "model-merging"],
+        library_name="transformers" if kind.startswith("hf_") else "pytorch",
+        eval_results=evals or None,
+    )
+    lines = [f"# {recipe.name}", "", f"Merged with adamerge: {how}.", "", f"- **Base model:** `{hub_id(base) or base}`"]
+    lines += ["- **Experts:**"] + [f"  - `{name}`: `{hub_id(path) or path}`" for name, path in experts.items()]
+    if coefficients is not None:
+        means = coefficients.summary().mean(dim=1).tolist()
+        lines += ["", "## Coefficients", "", "Mean coefficient per expert (over its coefficient slots):", ""]
+        lines += ["| expert | mean |", "|---|---|"] + [
+            f"| {name} | {mean:.4f} |" for name, mean in zip(coefficients.layout.expert_names, means)
+        ]
     if results:
         lines += ["", "## Evaluation", "", results_table({recipe.name: results})]
     lines += ["", "## Reproduce", "", "```bash", f"adamerge {'merge' if recipe.method else 'fit'} recipe.yaml", "```", ""]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def mergekit_config(coefficients: Coefficients, problem: MergeProblem) -> tuple[dict | None, str]:
@@ -129,6 +173,7 @@ def write_common(
     module: nn.Module,
     how: str,
     results: Mapping[str, Mapping] | None,
+    coefficients: Coefficients | None = None,
 ) -> None:
     """Recipe, evaluation and merged model with its card: what every run directory holds."""
     save_recipe(recipe, folder / "recipe.yaml")
@@ -137,7 +182,7 @@ def write_common(
     if recipe.export.merged_model:
         target = folder / "merged"
         save_merged_model(module, problem, target)
-        write_text(target / "README.md", model_card(recipe, problem, how, results))
+        write_text(target / "README.md", model_card(recipe, problem, how, results, coefficients))
 
 
 def write_coefficients(folder: Path, coefficients: Coefficients, recipe: DictConfig, problem: MergeProblem) -> None:

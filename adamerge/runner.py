@@ -260,7 +260,7 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
         if learner.best is not None:
             chosen = {"step": learner.best["step"], "criterion": learner.best["value"]}
             write_text(staging / "selection.json", json.dumps(chosen, indent=1))
-        write_common(staging, recipe, problem, merged.to_module(), how, results)
+        write_common(staging, recipe, problem, merged.to_module(), how, results, merged.coefficients)
         if (work_dir / "metrics.csv").exists():
             shutil.copy(work_dir / "metrics.csv", staging / "metrics.csv")
             if recipe.export.plot:
@@ -306,7 +306,7 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
         write_coefficients(staging, coefficients, recipe, problem)
         write_inputs(staging, inputs, problem.description)
         write_text(staging / "progressive.json", json.dumps(result.history, indent=1))
-        write_common(staging, recipe, problem, module_with_tensors(problem.pretrained, result.merged), how, results)
+        write_common(staging, recipe, problem, module_with_tensors(problem.pretrained, result.merged), how, results, coefficients)
     shutil.rmtree(work_dir, ignore_errors=True)
     return RunResult(run_dir, results, model, seconds)
 

@@ -106,3 +106,46 @@ def test_each_task_exports_a_classifier_transformers_opens_with_the_merged_logit
         predicted = [model.config.label2id[p["label"]] for p in classify(inputs)]
         accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
         assert accuracy == pytest.approx(evaluation[task]["accuracy"])
+
+
+# ---------------------------------------------------------------------- model card
+
+
+def test_the_model_card_parses_with_huggingface_hub(fitted):
+    from huggingface_hub import ModelCard
+
+    recipe, result = fitted
+    card = ModelCard.load(result.run_dir / "merged" / "README.md")
+    assert card.data.base_model is None  # the base is a local folder with no hub id: no path in base_model
+    assert {"merge", "adamerge"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    evaluation = json.loads((result.run_dir / "eval.json").read_text())
+    parsed = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    assert parsed == {task: evaluation[task]["accuracy"] for task in LABEL_NAMES}
+    means = result.merged.coefficients().detach().mean(dim=1)
+    for name, mean in zip(("a", "b"), means.tolist()):
+        assert f"| {name} | {mean:.4f} |" in card.text
+    assert "layer-wise coefficients learned with ['entropy']" in card.text
+
+
+def test_the_model_card_names_the_base_by_hub_id_only(fitted, zoo, tmp_path):
+    from types import SimpleNamespace
+
+    from huggingface_hub import ModelCard
+
+    from adamerge.export import model_card
+
+    recipe, result = fitted
+    hub_named = tmp_path / "hub_named"
+    shutil.copytree(zoo / "base", hub_named)
+    config = json.loads((hub_named / "config.json").read_text())
+    (hub_named / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-bert"}))
+    local_named = tmp_path / "local_named"
+    shutil.copytree(zoo / "base", local_named)
+    (local_named / "config.json").write_text(json.dumps({**config, "_name_or_path": str(hub_named)}))
+    for base, expected in ((hub_named, "org/tiny-bert"), ("org/on-the-hub", "org/on-the-hub"),
+                           (local_named, None), (zoo / "base", None)):
+        problem = SimpleNamespace(description={"kind": "hf_sequence_classification", "base": str(base),
+                                               "experts": {"a": str(hub_named)}})
+        card = ModelCard(model_card(recipe, problem, "a test", result.results))
+        assert card.data.base_model == expected, base
+        assert f"`{expected or base}`" in card.text
