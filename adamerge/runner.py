@@ -27,7 +27,7 @@ from adamerge.config import load_recipe, to_plain
 from adamerge.data import CalibrationData, by_length, ordered_batches
 from adamerge.element import ElementCoefficients
 from adamerge.evaluate import check_labels, evaluate
-from adamerge.export import write_coefficients, write_common
+from adamerge.export import write_coefficients, write_common, write_method_mergekit
 from adamerge.frank_wolfe import frank_wolfe_merge
 from adamerge.importance import importance_chunks
 from adamerge.learner import CheckpointFiles, CoefficientLearner
@@ -351,6 +351,8 @@ def merge(recipe: DictConfig | str) -> RunResult:
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_common(staging, recipe, problem, module, how, results)
         write_inputs(staging, inputs, problem.description)
+        if recipe.export.mergekit:
+            write_method_mergekit(staging, recipe, problem, merge_scope(recipe, problem))
     return RunResult(run_dir, results, merged)
 
 
