@@ -163,8 +163,8 @@ class CalibrationData(L.LightningDataModule):
         holdout: float = 0.0,
     ):
         super().__init__()
-        if not calibration:
-            raise ValueError("no calibration data: give at least one task")
+        if not calibration and not evaluation:
+            raise ValueError("no calibration data (and no evaluation data): give at least one task some")
         for name, dataset in calibration.items():
             if len(dataset) == 0:
                 raise ValueError(f"task {name!r} has no calibration data")

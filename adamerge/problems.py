@@ -129,6 +129,11 @@ def _split_file(path: Path, split: str, task: str) -> Path:
     return path
 
 
+def has_data(source: DataSourceConfig) -> bool:
+    """Whether a task names calibration data (a data-free merge needs none; learning refuses a task without)."""
+    return source.path is not None or source.dataset is not None
+
+
 def _require(config: ProblemConfig, *what: str) -> None:
     if "pretrained" in what and not config.pretrained:
         raise ValueError(f"problem kind {config.kind!r} needs 'problem.pretrained'")
@@ -209,10 +214,11 @@ def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
     tasks, scope = hf.sequence_classification_tasks(backbone, {n: config.tasks[n].expert for n in config.tasks})
     calibration, evaluation = {}, {}
     for name, task in config.tasks.items():
-        calibration[name] = hf.tokenize_text(
-            load_table(task.calibration, name, config.seed), tokenizer, task.text, task.text_pair, task.label,
-            config.max_length, name,
-        )
+        if has_data(task.calibration):
+            calibration[name] = hf.tokenize_text(
+                load_table(task.calibration, name, config.seed), tokenizer, task.text, task.text_pair, task.label,
+                config.max_length, name,
+            )
         if task.evaluation is not None:
             evaluation[name] = hf.tokenize_text(
                 load_table(task.evaluation, name, config.seed), tokenizer, task.text, task.text_pair, task.label,
@@ -311,7 +317,8 @@ def clip_problem(config: ProblemConfig) -> MergeProblem:
             raise ValueError(f"task {name!r}: CLIP tasks need 'classnames'")
         embeddings = hf.clip_class_embeddings(full, tokenizer, task.classnames, task.templates or hf.DEFAULT_TEMPLATES)
         tasks[name] = hf.CLIPZeroShotTask(name, embeddings, full.logit_scale.exp().item())
-        calibration[name] = _images(load_table(task.calibration, name, config.seed), task, with_label=True)
+        if has_data(task.calibration):
+            calibration[name] = _images(load_table(task.calibration, name, config.seed), task, with_label=True)
         if task.evaluation is not None:
             evaluation[name] = _images(load_table(task.evaluation, name, config.seed), task, with_label=True)
     return MergeProblem(
@@ -355,9 +362,10 @@ def causal_lm_problem(config: ProblemConfig) -> MergeProblem:
     tasks, calibration, evaluation = {}, {}, {}
     for name, task in config.tasks.items():
         tasks[name] = hf.CausalLMTask(name)
-        calibration[name] = hf.tokenize_prompts(
-            load_table(task.calibration, name, config.seed), tokenizer, task.text, task.response, config.max_length, name
-        )
+        if has_data(task.calibration):
+            calibration[name] = hf.tokenize_prompts(
+                load_table(task.calibration, name, config.seed), tokenizer, task.text, task.response, config.max_length, name
+            )
         if task.evaluation is not None:
             evaluation[name] = hf.tokenize_prompts(
                 load_table(task.evaluation, name, config.seed), tokenizer, task.text, task.response, config.max_length, name

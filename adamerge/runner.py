@@ -133,6 +133,9 @@ def _selection_objective(recipe: DictConfig) -> Objective | None:
 
 
 def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
+    missing = [t for t in problem.tasks if t not in problem.calibration]
+    if missing and recipe.method is None:  # learning on the other tasks alone would ignore these silently
+        raise ValueError(f"task(s) {missing} have no calibration data (problem.tasks.<task>.calibration); only `adamerge merge` runs without")
     return CalibrationData(
         problem.calibration,
         problem.collate,
@@ -361,8 +364,10 @@ def _merge_and_evaluate(recipe: DictConfig, problem: MergeProblem):
     module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **to_plain(recipe.method.args))
     model = FunctionalModel(problem.pretrained)
     results = {}
-    if recipe.evaluation.enabled:
+    if recipe.evaluation.enabled and problem.evaluation:
         results = evaluate_problem(model, problem, build_data(recipe, problem), params=module.state_dict())
+    elif recipe.evaluation.enabled:
+        print("no task has evaluation data: the merge is exported without evaluation")
     return module, model, results
 
 

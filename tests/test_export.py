@@ -222,3 +222,30 @@ def test_mergekit_skips_a_bare_encoder_base_saying_why(zoo, named_zoo):
     assert config is None and "bare encoder" in reason
     config, note = method_mergekit_config("task_arithmetic", {}, problem, {"include": problem.include, "exclude": None})
     assert config is not None and "classifier.weight" in note
+
+
+# ---------------------------------------------------------------------- data-free merges without data
+
+
+def test_a_data_free_merge_runs_with_experts_only(zoo, named_zoo, tmp_path, capsys):
+    from transformers import AutoModel
+
+    from adamerge.checkpoints import open_weights
+
+    experts_only = {t: {"expert": str(named_zoo / "zoo" / t)} for t in ("a", "b")}
+    recipe = {"name": "bare", "output_dir": f"{tmp_path}/bare", "method": {"name": "task_arithmetic", "args": {"scaling": 0.4}},
+              "problem": {"kind": "hf_sequence_classification", "pretrained": str(zoo / "base"), "tasks": experts_only}}
+    result = runner.merge(load_recipe(recipe))
+    assert "no task has evaluation data: the merge is exported without evaluation" in capsys.readouterr().out
+    assert result.results == {} and not (result.run_dir / "eval.json").exists()
+    assert (result.run_dir / "mergekit.yaml").is_file() and (result.run_dir / "merged" / "tasks" / "b").is_dir()
+    base = open_weights(str(zoo / "base"))
+    experts = [open_weights(str(named_zoo / "zoo" / t)) for t in ("a", "b")]
+    state = AutoModel.from_pretrained(str(result.run_dir / "merged")).state_dict()
+    key = "bert.encoder.layer.1.output.dense.weight"
+    expected = base[key] + 0.4 * sum(e[key] - base[key] for e in experts)
+    torch.testing.assert_close(state[key.removeprefix("bert.")], expected, rtol=1e-6, atol=1e-6)
+
+    learning = {**recipe, "method": None, "output_dir": f"{tmp_path}/learn"}
+    with pytest.raises(ValueError, match=r"task\(s\) \['a', 'b'\] have no calibration data"):
+        runner.fit(load_recipe(learning))
