@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(results_table({label: results[label]}), flush=True)
     table = accuracy_table(results, seconds, to_merge)
     report = (
-        f"# Text benchmark\n\n`python benchmarks/text_benchmark.py {' '.join(sys.argv[1:])}`\n\n"
+        f"# Text benchmark\n\n`python benchmarks/text_benchmark.py {shlex.join(sys.argv[1:])}`\n\n"
         f"## Accuracy (%), normalised accuracy (÷ each task's expert) and wall time (2 CPU cores)\n\n{table}\n\n"
         f"## Collapse diagnostics\n\n{diagnostics_table(results)}\n"
     )
