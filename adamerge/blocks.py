@@ -84,7 +84,9 @@ def block_of_key(key: str, prefix: str) -> int | None:
     return int(key[len(prefix) + 1 :].split(".", 1)[0])
 
 
-def split_stages(model: nn.Module, keys: Sequence[str], run: Callable[[], Any], aliases: Mapping[str, str] = {}) -> list[Stage]:
+def split_stages(
+    model: nn.Module, keys: Sequence[str], run: Callable[[], Any], aliases: Mapping[str, str] | None = None
+) -> list[Stage]:
     """The model's stages over the merged ``keys``; ``run()`` makes one forward pass (to see which
     modules are called before and after the blocks). ``aliases`` maps tied names to canonical keys."""
     prefix = find_blocks(model)
@@ -93,7 +95,7 @@ def split_stages(model: nn.Module, keys: Sequence[str], run: Callable[[], Any], 
     for key in keys:
         if block_of_key(key, prefix) is None:
             owners.setdefault(module_of(key), []).append(key)
-    for alias, canonical in aliases.items():  # a tied head reads the embedding's tensor
+    for alias, canonical in (aliases or {}).items():  # a tied head reads the embedding's tensor
         if canonical in keys and block_of_key(alias, prefix) is None:
             owners.setdefault(module_of(alias), []).append(canonical)
     phase = {"now": "pre"}
