@@ -321,3 +321,48 @@ def test_inputs_json_records_every_input_and_eval_warns_when_one_changed(zoo, tm
     read = record_inputs()  # initial coefficients are inputs too
     MergeCoefficients.load(result.run_dir / "coefficients.safetensors")
     assert read == {str((result.run_dir / "coefficients.safetensors").resolve()): "coefficients"}
+
+
+# ---------------------------------------------------------------------- fault injection
+
+
+@pytest.mark.slow
+def test_a_fit_killed_at_random_moments_resumes_to_the_uninterrupted_coefficients(zoo, tmp_path):
+    """SIGKILL at up to 10 random moments (start-up, training, checkpoint writes, export), a
+    rerun after each: the finished run holds bit-identical coefficients and is complete, and
+    no half-written file is left beside it."""
+    import random
+    import time
+
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    sections = {"trainer": {"max_steps": 40, "batch_size": 4, "checkpoint_every_n_steps": 1, "progress_bar": False,
+                            "log_every_n_steps": 1, "accelerator": "cpu"}, "export": {"plot": False}}
+    reference = runner.fit(quiet(zoo, tmp_path / "reference", **sections))
+    out = tmp_path / "killed"
+    path = tmp_path / "killed.yaml"
+    OmegaConf.save(OmegaConf.create(recipe_dict(zoo, out, **sections)), path)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    rng = random.Random(0)
+    kills = 0
+    while kills < 10 and not (out / "run").exists():
+        process = subprocess.Popen([sys.executable, "-m", "adamerge", "fit", str(path)], cwd=tmp_path, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(1.0, 7.0))
+        if process.poll() is None:
+            process.kill()
+            kills += 1
+        process.communicate(timeout=60)
+    if not (out / "run").exists():
+        finished = subprocess.run([sys.executable, "-m", "adamerge", "fit", str(path)], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=600)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+    assert kills >= 3  # the moments were inside the run, not all after it
+    got = load_file(str(out / "run" / "coefficients.safetensors"))
+    want = load_file(str(reference.run_dir / "coefficients.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for name in ("recipe.yaml", "coefficients.json", "eval.json", "metrics.csv", "inputs.json", "merged/config.json"):
+        assert (out / "run" / name).exists(), name
+    assert sorted(p.name for p in out.iterdir()) == ["run"]  # no .partial, no staging folder left
