@@ -39,6 +39,7 @@ class TaskConfig:
     text: str = "text"
     text_pair: Optional[str] = None
     label: Optional[str] = "label"
+    label_names: Optional[list[str]] = None  # string labels: the class names in id order (default: the expert's label2id)
     response: Optional[str] = None  # causal LMs: the column holding the response
     image: str = "image"  # CLIP: the column holding the image
     classnames: Optional[list[str]] = None  # CLIP: class names for the zero-shot head

@@ -147,11 +147,20 @@ def text_collate(tokenizer):
     return collate
 
 
-def tokenize_text(dataset, tokenizer, text: str, text_pair: str | None, label: str | None, max_length: int, task: str):
-    """Tokenise a ``datasets.Dataset`` of sentences (or pairs); keeps only model inputs and ``label``."""
+def tokenize_text(
+    dataset, tokenizer, text: str, text_pair: str | None, label: str | None, max_length: int, task: str,
+    label_ids: Mapping[str, int] | None = None, labels_needed: bool = True,
+):
+    """Tokenise a ``datasets.Dataset`` of sentences (or pairs); keeps only model inputs and ``label``.
+
+    String labels (``"pos"``) become class ids through ``label_ids``. Where labels are not
+    needed (calibration rows of a label-free objective), strings that cannot be mapped are
+    dropped rather than refused; where they are (evaluation), an unknown one is an error."""
     for column in [text, text_pair]:
         if column and column not in dataset.column_names:
             raise KeyError(f"task {task!r}: column {column!r} not in the data (columns: {dataset.column_names})")
+    if label and label in dataset.column_names and dataset.features[label].dtype in ("string", "large_string"):
+        dataset = _label_ids(dataset, label, label_ids or {}, task, labels_needed)
 
     def encode(rows):
         pair = rows[text_pair] if text_pair else None
@@ -167,6 +176,20 @@ def tokenize_text(dataset, tokenizer, text: str, text_pair: str | None, label: s
     if keep_label and keep_label != "label":
         tokenized = tokenized.rename_column(keep_label, "label")
     return tokenized
+
+
+def _label_ids(dataset, label: str, label_ids: Mapping[str, int], task: str, needed: bool):
+    """String labels replaced by their class ids (or the column dropped, when not needed and unmappable)."""
+    unknown = sorted(set(dataset[label]) - set(label_ids))
+    if unknown and not needed:
+        return dataset.remove_columns(label)
+    if unknown:
+        known = sorted(label_ids, key=label_ids.get)
+        raise ValueError(
+            f"task {task!r}: label {unknown[0]!r} is not a class name of its expert ({known}); "
+            "set the task's label_names or the expert config's label2id"
+        )
+    return dataset.map(lambda row: {label: label_ids[row[label]]}, new_fingerprint=f"{dataset._fingerprint}-ids")
 
 
 # ---------------------------------------------------------------------- CLIP zero-shot

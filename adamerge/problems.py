@@ -200,6 +200,16 @@ def _save_hf(tokenizer_or_processor) -> Exporter:
     return save
 
 
+def _label_ids(task: TaskConfig, expert) -> dict[str, int]:
+    """Class name -> id for string labels: the task's ``label_names`` in order, else its expert's ``label2id``."""
+    if task.label_names:
+        return {name: i for i, name in enumerate(task.label_names)}
+    config_file = Path(str(expert)) / "config.json"
+    if config_file.is_file():
+        return {str(k): int(v) for k, v in (json.loads(config_file.read_text()).get("label2id") or {}).items()}
+    return {}
+
+
 @register_problem("hf_sequence_classification")
 def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
     """K sequence classifiers fine-tuned from one encoder; each task keeps its expert's head."""
@@ -214,15 +224,16 @@ def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
     tasks, scope = hf.sequence_classification_tasks(backbone, {n: config.tasks[n].expert for n in config.tasks})
     calibration, evaluation = {}, {}
     for name, task in config.tasks.items():
+        label_ids = _label_ids(task, experts[name])
         if has_data(task.calibration):
             calibration[name] = hf.tokenize_text(
                 load_table(task.calibration, name, config.seed), tokenizer, task.text, task.text_pair, task.label,
-                config.max_length, name,
+                config.max_length, name, label_ids, labels_needed=False,
             )
         if task.evaluation is not None:
             evaluation[name] = hf.tokenize_text(
                 load_table(task.evaluation, name, config.seed), tokenizer, task.text, task.text_pair, task.label,
-                config.max_length, name,
+                config.max_length, name, label_ids,
             )
     encoder_prefix = backbone.base_model_prefix
 
@@ -287,9 +298,11 @@ def text_zoo_problem(config: ProblemConfig) -> MergeProblem:
     tasks = {}
     for name in names:
         meta_file = data_root / name / "meta.json"
-        pair = json.loads(meta_file.read_text()).get("pair", False) if meta_file.exists() else False
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        pair = meta.get("pair", False)
         tasks[name] = TaskConfig(
             expert=str(zoo_dir / name),
+            label_names=meta.get("label_names"),
             calibration=replace(calibration, path=str(data_root / name)),
             evaluation=replace(evaluation, path=str(data_root / name)),
             text_pair="text_pair" if pair else None,

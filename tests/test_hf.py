@@ -372,3 +372,27 @@ def test_hf_causal_lm_problem_kind(gpt2, tokenizer, tmp_path):
     merged = MergedModel(problem.pretrained, TaskVectors.from_models(problem.pretrained, problem.experts), "task")
     output = problem.tasks["qa"](merged, merged.merged_parameters(), batch)
     assert output.logits.shape == (3, len(tokenizer)) and output.sample_rows.tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------------- string labels
+
+
+def _string_rows():
+    import datasets
+
+    return datasets.Dataset.from_list([{"text": "a b", "label": "pos"}, {"text": "c", "label": "neg"}, {"text": "d", "label": "pos"}])
+
+
+def test_string_labels_become_class_ids_through_the_given_names():
+    from transformers import BertTokenizer
+
+    from adamerge.hf import tokenize_text
+
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d"])})
+    out = tokenize_text(_string_rows(), tokenizer, "text", None, "label", 16, "t", {"neg": 0, "pos": 1})
+    assert out["label"] == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"task 't': label 'neg' is not a class name of its expert \(\['LABEL_0', 'LABEL_1'\]\)"):
+        tokenize_text(_string_rows(), tokenizer, "text", None, "label", 16, "t", {"LABEL_0": 0, "LABEL_1": 1})
+    # rows only learned from (label-free): unmappable labels are dropped, not refused
+    unlabelled = tokenize_text(_string_rows(), tokenizer, "text", None, "label", 16, "t", {}, labels_needed=False)
+    assert "label" not in unlabelled.column_names and len(unlabelled) == 3

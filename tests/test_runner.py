@@ -466,3 +466,23 @@ def test_text_zoo_problem_kind(zoo, tmp_path):
                                                "options": {**options, "data_root": str(tmp_path / "none")}}}).problem)
     with pytest.raises(ValueError, match="needs problem.options.data_root"):
         build_problem(load_recipe({"problem": {"kind": "text_zoo", "options": {"zoo_dir": str(zoo_dir)}}}).problem)
+
+
+def test_string_labels_are_mapped_by_label_names_and_not_needed_to_learn(zoo, tmp_path):
+    """Task a's rows relabelled with class names: evaluation through label_names matches the
+    integer-labelled run exactly; a label-free fit on names its expert does not know still runs."""
+    rows = [json.loads(line) for line in (zoo / "data" / "a" / "test.jsonl").read_text().splitlines()]
+    names = ["no", "yes"]
+    folder = tmp_path / "named-data"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("\n".join(json.dumps({**r, "label": names[r["label"]]}) for r in rows) + "\n")
+    recipe = recipe_dict(zoo, tmp_path, name="named")
+    recipe["problem"]["tasks"]["a"].update(calibration={"path": str(folder)}, evaluation={"path": str(folder)},
+                                            label_names=names)
+    named = runner.fit(load_recipe(recipe))
+    plain = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="plain")))
+    assert named.results["a"]["accuracy"] == plain.results["a"]["accuracy"]
+    del recipe["problem"]["tasks"]["a"]["label_names"]
+    recipe["problem"]["tasks"]["a"]["evaluation"] = None
+    learned = runner.fit(load_recipe({**recipe, "name": "unnamed"}))  # 'no'/'yes' are not in the expert's label2id
+    assert "a" not in learned.results and "b" in learned.results
