@@ -64,7 +64,7 @@ class CoefficientLearner(L.LightningModule):
         weight_decay: float = 0.0,
         task_weights: Mapping[str, float] | None = None,
         selection: Objective | None = None,
-        select_every_n_steps: int = 50,
+        select_every_n_steps: int = 25,  # as SelectionConfig.every_n_steps
         task_balance: str = "sum",
         guard_weight: float = 4.0,
         per_task_backward: bool = False,
