@@ -34,8 +34,15 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 # ---------------------------------------------------------------------- recipes
 
 
-def test_there_are_built_in_recipes():
-    assert len(RECIPES) >= 6
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_built_in_recipe_starts_with_the_command_that_runs_it(path):
+    """As the README says: `adamerge merge` for a data-free `method`, `adamerge fit` otherwise,
+    with an argument that resolves to this very file (a path from the repository or a built-in name)."""
+    words = path.read_text().splitlines()[0].split()
+    job = "merge" if load_recipe(path).method is not None else "fit"
+    assert words[:3] == ["#", "adamerge", job], words
+    argument = words[3].removeprefix("recipes/")
+    assert cli.resolve_recipe(argument).resolve() == path.resolve()
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
