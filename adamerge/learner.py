@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from adamerge.checkpoints import load_checkpoint, write_bytes
 from adamerge.merged import MergedModel
 from adamerge.objectives import Objective, ObjectiveContext, split_loss
+from adamerge.objectives.balance import get_balance
 from adamerge.tasks import Task
 
 # The backbone, the task heads and the objectives stay in eval mode on purpose (frozen; no
@@ -27,7 +28,6 @@ from adamerge.tasks import Task
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 COEFFICIENT_PREFIX = "merged.coefficients."
-BALANCES = ("sum", "log", "initial", "guarded")
 
 
 class _InjectGradients(torch.autograd.Function):
@@ -84,8 +84,7 @@ class CoefficientLearner(L.LightningModule):
         if unknown:
             raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(self.tasks)}")
         self.task_weights = {name: float((task_weights or {}).get(name, 1.0)) for name in self.tasks}
-        if task_balance not in BALANCES:
-            raise ValueError(f"unknown task_balance {task_balance!r}; use one of {BALANCES}")
+        self.balance = get_balance(task_balance)
         self.task_balance, self.guard_weight = task_balance, guard_weight
         self.initial_losses: dict[str, float] | None = None  # task_balance 'initial': each task's starting loss
         self.selection_reference: dict[str, float] | None = None  # ... and its starting held-out criterion
@@ -109,7 +108,7 @@ class CoefficientLearner(L.LightningModule):
         self.objective.setup(context)
         if self.selection is not None:
             self.selection.setup(context)
-        if self.task_balance in ("initial", "guarded") and self.initial_losses is None:
+        if self.balance.needs_start and self.initial_losses is None:
             self.initial_losses = self._mean_losses(self.objective, datamodule.calibration_batches)
         self._objective_ready = True
 
@@ -166,27 +165,13 @@ class CoefficientLearner(L.LightningModule):
         return total, logs
 
     def _balanced(self, loss: Tensor, task: str, reference: Mapping[str, float] | None = None) -> Tensor:
-        """How task losses are put on one scale before they are added.
-
-        ``sum``: as they are. ``log``: ``log(loss)``, so every task's *relative* decrease counts
-        the same at every step. ``initial``: ``loss / loss_at_start`` (the start measured over the
-        calibration set), fixed weights that put every task on the same footing. ``guarded``:
-        ``loss + ρ·max(0, loss − loss_at_start)``, the plain sum while every task improves, with
-        ``1 + ρ`` times the pull on any task that has fallen behind where it started — no task is
-        traded away for the others. All but ``sum`` need a non-negative objective, such as a KL.
-        """
-        if self.task_balance == "sum":
-            return loss
-        if bool(loss.detach() < 0):
+        """The task's loss on the scale of ``task_balance`` (see :mod:`adamerge.objectives.balance`)."""
+        if self.balance.non_negative and bool(loss.detach() < 0):
             raise ValueError(
                 f"task_balance {self.task_balance!r} needs a non-negative objective; task {task!r} has loss {float(loss):.4g}"
             )
-        if self.task_balance == "log":
-            return torch.log(loss + 1e-6)
-        start = (reference or self.initial_losses)[task]
-        if self.task_balance == "initial":
-            return loss / max(start, 1e-6)
-        return loss + self.guard_weight * torch.relu(loss - start)
+        start = (reference or self.initial_losses)[task] if self.balance.needs_start else None
+        return self.balance.fn(loss, start, self.guard_weight)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.step_loss(batch)

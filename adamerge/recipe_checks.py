@@ -15,7 +15,7 @@ import difflib
 from omegaconf import DictConfig
 
 from adamerge.coefficients import GRANULARITIES
-from adamerge.learner import BALANCES
+from adamerge.objectives.balance import BALANCES
 
 CONSTRAINTS = ("none", "clamp", "sigmoid")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -27,7 +27,7 @@ def _choices(recipe: DictConfig) -> dict[str, tuple[object, tuple]]:
     checks = {
         "coefficients.granularity": (recipe.coefficients.granularity, GRANULARITIES),
         "coefficients.constraint.name": (recipe.coefficients.constraint.name, CONSTRAINTS),
-        "task_balance": (recipe.task_balance, BALANCES),
+        "task_balance": (recipe.task_balance, tuple(BALANCES)),
         "optimizer.name": (recipe.optimizer.name, OPTIMIZERS),
         "task_vectors.dtype": (recipe.task_vectors.dtype, DTYPES),
     }
