@@ -88,7 +88,6 @@ class ProgressiveDistiller:
         seed: int = 0,
         checkpoint: str | Path | None = None,
         progress: bool = True,
-        stages: Sequence[B.Stage] | None = None,
     ):
         if coefficients.layout.granularity == "task":
             raise ValueError(
@@ -116,9 +115,7 @@ class ProgressiveDistiller:
         base = self.model.base_tensors()
         self._pretrained_params = {k: base[k] for k in self.keys}
         probe = lambda: self.tasks[first_task](self.model, self._pretrained_params, self.batches[first_task][0])  # noqa: E731
-        self.stages = list(stages) if stages is not None else B.split_stages(
-            self.model.backbone, self.keys, probe, parameter_aliases(self.model.backbone)
-        )
+        self.stages = B.split_stages(self.model.backbone, self.keys, probe, parameter_aliases(self.model.backbone))
         self._check_slots()
 
     def _check_slots(self) -> None:
