@@ -272,31 +272,46 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
     return RunResult(run_dir, results, merged, seconds)
 
 
+def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[MergeCoefficients | ElementCoefficients, list[str]]:
+    """The recipe's coefficients over the merge scope, laid out from the pretrained shapes alone
+    (no task vector is read), and the merged tensors' names."""
+    scope = merge_scope(recipe, problem)
+    shapes = {
+        name: tuple(p.shape) for name, p in problem.pretrained.named_parameters()
+        if p.is_floating_point() and in_scope(name, **scope)
+    }
+    cfg = recipe.coefficients
+    layout = build_layout(
+        list(problem.experts), shapes, cfg.granularity,
+        groups=to_plain(cfg.groups), chunks=to_plain(cfg.chunks), freeze=to_plain(cfg.freeze),
+    )
+    constraint = make_constraint(to_plain(cfg.constraint))
+    if layout.granularity == "element":
+        return ElementCoefficients(layout, shapes, init=to_plain(cfg.init), constraint=constraint), list(shapes)
+    return MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint), list(shapes)
+
+
+def _first_rows_by_length(problem: MergeProblem, data: CalibrationData, samples: int, batch_size: int) -> dict[str, list]:
+    """The first ``samples`` calibration rows of each task, batched by length (padding costs compute, not accuracy)."""
+    return {
+        name: list(ordered_batches(name, rows, batch_size, data.collate_for(name), by_length(rows, range(min(samples, len(rows))))))
+        for name, rows in problem.calibration.items()
+    }
+
+
 def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
     """ProDistill: coefficients learned block by block, resumable after every finished block."""
     resume_point(recipe, work_dir)
     inputs = record_inputs()
     problem = build_problem(recipe.problem)
-    scope = merge_scope(recipe, problem)
-    shapes = {n: tuple(p.shape) for n, p in problem.pretrained.named_parameters() if p.is_floating_point() and in_scope(n, **scope)}
-    cfg = recipe.coefficients
-    layout = build_layout(list(problem.experts), shapes, cfg.granularity, groups=to_plain(cfg.groups), chunks=to_plain(cfg.chunks), freeze=to_plain(cfg.freeze))
-    constraint = make_constraint(to_plain(cfg.constraint))
-    if layout.granularity == "element":
-        coefficients = ElementCoefficients(layout, shapes, init=to_plain(cfg.init), constraint=constraint)
-    else:
-        coefficients = MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint)
+    coefficients, keys = build_coefficients(recipe, problem)
     data = build_data(recipe, problem)
     model = FunctionalModel(problem.pretrained)
     check_labels(model, problem.tasks, data)
-    samples = recipe.progressive.samples_per_task
-    batches = {  # the first N rows of each task, batched by length: padding costs compute, not accuracy
-        name: list(ordered_batches(name, rows, recipe.trainer.batch_size, data.collate_for(name), by_length(rows, range(min(samples, len(rows))))))
-        for name, rows in problem.calibration.items()
-    }
+    batches = _first_rows_by_length(problem, data, recipe.progressive.samples_per_task, recipe.trainer.batch_size)
     distiller = ProgressiveDistiller(
         problem.pretrained, problem.experts, problem.tasks, batches, coefficients,
-        keys=list(shapes), dtype=recipe.task_vectors.dtype, epochs=recipe.progressive.epochs,
+        keys=keys, dtype=recipe.task_vectors.dtype, epochs=recipe.progressive.epochs,
         lr=recipe.optimizer.lr, optimizer=recipe.optimizer.name, weight_decay=recipe.optimizer.weight_decay,
         task_weights={name: task.weight for name, task in recipe.problem.tasks.items()}, seed=recipe.seed,
         checkpoint=work_dir / "progress.safetensors", progress=recipe.trainer.progress_bar,
@@ -304,7 +319,7 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
     result = distiller.run()
     seconds = time.perf_counter() - started
     results = evaluate_problem(model, problem, data, params=result.merged) if recipe.evaluation.enabled else {}
-    how = f"{layout.granularity}-wise coefficients learned block by block (progressive layer-wise distillation)"
+    how = f"{coefficients.layout.granularity}-wise coefficients learned block by block (progressive layer-wise distillation)"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_coefficients(staging, coefficients, recipe, problem)
         write_inputs(staging, inputs, problem.description)
