@@ -1,6 +1,7 @@
 """Per-task evaluation with torchmetrics, plus collapse diagnostics that need no labels.
 
-Besides accuracy (when labels exist) every task reports its prediction histogram, the
+Besides accuracy and the mean cross-entropy (when labels exist; and perplexity, its
+exponential, for language models' tokens) every task reports its prediction histogram, the
 mean per-sample entropy and the entropy of the mean prediction: a merge that collapses
 onto one class shows a histogram with one spike and a near-zero mean-prediction entropy.
 """
@@ -32,6 +33,7 @@ def evaluate_task(
     counts: Tensor | None = None
     probability_sum: Tensor | None = None
     entropy_sum, rows = 0.0, 0
+    nll_sum, language_model = 0.0, False
     for batch in batches:
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         output = task(merged, params, batch)
@@ -46,7 +48,9 @@ def evaluate_task(
         entropy_sum += float(prediction_entropy(logits).sum())
         rows += logits.shape[0]
         labels = output.labels
+        language_model = language_model or output.sample_rows is not None
         if labels is not None:
+            nll_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             if accuracy is None:
                 accuracy = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
             accuracy.update(predictions, labels)
@@ -61,6 +65,9 @@ def evaluate_task(
     }
     if accuracy is not None:
         result["accuracy"] = float(accuracy.compute())
+        result["loss"] = nll_sum / rows  # mean cross-entropy of the labelled rows (tokens, for a language model)
+        if language_model:
+            result["perplexity"] = math.exp(result["loss"])
     if counts.numel() <= _HISTOGRAM_MAX_CLASSES:
         result["histogram"] = counts.tolist()
     return result

@@ -42,6 +42,22 @@ def test_histogram_entropies_and_accuracy_equal_the_hand_computed_values():
     assert result["entropy"] == pytest.approx(sum(_entropy(p) for p in probabilities) / 4, rel=1e-6)
     assert result["mean_prediction_entropy"] == pytest.approx(_entropy(mean), rel=1e-6)
     assert result["max_entropy"] == pytest.approx(math.log(2))
+    labels = [0, 1, 1, 0]
+    assert result["loss"] == pytest.approx(-sum(math.log(p[y]) for p, y in zip(probabilities, labels)) / 4, rel=1e-6)
+    assert "perplexity" not in result  # a classifier's rows are not tokens
+
+
+def test_language_model_tasks_report_perplexity_of_their_tokens():
+    from adamerge.tasks import TaskOutput
+
+    class TokenTask(HeadTask):
+        def forward(self, merged, params, batch, hidden_layers=()):
+            logits = batch["x"]
+            return TaskOutput(logits, labels=batch["labels"], sample_rows=torch.tensor([logits.shape[0]]))
+
+    batches = [{"x": x, "labels": y} for x, y in zip(LOGITS, LABELS)]
+    result = evaluate_task(FunctionalModel(nn.Identity()), TokenTask("lm"), batches, params={}, device="cpu")
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
 
 
 def test_a_collapsed_task_shows_one_spike_and_a_near_zero_mean_prediction_entropy():
