@@ -216,10 +216,10 @@ def fit(recipe: DictConfig | str) -> RunResult:
     run_dir, work_dir = _prepare_output(recipe)
     _setup_process(recipe)
     L.seed_everything(recipe.seed, verbose=False)
-    if recipe.frank_wolfe is not None:
-        return _fit_frank_wolfe(recipe, build_problem(recipe.problem), run_dir)
     started = time.perf_counter()
     with run_lock(work_dir):
+        if recipe.frank_wolfe is not None:
+            return _fit_frank_wolfe(recipe, run_dir, work_dir, started)
         if recipe.progressive is not None:
             return _fit_progressive(recipe, run_dir, work_dir, started)
         return _learn_coefficients(recipe, run_dir, work_dir, started)
@@ -329,8 +329,11 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
     return RunResult(run_dir, results, model, seconds)
 
 
-def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -> RunResult:
-    """FW-Merging: walk the merged weights toward the best experts; the run keeps its history, not coefficients."""
+def _fit_frank_wolfe(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
+    """FW-Merging: walk the merged weights toward the best experts; the run keeps its history, not coefficients.
+    It holds the run directory's lock like every fit, but has no checkpoints: an interrupted run starts over."""
+    inputs = record_inputs()
+    problem = build_problem(recipe.problem)
     data = build_data(recipe, problem)
     device = "cuda" if recipe.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     result = frank_wolfe_merge(
@@ -344,6 +347,7 @@ def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -
         task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
         device=device,
     )
+    seconds = time.perf_counter() - started
     results = {}
     if recipe.evaluation.enabled:
         results = evaluate_problem(result.model, problem, data, params=result.merged_parameters())
@@ -351,8 +355,10 @@ def _fit_frank_wolfe(recipe: DictConfig, problem: MergeProblem, run_dir: Path) -
     how = f"FW-Merging ({cfg.mode}, {cfg.lmo}-wise LMO, {cfg.iterations} iterations) with {[o.name for o in recipe.objectives]}"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_text(staging / "fw_history.json", json.dumps(result.history, indent=1))
+        write_inputs(staging, inputs, problem.description)
         write_common(staging, recipe, problem, result.model.backbone, how, results)
-    return RunResult(run_dir, results, result.model)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return RunResult(run_dir, results, result.model, seconds)
 
 
 def merge(recipe: DictConfig | str) -> RunResult:

@@ -316,10 +316,26 @@ def test_recipe_with_a_frank_wolfe_section_runs_through_fit(tmp_path, section):
     )
     result = fit(recipe)
     run = tmp_path / "run"
-    for name in ("recipe.yaml", "eval.json", "eval.csv", "fw_history.json", "merged/model.safetensors", "merged/README.md"):
+    for name in ("recipe.yaml", "inputs.json", "eval.json", "eval.csv", "fw_history.json", "merged/model.safetensors", "merged/README.md"):
         assert (run / name).is_file(), name
     assert not (run / "coefficients.safetensors").exists()
     history = json.loads((run / "fw_history.json").read_text())
     assert [r["iteration"] for r in history] == list(range(section["iterations"]))
     assert min(r["accuracy"] for r in result.results.values()) > 0.8
     assert f"FW-Merging ({recipe.frank_wolfe.mode}, {recipe.frank_wolfe.lmo}-wise LMO" in (run / "merged/README.md").read_text()
+    assert not (tmp_path / "run.partial").exists()  # its lock was held there and released
+
+
+def test_a_frank_wolfe_fit_refuses_while_another_run_holds_the_directory(tmp_path):
+    import os
+
+    held = tmp_path / "run.partial"
+    held.mkdir()
+    (held / "lock").write_text(json.dumps({"pid": os.getppid(), "host": __import__("socket").gethostname()}))
+    recipe = load_recipe({
+        "name": "fw", "output_dir": str(tmp_path / "run"),
+        "problem": {"kind": "test_frank_wolfe_zoo", "options": {"zoo_dir": str(tmp_path)}},
+        "objectives": [{"name": "cross_entropy"}], "frank_wolfe": {"iterations": 1},
+    })
+    with pytest.raises(FileExistsError, match=f"live run \\(PID {os.getppid()}"):
+        fit(recipe)
