@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from adamerge.checkpoints import save_safetensors, write_text
+from adamerge.checkpoints import UnreadableInput, reading, save_safetensors, write_text
 from adamerge.coefficients import CoefficientLayout, ConstraintSpec, InitSpec, make_constraint, resolve_init
 
 FORMAT = "adamerge.element_coefficients"
@@ -90,12 +90,6 @@ class ElementCoefficients(nn.Module):
         with torch.no_grad():
             return torch.stack([self.effective(k).flatten(1).mean(dim=1) for k in self.layout.keys], dim=1)
 
-    def row_values(self, key: str, values: Mapping[str, Tensor] | None = None) -> Tensor:
-        """``[K, rows]``: the mean coefficient of each row (to start a coarser layout from these)."""
-        tensor = (values or {}).get(key)
-        tensor = self.effective(key) if tensor is None else tensor
-        return tensor.reshape(tensor.shape[0], self.layout.rows[key], -1).mean(dim=2)
-
     def as_dict(self) -> dict[str, dict[str, float]]:
         """Readable ``expert -> tensor -> mean coefficient``."""
         summary = self.summary().cpu()
@@ -125,10 +119,12 @@ class ElementCoefficients(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "ElementCoefficients":
-        with safe_open(str(path), framework="pt") as handle:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"coefficients: no file {path}")
+        with reading("coefficients", path), safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an adamerge element-wise coefficient file")
+                raise UnreadableInput(f"{path} is not an adamerge element-wise coefficient file")
             layout = CoefficientLayout.from_json(metadata["layout"])
             coefficients = cls(
                 layout,
@@ -151,7 +147,3 @@ class ElementCoefficients(nn.Module):
             for name, raw in self.raw.items():
                 raw.copy_(other.raw[name])
 
-
-def is_element_file(path: str | Path) -> bool:
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("format") == FORMAT

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from adamerge import blocks as B
-from adamerge.checkpoints import WeightsSource, save_safetensors
+from adamerge.checkpoints import WeightsSource, reading, save_safetensors
 from adamerge.element import ElementCoefficients
 from adamerge.merged import FunctionalModel, MergedModel
 from adamerge.task_vectors import TaskVectors, parameter_aliases
@@ -196,12 +196,14 @@ class ProgressiveDistiller:
             out[task] = [self._stage_output(stage, task, params, b, features[task][i][1]) for i, b in enumerate(task_batches)]
         return out
 
+    def _owned_slots(self, stage: B.Stage) -> set[int]:
+        return {s for k in stage.owns for s in self.coefficients.layout.tensor_slots[k]}
+
     def _trainable(self, stage: B.Stage) -> list[torch.nn.Parameter]:
         if isinstance(self.coefficients, ElementCoefficients):
             return self.coefficients.parameters_of(stage.owns)
-        layout = self.coefficients.layout
-        owned = {s for k in stage.owns for s in layout.tensor_slots[k]} - set(layout.frozen)
-        return [self.coefficients.raw] if owned else []
+        trains = self._owned_slots(stage) - set(self.coefficients.layout.frozen)
+        return [self.coefficients.raw] if trains else []
 
     def _train_stage(self, stage, merged, features, targets, bar) -> dict:
         params = self._trainable(stage)
@@ -237,9 +239,8 @@ class ProgressiveDistiller:
         after each step (an optimiser step moves what weight decay or momentum touch)."""
         if isinstance(self.coefficients, ElementCoefficients):
             return lambda: None
-        layout = self.coefficients.layout
-        owned = {s for k in stage.owns for s in layout.tensor_slots[k]}
-        columns = [i for i, s in enumerate(layout.trainable_slots) if s not in owned]
+        owned = self._owned_slots(stage)
+        columns = [i for i, s in enumerate(self.coefficients.layout.trainable_slots) if s not in owned]
         if not columns:
             return lambda: None
         index = torch.tensor(columns)
@@ -264,12 +265,9 @@ class ProgressiveDistiller:
         """How many stages an interrupted run finished (their coefficients restored), else 0."""
         if self.checkpoint is None or not self.checkpoint.exists():
             return 0
-        try:
-            with safe_open(str(self.checkpoint), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                state = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as error:  # a damaged file: say which, do not guess
-            raise ValueError(f"progressive checkpoint {self.checkpoint} cannot be read ({error}): delete it to start over") from None
+        with reading("checkpoint", self.checkpoint), safe_open(str(self.checkpoint), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {k: handle.get_tensor(k) for k in handle.keys()}
         if json.loads(metadata.get("stages", "[]")) != [s.name for s in self.stages]:
             raise ValueError(f"{self.checkpoint} was written for other stages: delete it to start over")
         self.coefficients.load_state_dict(state)

@@ -265,6 +265,10 @@ def test_resume_after_a_finished_stage_is_exact(tmp_path):
     distiller(resumed, tmp_path / "progress.safetensors").run()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+    damaged = tmp_path / "progress.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    with pytest.raises(ValueError, match=f"checkpoint {damaged}"):  # named with its role and file
+        distiller(coefficients_for("element", experts, pretrained, keys), damaged).run()
 
 
 def test_masked_mse_ignores_padding_by_hand():

@@ -87,3 +87,14 @@ def embedding_keys(pretrained: WeightsSource, keys: Iterable[str]) -> set[str]:
         names = {n for n, p in pretrained.named_parameters(remove_duplicate=False) if id(p) in tables}
         return {k for k in keys if k in names}
     return {k for k in keys if EMBEDDING_NAME.search(k)}
+
+
+def merge_matrices(
+    pretrained: WeightsSource, experts: Experts, matrix_delta: Callable[[Tensor], Tensor], alpha: float,
+    include: Patterns, exclude: Patterns,
+) -> MergeResult:
+    """The SVD methods' shared rule: ``matrix_delta(τ)`` for every 2-D weight, ``α × mean_k τ_k``
+    for every other tensor (biases, norms), as TSV-M's and Iso-C's code do."""
+    tv = task_vectors(pretrained, experts, include, exclude)
+    deltas = {key: matrix_delta(t) if is_matrix(t) else alpha * t.float().mean(dim=0) for key, t in tv.items()}
+    return apply_deltas(pretrained, deltas)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from adamerge.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, apply_deltas, is_matrix, register_method, task_vectors
+from adamerge.methods.base import MergeResult, merge_matrices, register_method
 from adamerge.methods.svd import nonzero, top_components
 from adamerge.task_vectors import Experts, Patterns
 
@@ -47,8 +47,4 @@ def iso_c(
 ) -> MergeResult:
     """Iso-C: the summed task matrix with its spectrum flattened to its mean, times ``α``;
     non-matrix tensors get ``α × mean_k τ_k``."""
-    tv = task_vectors(pretrained, experts, include, exclude)
-    deltas = {
-        key: iso_c_delta(t, alpha) if is_matrix(t) else alpha * t.float().mean(dim=0) for key, t in tv.items()
-    }
-    return apply_deltas(pretrained, deltas)
+    return merge_matrices(pretrained, experts, lambda t: iso_c_delta(t, alpha), alpha, include, exclude)

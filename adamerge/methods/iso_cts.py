@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from adamerge.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, apply_deltas, is_matrix, register_method, task_vectors
+from adamerge.methods.base import MergeResult, merge_matrices, register_method
 from adamerge.methods.svd import nonzero, orthogonalize, top_components
 from adamerge.task_vectors import Experts, Patterns
 
@@ -77,9 +77,4 @@ def iso_cts(
 ) -> MergeResult:
     """Iso-CTS: common + task-specific singular directions, orthogonalised, flat spectrum,
     times ``α``; non-matrix tensors get ``α × mean_k τ_k``."""
-    tv = task_vectors(pretrained, experts, include, exclude)
-    deltas = {
-        key: iso_cts_delta(t, alpha, common_fraction) if is_matrix(t) else alpha * t.float().mean(dim=0)
-        for key, t in tv.items()
-    }
-    return apply_deltas(pretrained, deltas)
+    return merge_matrices(pretrained, experts, lambda t: iso_cts_delta(t, alpha, common_fraction), alpha, include, exclude)

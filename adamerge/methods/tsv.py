@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from adamerge.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, apply_deltas, is_matrix, register_method, task_vectors
+from adamerge.methods.base import MergeResult, merge_matrices, register_method
 from adamerge.methods.svd import nonzero, top_components, whitened_merge
 from adamerge.task_vectors import Experts, Patterns
 
@@ -64,8 +64,4 @@ def tsv(
 ) -> MergeResult:
     """TSV-M: per-task top-``⌊r/K⌋`` singular components, whitened, recombined, times ``α``;
     non-matrix tensors get ``α × mean_k τ_k``."""
-    tv = task_vectors(pretrained, experts, include, exclude)
-    deltas = {
-        key: tsv_delta(t, alpha) if is_matrix(t) else alpha * t.float().mean(dim=0) for key, t in tv.items()
-    }
-    return apply_deltas(pretrained, deltas)
+    return merge_matrices(pretrained, experts, lambda t: tsv_delta(t, alpha), alpha, include, exclude)
