@@ -49,3 +49,6 @@ def test_sections_that_exclude_each_other_are_refused_at_load(sections, message)
 def test_a_good_recipe_passes_and_stays_read_only():
     recipe = load_recipe(BASE, ["coefficients.granularity=element", "progressive.epochs=3"])
     assert recipe.coefficients.granularity == "element" and recipe.progressive.epochs == 3
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.is_readonly(recipe)
