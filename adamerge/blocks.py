@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ class Stage:
     reads: list[str]
     owns: list[str]
     index: int | None = None  # the block's position, for kind 'block'
+    needs: list[str] = field(default_factory=list)  # every tensor its modules hold (merged or not)
 
 
 @dataclass
@@ -85,50 +86,71 @@ def block_of_key(key: str, prefix: str) -> int | None:
 
 
 def split_stages(
-    model: nn.Module, keys: Sequence[str], run: Callable[[], Any], aliases: Mapping[str, str] | None = None
+    model: nn.Module, keys: Sequence[str], run: Callable[[], Any], aliases: Mapping[str, str] | None = None,
+    as_tuple: bool = False,
 ) -> list[Stage]:
-    """The model's stages over the merged ``keys``; ``run()`` makes one forward pass (to see which
-    modules are called before and after the blocks). ``aliases`` maps tied names to canonical keys."""
+    """The model's stages over the merged ``keys``; ``run()`` makes one forward pass, here with
+    every block a pass-through (so only what lies outside the blocks must hold real weights), to
+    see which modules are called before and after the blocks. ``aliases`` maps tied names to
+    canonical keys; ``as_tuple``: whether blocks return tuples. Each stage also lists every tensor
+    its modules hold (``needs``: what a streamed run reads for it)."""
     prefix = find_blocks(model)
     blocks = model.get_submodule(prefix)
-    owners: dict[str, list[str]] = {}
-    for key in keys:
-        if block_of_key(key, prefix) is None:
-            owners.setdefault(module_of(key), []).append(key)
-    for alias, canonical in (aliases or {}).items():  # a tied head reads the embedding's tensor
-        if canonical in keys and block_of_key(alias, prefix) is None:
-            owners.setdefault(module_of(alias), []).append(canonical)
+    aliases = dict(aliases or {})
+    held: dict[str, list[str]] = {}  # module outside the blocks -> the (canonical) tensors it holds
+    for name in model.state_dict(keep_vars=True):
+        if block_of_key(name, prefix) is None:
+            held.setdefault(module_of(name), []).append(aliases.get(name, name))
     phase = {"now": "pre"}
-    reads: dict[str, list[str]] = {"pre": [], "post": []}
-    handles = []
+    called: dict[str, list[str]] = {"pre": [], "post": []}
 
     def record(name):
         def hook(module, args):
-            if phase["now"] in reads:
-                reads[phase["now"]].extend(owners[name])
+            if phase["now"] in called:
+                called[phase["now"]].append(name)
 
         return hook
 
-    for name in owners:
+    handles = []
+    for name in held:
         with contextlib.suppress(AttributeError):
             handles.append(model.get_submodule(name).register_forward_pre_hook(record(name)))
-    handles.append(blocks[0].register_forward_pre_hook(lambda m, a: phase.update(now="blocks")))
-    handles.append(blocks[len(blocks) - 1].register_forward_hook(lambda m, a, o: phase.update(now="post")))
+    last = len(blocks) - 1
     try:
-        run()
+        with _blocks_replaced(model, prefix, lambda index: _Identity(as_tuple, phase, index == 0, index == last)):
+            run()
     finally:
         for handle in handles:
             handle.remove()
-    pre = list(dict.fromkeys(reads["pre"]))
-    post = list(dict.fromkeys(reads["post"]))
-    unread = [k for k in keys if block_of_key(k, prefix) is None and k not in pre and k not in post]
-    post += unread  # never called in the forward: nothing to learn, kept at their start
-    stages = [Stage("embeddings", "pre", pre, pre)]
+    needs = {when: list(dict.fromkeys(k for name in called[when] for k in held[name])) for when in called}
+    outside = list(dict.fromkeys(k for names in held.values() for k in names))
+    needs["post"] += [k for k in outside if k not in needs["pre"] and k not in needs["post"]]  # never called: kept as they are
+    merged = set(keys)
+    pre = [k for k in needs["pre"] if k in merged]
+    post = [k for k in needs["post"] if k in merged]
+    stages = [Stage("embeddings", "pre", pre, pre, needs=needs["pre"])]
     for index in range(len(blocks)):
         own = [k for k in keys if block_of_key(k, prefix) == index]
-        stages.append(Stage(f"{prefix}.{index}", "block", own, own, index))
-    stages.append(Stage("head", "post", post, [k for k in post if k not in pre]))
+        inside = [aliases.get(n, n) for n in model.state_dict(keep_vars=True) if block_of_key(n, prefix) == index]
+        stages.append(Stage(f"{prefix}.{index}", "block", own, own, index, needs=list(dict.fromkeys(inside))))
+    stages.append(Stage("head", "post", post, [k for k in post if k not in pre], needs=needs["post"]))
     return stages
+
+
+class _Identity(nn.Module):
+    """Stands in for a block while stages are found: returns its input, moving the phase on."""
+
+    def __init__(self, as_tuple: bool, phase: dict, first: bool, last: bool):
+        super().__init__()
+        self.as_tuple, self.phase, self.first, self.last = as_tuple, phase, first, last
+
+    def forward(self, *args, **kwargs):
+        if self.first:
+            self.phase["now"] = "blocks"
+        if self.last:
+            self.phase["now"] = "post"  # what runs after this returns follows the blocks
+        hidden = kwargs["hidden_states"] if not args else args[0]
+        return (hidden,) if self.as_tuple else hidden
 
 
 def capture_block_input(model: nn.Module, prefix: str, run: Callable[[], Any]) -> BlockCall:
@@ -174,18 +196,23 @@ class _PassThrough(nn.Module):
 
 
 @contextlib.contextmanager
-def blocks_bypassed(model: nn.Module, prefix: str, features: Tensor, as_tuple: bool) -> Iterator[None]:
-    """Within the context every block returns ``features``: a forward computes only what
-    precedes and follows the blocks (what precedes is ignored)."""
+def _blocks_replaced(model: nn.Module, prefix: str, make: Callable[[int], nn.Module]) -> Iterator[None]:
+    """Within the context block ``i`` is ``make(i)``; the originals come back after."""
     blocks = model.get_submodule(prefix)
     originals = list(blocks)
     try:
         for index in range(len(blocks)):
-            blocks[index] = _PassThrough(features, as_tuple)
+            blocks[index] = make(index)
         yield
     finally:
         for index, module in enumerate(originals):
             blocks[index] = module
+
+
+def blocks_bypassed(model: nn.Module, prefix: str, features: Tensor, as_tuple: bool):
+    """Within the context every block returns ``features``: a forward computes only what
+    precedes and follows the blocks (what precedes is ignored)."""
+    return _blocks_replaced(model, prefix, lambda index: _PassThrough(features, as_tuple))
 
 
 def block_returns_tuple(model: nn.Module, prefix: str, call: BlockCall) -> bool:

@@ -19,10 +19,17 @@ merged features against the expert on its own), as MSE on the logits.
 The coefficients are one object for the whole model (any layout but ``task``, whose single
 slot spans every block), shared by the per-stage :class:`~adamerge.merged.MergedModel`; a
 stage's optimiser moves only the slots that stage owns.
+
+Streamed (``weights=``, see :mod:`adamerge.streaming`): the pretrained module is a skeleton
+with its parameters on ``meta``, and a stage's tensors are read from the checkpoint when it
+starts and dropped when it ends, so at any moment only one stage's base tensors, its K task
+vectors, its optimiser state and the cached features are in memory; each stage's merged
+tensors go to a :class:`~adamerge.streaming.ShardWriter` as soon as the stage is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -38,6 +45,7 @@ from adamerge import blocks as B
 from adamerge.checkpoints import WeightsSource, reading, save_safetensors
 from adamerge.element import ElementCoefficients
 from adamerge.merged import FunctionalModel, MergedModel
+from adamerge.streaming import FeatureFiles, ShardWriter, StreamedModel
 from adamerge.task_vectors import TaskVectors, parameter_aliases
 from adamerge.tasks import Task
 
@@ -46,7 +54,8 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 
 @dataclass
 class ProgressiveResult:
-    """The learned coefficients, the merged tensors (merge scope, by name) and each stage's log."""
+    """The learned coefficients, the merged tensors (merge scope, by name; empty when streamed:
+    they went to the shard writer) and each stage's log."""
 
     coefficients: object
     merged: dict[str, Tensor]
@@ -68,6 +77,10 @@ class ProgressiveDistiller:
     ``batches[task]``: that task's calibration batches (a few, fixed). ``checkpoint`` (a
     path): after each stage the coefficients and the stage reached are saved there
     atomically, and a rerun resumes after the last finished stage, exactly.
+    ``weights``: stream (the module docstring): ``pretrained`` is a skeleton built under
+    :func:`~adamerge.streaming.parameters_on_meta` and ``weights`` its checkpoint, read lazily.
+    ``writer``: every stage's tensors (merged or not) are written to it as the stage ends.
+    ``features_dir``: cached features live in memory-mapped files there instead of memory.
     """
 
     def __init__(
@@ -88,6 +101,9 @@ class ProgressiveDistiller:
         seed: int = 0,
         checkpoint: str | Path | None = None,
         progress: bool = True,
+        weights: Mapping[str, Tensor] | None = None,
+        writer: ShardWriter | None = None,
+        features_dir: str | Path | None = None,
     ):
         if coefficients.layout.granularity == "task":
             raise ValueError(
@@ -110,13 +126,44 @@ class ProgressiveDistiller:
         unmatched = sorted(set(self.tasks) - set(self.experts))
         if unmatched:
             raise KeyError(f"progressive distillation needs an expert per task; no expert named {unmatched[0]!r}")
+        if weights is not None and isinstance(coefficients, ElementCoefficients):
+            raise ValueError(
+                "streamed learning keeps the whole model's coefficients in memory: element-wise ones are as large "
+                "as the task vectors; use granularity layer, chunk or group"
+            )
+        self.streamed = StreamedModel(pretrained, weights, scope=self.keys) if weights is not None else None
+        self.writer = writer
+        self.features = FeatureFiles(features_dir) if features_dir is not None else None
         self.prefix = B.find_blocks(self.model.backbone)
-        first_task = next(iter(self.tasks))
-        base = self.model.base_tensors()
-        self._pretrained_params = {k: base[k] for k in self.keys}
-        probe = lambda: self.tasks[first_task](self.model, self._pretrained_params, self.batches[first_task][0])  # noqa: E731
-        self.stages = B.split_stages(self.model.backbone, self.keys, probe, parameter_aliases(self.model.backbone))
+        self._find_stages()
         self._check_slots()
+
+    def _find_stages(self) -> None:
+        """The stages, from one forward with the blocks passed through (the weights outside the
+        blocks and block 0's, to see what the blocks return, are read for it)."""
+        backbone, prefix = self.model.backbone, self.prefix
+        first_task = next(iter(self.tasks))
+        probe = lambda: self._run_task(first_task, {}, self.batches[first_task][0])  # noqa: E731
+        names = [parameter_aliases(backbone).get(n, n) for n in backbone.state_dict(keep_vars=True)]
+        needed = [n for n in dict.fromkeys(names) if B.block_of_key(n, prefix) in (None, 0)]
+        with self._resident(needed):
+            call = B.capture_block_input(backbone, prefix, probe)
+            self._as_tuple = B.block_returns_tuple(backbone, prefix, call)
+            self.stages = B.split_stages(backbone, self.keys, probe, parameter_aliases(backbone), self._as_tuple)
+
+    @contextlib.contextmanager
+    def _resident(self, keys: Sequence[str], stand_ins: Sequence[str] = ()):
+        """Streamed: these tensors are read into the skeleton for the context, then dropped;
+        ``stand_ins`` are zeros that take no memory (computed on, then ignored)."""
+        if self.streamed is None:
+            yield
+            return
+        self.streamed.stand_in(stand_ins)
+        self.streamed.materialise(keys)
+        try:
+            yield
+        finally:
+            self.streamed.release([*keys, *stand_ins])
 
     def _check_slots(self) -> None:
         """Every coefficient slot belongs to one stage (else a later stage would move an earlier one's)."""
@@ -148,35 +195,66 @@ class ProgressiveDistiller:
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> ProgressiveResult:
-        self._calls = {
-            t: {id(b): B.capture_block_input(self.model.backbone, self.prefix, lambda: self._run_task(t, self._pretrained_params, b)) for b in bs}
-            for t, bs in self.batches.items()
-        }
-        first_call = next(iter(next(iter(self._calls.values())).values()))
-        self._as_tuple = B.block_returns_tuple(self.model.backbone, self.prefix, first_call)
         done = self._resume()
         features = {t: [(None, None) for _ in bs] for t, bs in self.batches.items()}
         merged_tensors: dict[str, Tensor] = {}
         history: list[dict] = []
         total = sum(len(bs) for bs in self.batches.values()) * self.epochs * sum(bool(self._trainable(s)) for s in self.stages[done:])
         bar = _progress_bar(total, self.progress)
+        written: set[str] = set()
+        before = self.stages[0].needs  # the head stage's forward also passes through these, then drops their output
         for number, stage in enumerate(self.stages):
-            merged = self._stage_merge(stage)
-            targets = self._expert_outputs(stage, merged, features)
-            if number >= done:
-                history.append(self._train_stage(stage, merged, features, targets, bar))
-                self._save_checkpoint(number + 1)
-            with torch.no_grad():
-                params = merged.merged_parameters()
-                merged_tensors.update({k: params[k].detach().clone() for k in stage.owns})
-                if stage.kind != "post":
-                    features = {
-                        t: [(self._stage_output(stage, t, params, b, features[t][i][0]), targets[t][i]) for i, b in enumerate(bs)]
+            stand_ins = [k for k in before if k not in stage.needs] if stage.kind == "post" else []
+            with self._resident(stage.needs, stand_ins):
+                if number == 0:  # every block's other arguments (masks, rotary tables), from the embeddings
+                    self._calls = {
+                        t: {id(b): B.capture_block_input(self.model.backbone, self.prefix, lambda: self._run_task(t, {}, b)) for b in bs}
                         for t, bs in self.batches.items()
                     }
-            del merged
+                merged = self._stage_merge(stage)
+                targets = self._expert_outputs(stage, merged, features)
+                if number >= done:
+                    history.append(self._train_stage(stage, merged, features, targets, bar))
+                with torch.no_grad():
+                    params = merged.merged_parameters()
+                    owned = {k: params[k].detach().clone() for k in stage.owns}
+                    if self.writer is not None:
+                        self._write_stage(number, stage, owned, written)
+                    if self.streamed is None:
+                        merged_tensors.update(owned)
+                    if number >= done:
+                        self._save_checkpoint(number + 1)
+                    if stage.kind != "post":
+                        features = self._next_features(number, stage, params, features, targets)
+                del merged, params, owned
         bar.close()
         return ProgressiveResult(self.coefficients, merged_tensors, history)
+
+    def _next_features(self, number: int, stage: B.Stage, params, features, targets) -> dict:
+        """Both feature sets one stage on (in memory-mapped files when asked)."""
+        moved = {}
+        for t, bs in self.batches.items():
+            moved[t] = []
+            for i, b in enumerate(bs):
+                pair = (self._stage_output(stage, t, params, b, features[t][i][0]), targets[t][i])
+                if self.features is not None:
+                    pair = tuple(self.features.keep(x, f"{number}-{t}-{i}-{side}") for x, side in zip(pair, "me"))
+                moved[t].append(pair)
+        if self.features is not None and number > 0:
+            self.features.drop(f"{number - 1}-")
+        return moved
+
+    def _write_stage(self, number: int, stage: B.Stage, merged: Mapping[str, Tensor], written: set[str]) -> None:
+        """The stage's shard: its merged tensors and every other tensor it first reads, as stored."""
+        tensors = dict(merged)
+        state = self.model.backbone.state_dict(keep_vars=True)  # this stage's tensors are resident
+        for key in stage.needs:
+            lacking = self.streamed is not None and self.streamed.stored[key] is None  # never invented
+            if key not in written and key not in tensors and not lacking:
+                tensors[key] = state[key].detach()
+        written.update(stage.needs)
+        written.update(merged)
+        self.writer.write(number, tensors)
 
     def _stage_merge(self, stage: B.Stage) -> MergedModel:
         """The merge of the tensors this stage reads, against the shared coefficients; only

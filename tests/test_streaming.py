@@ -1,0 +1,178 @@
+"""Streamed progressive learning: on tiny BERT, GPT-2 and Llama models saved as (sharded)
+safetensors, the streamed run learns the same coefficients and writes the same merged weights
+as the in-memory run; only one stage's tensors are ever resident; the sharded output opens
+with ``from_pretrained``; resume mid-way is exact; features in memory-mapped files change nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from adamerge import blocks as B  # noqa: E402
+from adamerge.checkpoints import open_weights  # noqa: E402
+from adamerge.merged import module_with_tensors  # noqa: E402
+from adamerge.progressive import ProgressiveDistiller  # noqa: E402
+from adamerge.streaming import INDEX, ShardWriter, StreamedModel, parameters_on_meta  # noqa: E402
+from test_progressive import bert_setup, coefficients_for, decoder_setup  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+SETUPS = {"bert": bert_setup, "gpt2": lambda: decoder_setup("gpt2"), "llama": lambda: decoder_setup("llama")}
+
+
+def saved(tmp_path, kind):
+    """The setup's models as HF folders: the pretrained one sharded (several files + index)."""
+    pretrained, experts, tasks, batches, keys = SETUPS[kind]()
+    pretrained.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    folders = {}
+    for name, expert in experts.items():
+        expert.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    assert (tmp_path / "base" / INDEX).exists()
+    return pretrained, folders, tasks, batches, keys
+
+
+def skeleton_of(pretrained):
+    with parameters_on_meta():
+        return type(pretrained)(pretrained.config).eval()
+
+
+def distill(pretrained, experts, tasks, batches, keys, granularity="chunk", **options):
+    coefficients = coefficients_for(granularity, experts, pretrained, keys, **({"chunks": 2} if granularity == "chunk" else {}))
+    distiller = ProgressiveDistiller(pretrained, experts, tasks, batches, coefficients, keys=keys,
+                                     epochs=3, lr=0.05, progress=False, **options)
+    return distiller, distiller.run()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_streamed_run_equals_the_in_memory_run(kind, tmp_path):
+    pretrained, experts, tasks, batches, keys = saved(tmp_path, kind)
+    _, in_memory = distill(copy.deepcopy(pretrained), experts, tasks, batches, keys)
+    skeleton = skeleton_of(pretrained)
+    assert all(p.is_meta for p in skeleton.parameters())
+    writer = ShardWriter(tmp_path / "out", total=4)  # embeddings, two blocks, head
+    _, streamed = distill(skeleton, experts, tasks, batches, keys, weights=open_weights(str(tmp_path / "base")), writer=writer)
+    torch.testing.assert_close(streamed.coefficients.state_dict(), in_memory.coefficients.state_dict(), rtol=1e-5, atol=1e-6)
+    writer.finish()
+    written = dict(open_weights(str(tmp_path / "out")))
+    expected = module_with_tensors(pretrained, in_memory.merged).state_dict()
+    aliases = {a for a in expected if a not in written}
+    assert all(a.endswith("lm_head.weight") for a in aliases), aliases  # only a tied head is left to its tie
+    for key, tensor in written.items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert all(p.is_meta for p in skeleton.parameters())  # nothing is left resident after the run
+    pretrained.config.save_pretrained(tmp_path / "out")
+    reloaded = type(pretrained).from_pretrained(tmp_path / "out")
+    for key, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_only_the_current_stages_tensors_are_ever_resident(tmp_path, monkeypatch):
+    pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
+    skeleton = skeleton_of(pretrained)
+    prefix = B.find_blocks(skeleton)
+    seen = []
+    original = ProgressiveDistiller._stage_merge
+
+    def spy(self, stage):  # stand-ins (one expanded zero) take no memory
+        real = {n for n, p in skeleton.named_parameters() if not p.is_meta and any(p.stride())}
+        seen.append((stage, real))
+        return original(self, stage)
+
+    monkeypatch.setattr(ProgressiveDistiller, "_stage_merge", spy)
+    distill(skeleton, experts, tasks, batches, keys, weights=open_weights(str(tmp_path / "base")))
+    assert [stage.name for stage, _ in seen] == ["embeddings", f"{prefix}.0", f"{prefix}.1", "head"]
+    for stage, real in seen:
+        assert real == set(stage.needs), stage.name
+    assert seen[1][1] and all(k.startswith(f"{prefix}.0.") for k in seen[1][1])
+    assert seen[-1][1] == {"model.norm.weight", "model.embed_tokens.weight"}  # the tied head reads the embedding
+
+
+def test_skeleton_buffers_are_real_and_equal_a_built_models(tmp_path):
+    pretrained, *_ = SETUPS["llama"]()
+    skeleton = skeleton_of(pretrained)
+    for (name, buffer), (_, reference) in zip(skeleton.named_buffers(), pretrained.named_buffers()):
+        assert not buffer.is_meta and torch.equal(buffer, reference), name  # rotary tables computed as usual
+
+
+def test_streamed_resume_mid_way_is_exact(tmp_path):
+    pretrained, experts, tasks, batches, keys = saved(tmp_path, "gpt2")
+    weights = open_weights(str(tmp_path / "base"))
+    reference, result = distill(skeleton_of(pretrained), experts, tasks, batches, keys, weights=weights,
+                                writer=ShardWriter(tmp_path / "ref", 4))
+
+    class Interrupt(Exception):
+        pass
+
+    first = ProgressiveDistiller(skeleton_of(pretrained), experts, tasks, batches,
+                                 coefficients_for("chunk", experts, pretrained, keys, chunks=2), keys=keys, epochs=3, lr=0.05,
+                                 progress=False, weights=weights, writer=ShardWriter(tmp_path / "run", 4),
+                                 checkpoint=tmp_path / "progress.safetensors")
+    save = first._save_checkpoint
+
+    def save_then_die(done):
+        save(done)
+        if done == 2:
+            raise Interrupt
+
+    first._save_checkpoint = save_then_die
+    with pytest.raises(Interrupt):
+        first.run()
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.safetensors")) == ["model-00001-of-00004.safetensors",
+                                                                                "model-00002-of-00004.safetensors"]
+    with pytest.raises(FileNotFoundError, match="model-00003-of-00004"):
+        ShardWriter(tmp_path / "run", 4).finish()  # an unfinished run writes no index
+    _, resumed = distill(skeleton_of(pretrained), experts, tasks, batches, keys, weights=weights,
+                         writer=(writer := ShardWriter(tmp_path / "run", 4)), checkpoint=tmp_path / "progress.safetensors")
+    for name, tensor in result.coefficients.state_dict().items():
+        assert torch.equal(tensor, resumed.coefficients.state_dict()[name]), name
+    writer.finish()
+    ShardWriter(tmp_path / "ref", 4).finish()
+    ours, theirs = dict(open_weights(str(tmp_path / "run"))), dict(open_weights(str(tmp_path / "ref")))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_features_in_memory_mapped_files_change_nothing(tmp_path):
+    pretrained, experts, tasks, batches, keys = saved(tmp_path, "bert")
+    _, in_memory = distill(copy.deepcopy(pretrained), experts, tasks, batches, keys)
+    _, on_disk = distill(copy.deepcopy(pretrained), experts, tasks, batches, keys, features_dir=tmp_path / "features")
+    for name, tensor in in_memory.coefficients.state_dict().items():
+        assert torch.equal(tensor, on_disk.coefficients.state_dict()[name]), name
+    assert len(list((tmp_path / "features").glob("*.bin"))) == 2 * sum(len(b) for b in batches.values())  # one stage's
+
+
+def test_element_wise_coefficients_are_refused_when_streaming(tmp_path):
+    pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
+    with pytest.raises(ValueError, match="element-wise ones are as large as the task vectors"):
+        distill(skeleton_of(pretrained), experts, tasks, batches, keys, granularity="element",
+                weights=open_weights(str(tmp_path / "base")))
+
+
+def test_checkpoint_names_may_lack_the_base_prefix_and_missing_merged_tensors_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    pretrained, *_ = SETUPS["bert"]()
+    encoder = {k.removeprefix("bert."): v.contiguous() for k, v in pretrained.state_dict().items() if k.startswith("bert.")}
+    save_file(encoder, str(tmp_path / "encoder.safetensors"))
+    weights = open_weights(str(tmp_path / "encoder.safetensors"))
+    scope = [k for k in pretrained.state_dict() if k.startswith("bert.")]
+    with pytest.warns(UserWarning, match="classifier.weight"):  # the placeholder head: zeros, outside the merge
+        streamed = StreamedModel(skeleton_of(pretrained), weights, scope=scope)
+    streamed.materialise(["bert.pooler.dense.weight"])
+    assert torch.equal(streamed.module.bert.pooler.dense.weight, pretrained.bert.pooler.dense.weight)
+    with pytest.raises(KeyError, match="no tensor 'classifier.weight'"):
+        StreamedModel(skeleton_of(pretrained), weights, scope=[*scope, "classifier.weight"])
+
+
+def test_shard_index_lists_every_tensor_with_its_total_size(tmp_path):
+    writer = ShardWriter(tmp_path, 2, rename=lambda key: None if key == "skip" else f"m.{key}")
+    writer.write(0, {"a": torch.zeros(3), "skip": torch.zeros(5)})
+    writer.write(1, {"b": torch.zeros(2, 2, dtype=torch.bfloat16)})
+    writer.finish()
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert index["weight_map"] == {"m.a": "model-00001-of-00002.safetensors", "m.b": "model-00002-of-00002.safetensors"}
+    assert index["metadata"]["total_size"] == 3 * 4 + 4 * 2
