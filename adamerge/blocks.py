@@ -78,6 +78,11 @@ def find_blocks(model: nn.Module) -> str:
     return best
 
 
+def stage_count(model: nn.Module) -> int:
+    """How many stages the model splits into: the embeddings, each block, the head."""
+    return len(model.get_submodule(find_blocks(model))) + 2
+
+
 def block_of_key(key: str, prefix: str) -> int | None:
     """The block index of a tensor under ``prefix`` (``prefix.3.attn.weight`` → 3), else None."""
     if not key.startswith(prefix + "."):

@@ -176,6 +176,10 @@ class ProgressiveConfig:
 
     epochs: int = 50  # passes over the samples per block (the paper's default)
     samples_per_task: int = 64  # the first N calibration rows of each task (after its shuffle)
+    # read one block's weights at a time from the checkpoints and write the merged model shard by
+    # shard: a model that never fits in memory whole (layer, chunk or group coefficients)
+    stream: bool = False
+    features: str = "memory"  # memory | disk: cached features in memory-mapped files in the run's work folder
 
 
 @dataclass

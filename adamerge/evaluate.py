@@ -28,7 +28,7 @@ def evaluate_task(
     merged: FunctionalModel, task: Task, batches: Iterable[Mapping], params: Mapping[str, Tensor], device=None
 ) -> dict[str, float | list[int]]:
     """Accuracy (if labelled), prediction histogram and entropies of one task."""
-    device = device or next(merged.backbone.parameters()).device
+    device = device or next(iter(params.values()), next(merged.backbone.parameters())).device  # a skeleton's are on meta
     accuracy: MulticlassAccuracy | None = None
     counts: Tensor | None = None
     probability_sum: Tensor | None = None
@@ -114,6 +114,7 @@ def check_labels(model: FunctionalModel, tasks: Mapping[str, Task], data) -> Non
     """Every label of each task's calibration and evaluation rows within its head's classes,
     checked before training: a bad one would otherwise fail inside torchmetrics at the end."""
     params, device = model.base_tensors(), next(model.backbone.parameters()).device
+    skeleton = device.type == "meta"  # a streamed run's backbone: no forward before training, heads say their size
     for split, datasets, batches in (
         ("calibration", data.calibration, data.calibration_batches),
         ("evaluation", data.evaluation, data.evaluation_batches),
@@ -122,9 +123,14 @@ def check_labels(model: FunctionalModel, tasks: Mapping[str, Task], data) -> Non
             labels = _labels(dataset)
             if not labels or name not in tasks:
                 continue
-            batch = next(iter(batches(name, 1)))  # one row tells the head's size
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            classes = tasks[name](model, params, batch).logits.shape[-1]
+            if skeleton:
+                classes = getattr(tasks[name], "num_labels", None)
+                if classes is None:
+                    continue
+            else:
+                batch = next(iter(batches(name, 1)))  # one row tells the head's size
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                classes = tasks[name](model, params, batch).logits.shape[-1]
             bad = next((v for v in labels if not 0 <= v < classes), None)
             if bad is not None:
                 raise ValueError(

@@ -42,6 +42,33 @@ def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path) ->
         problem.save_extras(folder)
 
 
+def save_streamed_model(shards: Path, problem: MergeProblem, folder: Path) -> None:
+    """A streamed run's merged model: its shards moved (or, where names change, rewritten one at a
+    time) into ``folder`` with the index and the config; it never exists whole in memory."""
+    from safetensors import safe_open
+
+    from adamerge.streaming import ShardWriter
+
+    files = sorted(shards.glob("model-*-of-*.safetensors"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+            if all(problem.exported_key(k) == k for k in keys):
+                tensors = None
+            else:
+                tensors = {problem.exported_key(k): handle.get_tensor(k) for k in keys if problem.exported_key(k) is not None}
+        if tensors is None:
+            os.replace(file, folder / file.name)
+        else:
+            save_safetensors(tensors, folder / file.name, metadata={"format": "pt"})
+    ShardWriter(folder, len(files)).finish()
+    if problem.save_config is not None:
+        problem.save_config(folder)
+    if problem.save_extras is not None:
+        problem.save_extras(folder)
+
+
 def results_table(results: Mapping[str, Mapping[str, Mapping]]) -> str:
     """Markdown table of accuracy per task (columns) and method (rows), with the average."""
     tasks = list(dict.fromkeys(t for r in results.values() for t in r))
@@ -262,18 +289,22 @@ def write_common(
     folder: Path,
     recipe: DictConfig,
     problem: MergeProblem,
-    module: nn.Module,
+    module: nn.Module | Path,
     how: str,
     results: Mapping[str, Mapping] | None,
     coefficients: Coefficients | None = None,
 ) -> None:
-    """Recipe, evaluation and merged model with its card: what every run directory holds."""
+    """Recipe, evaluation and merged model with its card: what every run directory holds.
+    ``module``: the merged model, or the folder of a streamed run's shards."""
     save_recipe(recipe, folder / "recipe.yaml")
     if results:
         write_results(folder, results)
     if recipe.export.merged_model:
         target = folder / "merged"
-        save_merged_model(module, problem, target)
+        if isinstance(module, Path):
+            save_streamed_model(module, problem, target)
+        else:
+            save_merged_model(module, problem, target)
         write_text(target / "README.md", model_card(recipe, problem, how, results, coefficients))
 
 

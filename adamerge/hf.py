@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adamerge.checkpoints import WeightsSource, open_weights
+from adamerge.streaming import parameters_on_meta
 from adamerge.tasks import Task, TaskOutput
 
 
@@ -81,6 +82,7 @@ class SequenceClassificationTask(Task):
     def __init__(self, name: str, head: Mapping[str, Tensor]):
         super().__init__(name)
         self.head = _TensorStore(head)
+        self.num_labels = int(list(head.values())[-1].shape[0])  # HF heads end with the output layer
 
     def forward(self, merged, params, batch, hidden_layers=()):
         inputs = {k: batch[k] for k in self.INPUTS if k in batch}
@@ -98,11 +100,16 @@ def head_keys(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
     return [k for k in weights if not k.startswith(prefix)]
 
 
-def load_sequence_classifier(pretrained: str, num_labels: int = 2) -> nn.Module:
-    """The backbone: a sequence classifier holding the pretrained encoder (its head is a placeholder)."""
-    from transformers import AutoModelForSequenceClassification
+def load_sequence_classifier(pretrained: str, num_labels: int = 2, empty: bool = False) -> nn.Module:
+    """The backbone: a sequence classifier holding the pretrained encoder (its head is a placeholder).
+    ``empty``: its structure only, every parameter on ``meta`` (a streamed run reads them later)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     with quiet_transformers():
+        if empty:
+            config = AutoConfig.from_pretrained(pretrained, num_labels=num_labels)
+            with parameters_on_meta():
+                return AutoModelForSequenceClassification.from_config(config).eval()
         return AutoModelForSequenceClassification.from_pretrained(pretrained, num_labels=num_labels).eval()
 
 
@@ -274,10 +281,14 @@ class CausalLMTask(Task):
         )
 
 
-def load_causal_lm(pretrained: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(pretrained: str, empty: bool = False) -> nn.Module:
+    """The pretrained causal LM; ``empty``: its structure only, parameters on ``meta``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with quiet_transformers():
+        if empty:
+            with parameters_on_meta():
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained)).eval()
         return AutoModelForCausalLM.from_pretrained(pretrained).eval()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
-from adamerge.checkpoints import UnreadableInput, WeightsSource, reading
+from adamerge.checkpoints import UnreadableInput, WeightsSource, open_weights, reading
 from adamerge.config import DataSourceConfig, ProblemConfig, TaskConfig
 from adamerge.data import Collate, rows_to_batch
 from adamerge.rundir import check_name, inside
@@ -43,21 +43,29 @@ class MergeProblem:
     save_model: Exporter | None = None  # writes the merged backbone into a folder
     save_extras: Callable[[Path], None] | None = None  # writes task heads etc. beside it
     description: dict[str, Any] = field(default_factory=dict)  # base/experts/kind for model cards
+    # streamed problems (``build_problem(..., streamed=True)``): ``pretrained`` is a skeleton on ``meta``
+    pretrained_weights: Mapping[str, Any] | None = None  # its checkpoint, read lazily
+    save_config: Callable[[Path], None] | None = None  # writes what accompanies sharded weights (config, tokenizer)
+    exported_key: Callable[[str], str | None] = lambda key: key  # a backbone tensor's name in that folder (None: left out)
 
 
 PROBLEM_BUILDERS: dict[str, Callable[[ProblemConfig], MergeProblem]] = {}
+STREAMING_KINDS: set[str] = set()  # builders that take ``streamed=True``
 
 
-def register_problem(kind: str):
+def register_problem(kind: str, streams: bool = False):
     def decorate(fn):
         PROBLEM_BUILDERS[kind] = fn
+        if streams:
+            STREAMING_KINDS.add(kind)
         return fn
 
     return decorate
 
 
-def build_problem(config: ProblemConfig) -> MergeProblem:
-    """Build the problem a recipe's ``problem`` section describes (a config node or a ProblemConfig)."""
+def build_problem(config: ProblemConfig, streamed: bool = False) -> MergeProblem:
+    """Build the problem a recipe's ``problem`` section describes (a config node or a ProblemConfig).
+    ``streamed``: the pretrained model as a skeleton on ``meta`` plus its lazily read checkpoint."""
     if OmegaConf.is_config(config):
         config = OmegaConf.to_object(config)
     kind = config.kind
@@ -71,7 +79,9 @@ def build_problem(config: ProblemConfig) -> MergeProblem:
             raise KeyError(f"cannot import problem builder {kind!r}: {error}") from error
     else:
         raise KeyError(f"unknown problem kind {kind!r}; built in: {sorted(PROBLEM_BUILDERS)} (or a dotted path)")
-    problem = builder(config)
+    if streamed and kind not in STREAMING_KINDS:
+        raise ValueError(f"problem kind {kind!r} cannot be streamed; streamed kinds: {sorted(STREAMING_KINDS)}")
+    problem = builder(config, streamed=True) if streamed else builder(config)
     for what, names in (("task", problem.tasks), ("expert", problem.experts)):  # a builder's own names too
         for name in names:
             check_name(name, f"problem kind {kind!r}: {what}")
@@ -210,15 +220,15 @@ def _label_ids(task: TaskConfig, expert) -> dict[str, int]:
     return {}
 
 
-@register_problem("hf_sequence_classification")
-def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
+@register_problem("hf_sequence_classification", streams=True)
+def sequence_classification_problem(config: ProblemConfig, streamed: bool = False) -> MergeProblem:
     """K sequence classifiers fine-tuned from one encoder; each task keeps its expert's head."""
     from transformers import AutoTokenizer
 
     from adamerge import hf
 
     _require(config, "pretrained", "tasks", "experts")
-    backbone = hf.load_sequence_classifier(config.pretrained)
+    backbone = hf.load_sequence_classifier(config.pretrained, empty=streamed)
     tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
     experts = _experts(config)
     tasks, scope = hf.sequence_classification_tasks(backbone, {n: config.tasks[n].expert for n in config.tasks})
@@ -266,11 +276,27 @@ def sequence_classification_problem(config: ProblemConfig) -> MergeProblem:
         save_model=save_model,
         save_extras=save_heads,
         description={"kind": config.kind, "base": config.pretrained, "experts": {k: str(v) for k, v in experts.items()}},
+        **(_streamed_encoder(backbone, config.pretrained, tokenizer) if streamed else {}),
     )
 
 
-@register_problem("text_zoo")
-def text_zoo_problem(config: ProblemConfig) -> MergeProblem:
+def _streamed_encoder(backbone: nn.Module, pretrained: str, tokenizer) -> dict[str, Any]:
+    """A streamed sequence classifier writes its merged encoder (the heads go to ``heads/``)."""
+    prefix = backbone.base_model_prefix + "."
+
+    def save_config(folder: Path) -> None:
+        getattr(backbone, backbone.base_model_prefix).config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return {
+        "pretrained_weights": open_weights(pretrained, "pretrained"),
+        "save_config": save_config,
+        "exported_key": lambda key: key[len(prefix):] if key.startswith(prefix) else None,
+    }
+
+
+@register_problem("text_zoo", streams=True)
+def text_zoo_problem(config: ProblemConfig, streamed: bool = False) -> MergeProblem:
     """Sequence-classification experts laid out as ``<zoo_dir>/<task>/`` with data in
     ``<data_root>/<task>/{train,test}.jsonl`` (+ ``meta.json`` saying whether it has sentence
     pairs), as ``adamerge.zoo.text`` builds them. ``problem.options``: ``data_root``,
@@ -309,7 +335,7 @@ def text_zoo_problem(config: ProblemConfig) -> MergeProblem:
             weight=config.tasks[name].weight if name in config.tasks else 1.0,
         )
     expanded = replace(config, kind="hf_sequence_classification", tasks=tasks, options={})
-    return sequence_classification_problem(expanded)
+    return sequence_classification_problem(expanded, streamed=streamed)
 
 
 @register_problem("hf_clip")
@@ -359,8 +385,8 @@ def _images(table, task, with_label: bool = True):
     return table
 
 
-@register_problem("hf_causal_lm")
-def causal_lm_problem(config: ProblemConfig) -> MergeProblem:
+@register_problem("hf_causal_lm", streams=True)
+def causal_lm_problem(config: ProblemConfig, streamed: bool = False) -> MergeProblem:
     """Causal LMs merged whole; each task's logits are next-token predictions on its responses."""
     from transformers import AutoTokenizer
 
@@ -370,7 +396,7 @@ def causal_lm_problem(config: ProblemConfig) -> MergeProblem:
     experts = _experts(config)
     if not experts:
         raise ValueError("problem kind 'hf_causal_lm' needs experts (problem.tasks.<name>.expert or problem.experts)")
-    backbone = hf.load_causal_lm(config.pretrained)
+    backbone = hf.load_causal_lm(config.pretrained, empty=streamed)
     tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
     tasks, calibration, evaluation = {}, {}, {}
     for name, task in config.tasks.items():
@@ -392,4 +418,17 @@ def causal_lm_problem(config: ProblemConfig) -> MergeProblem:
         collate=hf.lm_collate(tokenizer),
         save_model=_save_hf(tokenizer),
         description={"kind": config.kind, "base": config.pretrained, "experts": experts},
+        **(_streamed_whole(backbone, config.pretrained, tokenizer) if streamed else {}),
     )
+
+
+def _streamed_whole(backbone: nn.Module, pretrained: str, tokenizer) -> dict[str, Any]:
+    """A streamed model merged whole writes every tensor under its own name, with its config."""
+
+    def save_config(folder: Path) -> None:
+        backbone.config.save_pretrained(folder)
+        if getattr(backbone, "generation_config", None) is not None:
+            backbone.generation_config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return {"pretrained_weights": open_weights(pretrained, "pretrained"), "save_config": save_config}

@@ -34,6 +34,8 @@ def _choices(recipe: DictConfig) -> dict[str, tuple[object, tuple]]:
     if recipe.task_vectors.ties is not None:
         checks["task_vectors.ties.scope"] = (recipe.task_vectors.ties.scope, ("model", "tensor"))
         checks["task_vectors.ties.sign_method"] = (recipe.task_vectors.ties.sign_method, ("sum", "count"))
+    if recipe.progressive is not None:
+        checks["progressive.features"] = (recipe.progressive.features, ("memory", "disk"))
     if recipe.frank_wolfe is not None:
         checks["frank_wolfe.mode"] = (recipe.frank_wolfe.mode, ("hard", "soft"))
         checks["frank_wolfe.lmo"] = (recipe.frank_wolfe.lmo, ("model", "tensor"))
@@ -61,6 +63,11 @@ def _exclusive(recipe: DictConfig) -> list[str]:
             problems.append("progressive learning takes explicit coefficients.chunks, not importance_from (it needs every task vector)")
         if recipe.coefficients.granularity == "task":
             problems.append("progressive learning trains one block at a time: coefficients.granularity 'task' spans every block")
+        if recipe.progressive.stream and recipe.coefficients.granularity == "element":
+            problems.append(
+                "progressive.stream keeps every coefficient in memory: element-wise ones are as large as the task "
+                "vectors; use coefficients.granularity layer, chunk or group"
+            )
     granularity = recipe.coefficients.granularity
     if recipe.coefficients.groups is not None and granularity != "group":
         problems.append(f"coefficients.groups is only used with granularity 'group', not {granularity!r}")

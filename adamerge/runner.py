@@ -21,7 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
-from adamerge.checkpoints import atomic_directory, record_inputs, write_text
+from adamerge.blocks import stage_count
+from adamerge.checkpoints import atomic_directory, open_weights, record_inputs, write_text
 from adamerge.coefficients import MergeCoefficients, build_layout, make_constraint
 from adamerge.config import load_recipe, to_plain
 from adamerge.data import CalibrationData, by_length, ordered_batches
@@ -38,6 +39,7 @@ from adamerge.plotting import training_curves
 from adamerge.problems import MergeProblem, build_problem
 from adamerge.progressive import ProgressiveDistiller
 from adamerge.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
+from adamerge.streaming import ShardWriter
 from adamerge.task_vectors import TaskVectors, in_scope
 
 
@@ -300,31 +302,43 @@ def _first_rows_by_length(problem: MergeProblem, data: CalibrationData, samples:
 
 
 def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
-    """ProDistill: coefficients learned block by block, resumable after every finished block."""
+    """ProDistill: coefficients learned block by block, resumable after every finished block;
+    streamed (``progressive.stream``), the model is read and written one block at a time."""
     resume_point(recipe, work_dir)
     inputs = record_inputs()
-    problem = build_problem(recipe.problem)
+    stream = recipe.progressive.stream
+    problem = build_problem(recipe.problem, streamed=stream)
     coefficients, keys = build_coefficients(recipe, problem)
     data = build_data(recipe, problem)
     model = FunctionalModel(problem.pretrained)
     check_labels(model, problem.tasks, data)
     batches = _first_rows_by_length(problem, data, recipe.progressive.samples_per_task, recipe.trainer.batch_size)
+    shards = work_dir / "merged"
     distiller = ProgressiveDistiller(
         problem.pretrained, problem.experts, problem.tasks, batches, coefficients,
         keys=keys, dtype=recipe.task_vectors.dtype, epochs=recipe.progressive.epochs,
         lr=recipe.optimizer.lr, optimizer=recipe.optimizer.name, weight_decay=recipe.optimizer.weight_decay,
         task_weights={name: task.weight for name, task in recipe.problem.tasks.items()}, seed=recipe.seed,
         checkpoint=work_dir / "progress.safetensors", progress=recipe.trainer.progress_bar,
+        weights=problem.pretrained_weights if stream else None,
+        writer=ShardWriter(shards, stage_count(problem.pretrained)) if stream else None,
+        features_dir=work_dir / "features" if recipe.progressive.features == "disk" else None,
     )
     result = distiller.run()
+    merged = result.merged
+    if stream:
+        distiller.writer.finish()
+        merged = dict(open_weights(str(shards)))  # evaluation holds the merged model whole; export does not
     seconds = time.perf_counter() - started
-    results = evaluate_problem(model, problem, data, params=result.merged) if recipe.evaluation.enabled else {}
-    how = f"{coefficients.layout.granularity}-wise coefficients learned block by block (progressive layer-wise distillation)"
+    results = evaluate_problem(model, problem, data, params=merged) if recipe.evaluation.enabled else {}
+    del merged
+    how = f"{coefficients.layout.granularity}-wise coefficients learned block by block (progressive layer-wise distillation{', streamed' if stream else ''})"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_coefficients(staging, coefficients, recipe, problem)
         write_inputs(staging, inputs, problem.description)
         write_text(staging / "progressive.json", json.dumps(result.history, indent=1))
-        write_common(staging, recipe, problem, module_with_tensors(problem.pretrained, result.merged), how, results, coefficients)
+        module = shards if stream else module_with_tensors(problem.pretrained, result.merged)
+        write_common(staging, recipe, problem, module, how, results, coefficients)
     shutil.rmtree(work_dir, ignore_errors=True)
     return RunResult(run_dir, results, model, seconds)
 

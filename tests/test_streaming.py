@@ -176,3 +176,93 @@ def test_shard_index_lists_every_tensor_with_its_total_size(tmp_path):
     index = json.loads((tmp_path / INDEX).read_text())
     assert index["weight_map"] == {"m.a": "model-00001-of-00002.safetensors", "m.b": "model-00002-of-00002.safetensors"}
     assert index["metadata"]["total_size"] == 3 * 4 + 4 * 2
+
+
+# ---------------------------------------------------------------------- the recipe: progressive.stream
+
+
+def _same_runs(streamed_dir, in_memory_dir, names_in_memory=lambda key: key):
+    from adamerge.coefficients import MergeCoefficients
+
+    a = MergeCoefficients.load(streamed_dir / "coefficients.safetensors")
+    b = MergeCoefficients.load(in_memory_dir / "coefficients.safetensors")
+    torch.testing.assert_close(a(), b(), rtol=1e-5, atol=1e-6)
+    streamed = dict(open_weights(str(streamed_dir / "merged")))
+    in_memory = dict(open_weights(str(in_memory_dir / "merged")))
+    assert (streamed_dir / "merged" / INDEX).exists() and len(list((streamed_dir / "merged").glob("model-*.safetensors"))) == 4
+    assert set(streamed) == {names_in_memory(k) for k in in_memory}
+    for key, tensor in in_memory.items():
+        torch.testing.assert_close(streamed[names_in_memory(key)], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    one, other = json.loads((streamed_dir / "eval.json").read_text()), json.loads((in_memory_dir / "eval.json").read_text())
+    assert one.keys() == other.keys()
+    for task in one:
+        assert one[task]["accuracy"] == pytest.approx(other[task]["accuracy"]), task
+
+
+def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM, BertTokenizer
+
+    from adamerge import runner
+    from adamerge.config import load_recipe
+
+    model, experts, *_ = SETUPS["llama"]()
+    words = "the cat dog sat ran on mat red blue big small house tree".split()
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rows = "\n".join(json.dumps({"q": " ".join(words[i:i + 3]), "a": words[(i + 5) % len(words)]}) for i in range(8))
+    tasks = {}
+    for name, expert in experts.items():
+        expert.save_pretrained(tmp_path / name)
+        (tmp_path / f"{name}.jsonl").write_text(rows)
+        source = {"path": str(tmp_path / f"{name}.jsonl")}
+        tasks[name] = {"expert": str(tmp_path / name), "text": "q", "response": "a", "calibration": source, "evaluation": source}
+
+    def recipe(name, **progressive):
+        return load_recipe({
+            "name": name, "output_dir": str(tmp_path / name),
+            "problem": {"kind": "hf_causal_lm", "pretrained": str(tmp_path / "base"), "max_length": 16, "tasks": tasks},
+            "coefficients": {"granularity": "chunk", "chunks": 2, "init": 0.3}, "objectives": [],
+            "progressive": {"epochs": 2, "samples_per_task": 4, **progressive},
+            "optimizer": {"lr": 0.05}, "trainer": {"batch_size": 2, "progress_bar": False}, "evaluation": {"batch_size": 4},
+        })
+
+    streamed = runner.fit(recipe("streamed", stream=True, features="disk")).run_dir
+    in_memory = runner.fit(recipe("in_memory")).run_dir
+    _same_runs(streamed, in_memory)
+    reloaded = AutoModelForCausalLM.from_pretrained(streamed / "merged")
+    expected = dict(open_weights(str(in_memory / "merged")))
+    for key, tensor in expected.items():
+        torch.testing.assert_close(reloaded.state_dict()[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    assert (streamed / "merged" / "tokenizer_config.json").exists() and (streamed / "merged" / "README.md").exists()
+
+
+def test_streamed_text_classifier_recipe_writes_the_merged_encoder_and_heads(tmp_path, tmp_path_factory):
+    from test_runner import build_text_zoo, recipe_dict
+
+    from adamerge import runner
+    from adamerge.config import load_recipe
+
+    zoo = build_text_zoo(tmp_path_factory)
+    coefficients = {"granularity": "layer", "init": 0.3}
+
+    def run(name, **progressive):
+        return runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name=name, coefficients=coefficients, objectives=[],
+                                                  progressive={"epochs": 2, "samples_per_task": 8, **progressive}))).run_dir
+
+    streamed, in_memory = run("streamed", stream=True), run("in_memory")
+    _same_runs(streamed, in_memory)  # the encoder's names, without `bert.`, in both
+    assert sorted(p.name for p in (streamed / "merged" / "heads").iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_streaming_refusals_cost_no_model_load(tmp_path):
+    from adamerge.config import RecipeError, load_recipe
+    from adamerge.problems import build_problem
+
+    base = {"problem": {"kind": "digits"}, "objectives": [], "coefficients": {"granularity": "element"}}
+    with pytest.raises(RecipeError, match="element-wise ones are as large as the task vectors"):
+        load_recipe({**base, "progressive": {"stream": True}})
+    with pytest.raises(RecipeError, match="progressive.features is 'ram'"):
+        load_recipe({**base, "progressive": {"features": "ram"}})
+    with pytest.raises(ValueError, match="problem kind 'digits' cannot be streamed"):
+        build_problem(load_recipe({"problem": {"kind": "digits"}}).problem, streamed=True)
