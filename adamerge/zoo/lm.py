@@ -628,6 +628,27 @@ def build_lm_zoo(
     return zoo
 
 
+def open_lm_zoo(zoo_dir: str | os.PathLike | None = None, tasks: Sequence[str] | None = None) -> LMZoo:
+    """A built zoo as :func:`build_lm_zoo` returns it, read from its ``zoo.json`` (nothing is
+    trained); every expert named (default: all in the manifest) must be complete."""
+    zoo_dir = Path(zoo_dir).expanduser() if zoo_dir is not None else default_zoo_dir()
+    manifest_file = zoo_dir / ZOO_META
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{manifest_file} does not exist: build the zoo with `python -m adamerge.zoo.lm`")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_file} is not a {FORMAT} manifest")
+    names = list(tasks) if tasks is not None else list(manifest["experts"])
+    zoo = LMZoo()
+    zoo.pretrained, zoo.data, zoo.zoo_dir = manifest["pretrained"], Path(manifest["data"]), zoo_dir
+    for name in names:
+        folder = zoo_dir / manifest["experts"].get(name, name)
+        if not is_complete_expert(folder):
+            raise FileNotFoundError(f"expert {name!r}: {folder} is not a finished expert")
+        zoo[name] = folder
+    return zoo
+
+
 # ---------------------------------------------------------------------- CLI
 
 
