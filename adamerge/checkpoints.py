@@ -50,6 +50,10 @@ class LazySafetensors(Mapping):
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file].get_tensor(key)
 
+    def close(self) -> None:
+        """Unmap the files (pages read so far stop counting as this process's memory)."""
+        self._handles.clear()
+
     def __contains__(self, key: object) -> bool:
         # Mapping's default would read the tensor from disk just to test membership
         return key in self._where

@@ -129,6 +129,12 @@ class TrainerConfig:
     progress_bar: bool = True
     threads: Optional[int] = None  # torch CPU threads (1 is fastest for tiny models on a busy machine)
     per_task_backward: bool = False  # one task's activations alive at a time (same gradients, less memory)
+    # Lightning's own surface: loggers beside the CSV log the run keeps (e.g. {class_path:
+    # lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: tb}}), callbacks the same
+    # way, and any other Trainer argument (e.g. {gradient_clip_val: 1.0})
+    loggers: list[dict[str, Any]] = field(default_factory=list)
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -7,6 +7,7 @@ there when interrupted; only a complete run is renamed to ``<output_dir>``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -173,6 +174,19 @@ def _strategy(name: str):
     return name
 
 
+def _instantiate(spec: DictConfig, key: str):
+    """``{class_path, init_args}`` (as Lightning's CLI writes them) → an object; errors name the key."""
+    spec = to_plain(spec)
+    if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
+        raise ValueError(f"{key}: expected {{class_path: package.Class, init_args: {{...}}}}, got {spec!r}")
+    module, _, name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{key}: cannot import {spec['class_path']!r} ({error})") from error
+    return cls(**spec.get("init_args", {}))
+
+
 def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
     cfg = recipe.trainer
     checkpoint = ModelCheckpoint(
@@ -182,14 +196,15 @@ def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
         save_last=True,
         save_top_k=0,
     )
-    return L.Trainer(
+    managed = dict(
         max_steps=cfg.max_steps,
         accelerator=cfg.accelerator,
         devices=to_plain(cfg.devices),
         strategy=_strategy(cfg.strategy),
         precision=to_plain(cfg.precision),
-        logger=CSVLogger(work_dir, name="", version=""),
-        callbacks=[checkpoint],
+        logger=[CSVLogger(work_dir, name="", version=""),  # the run's own log (metrics.csv, resume)
+                *(_instantiate(spec, f"trainer.loggers[{i}]") for i, spec in enumerate(cfg.loggers))],
+        callbacks=[checkpoint, *(_instantiate(spec, f"trainer.callbacks[{i}]") for i, spec in enumerate(cfg.callbacks))],
         plugins=[CheckpointFiles()],
         log_every_n_steps=cfg.log_every_n_steps,
         enable_progress_bar=cfg.progress_bar,
@@ -197,6 +212,10 @@ def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
         num_sanity_val_steps=0,
         default_root_dir=work_dir,
     )
+    clash = sorted(set(cfg.extra) & set(managed))
+    if clash:
+        raise ValueError(f"trainer.extra.{clash[0]}: set by adamerge itself (use the trainer section's own field or leave it)")
+    return L.Trainer(**managed, **to_plain(cfg.extra))
 
 
 def _prepare_output(recipe: DictConfig) -> tuple[Path, Path]:

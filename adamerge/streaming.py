@@ -112,11 +112,13 @@ class StreamedModel:
             self._set(key, torch.zeros((), dtype=current.dtype).expand(current.shape))
 
     def release(self, keys: Iterable[str]) -> None:
-        """Drop these tensors back to ``meta`` (buffers are small and kept)."""
+        """Drop these tensors back to ``meta`` (buffers are small and kept), and unmap the checkpoint."""
         for key in keys:
             module, attr, is_param = self._owner[key]
             if is_param:
                 self._set(key, torch.empty_like(module._parameters[attr], device="meta"))
+        if hasattr(self.weights, "close"):
+            self.weights.close()
 
     def _set(self, key: str, tensor: Tensor) -> None:
         module, attr, is_param = self._owner[key]
@@ -138,12 +140,6 @@ def _candidates(key: str, prefix: str) -> list[str]:
     elif prefix:
         names.append(f"{prefix}.{key}")
     return names
-
-
-def open_pretrained_skeleton(build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` run with every parameter on ``meta``, in eval mode."""
-    with parameters_on_meta():
-        return build().eval()
 
 
 # ---------------------------------------------------------------------- writing
