@@ -173,6 +173,22 @@ def perplexity_table(results: dict[str, dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_report(out: Path, results: dict, tasks: list[str], seconds: dict, rows: int) -> str:
+    """``results.md`` and ``results.json`` for what has been scored so far; returns the table."""
+    table = accuracy_table(results, tasks, seconds)
+    report = (
+        f"# LLM benchmark (SmolLM2-135M-Instruct zoo)\n\n`python benchmarks/lm_benchmark.py {shlex.join(sys.argv[1:])}`\n\n"
+        f"Label-word accuracy (%) on the first {rows} held-out rows of each task, average, normalised "
+        f"accuracy (÷ each task's expert) and the perplexity of the gold answers; wall time of the run "
+        f"(merge or fit, not the scoring) on 2 CPU cores.\n\n{table}\n\n"
+        f"## Answer perplexity per task\n\n{perplexity_table(results, tasks)}\n"
+    )
+    write_text(out / "results.md", report)
+    write_text(out / "results.json", json.dumps({"rows": rows, "tasks": tasks, "results": results,
+                                                 "seconds": seconds}, indent=1))
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/text", help="folder of <task>/{train,test}.jsonl")
@@ -215,17 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_method(label, out, zoo, tasks, args.rows, args.batch_size, args.overrides)
         results[label], seconds[label] = outcome["results"], outcome["seconds"]
         print(accuracy_table({label: results[label], EXPERTS: results[EXPERTS]}, tasks, seconds), flush=True)
-    table = accuracy_table(results, tasks, seconds)
-    report = (
-        f"# LLM benchmark (SmolLM2-135M-Instruct zoo)\n\n`python benchmarks/lm_benchmark.py {shlex.join(sys.argv[1:])}`\n\n"
-        f"Label-word accuracy (%) on the first {args.rows} held-out rows of each task, average, normalised "
-        f"accuracy (÷ each task's expert) and the perplexity of the gold answers; wall time of the run "
-        f"(merge or fit, not the scoring) on 2 CPU cores.\n\n{table}\n\n"
-        f"## Answer perplexity per task\n\n{perplexity_table(results, tasks)}\n"
-    )
-    write_text(out / "results.md", report)
-    write_text(out / "results.json", json.dumps({"rows": args.rows, "tasks": tasks, "results": results,
-                                                 "seconds": seconds}, indent=1))
+        write_report(out, results, tasks, seconds, args.rows)  # after every method: an interrupted run keeps its table
+    table = write_report(out, results, tasks, seconds, args.rows)
     print(f"\n{table}\nreport: {out / 'results.md'}")
     return 0
 

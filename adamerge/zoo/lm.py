@@ -80,15 +80,15 @@ INSTRUCTIONS = {
 
 DEFAULTS = dict(
     seed=0,
-    steps=32,
-    batch_size=8,
+    steps=20,
+    batch_size=4,
     lr=1e-4,
     weight_decay=0.0,
     warmup_steps=3,
-    max_text_tokens=48,
+    max_text_tokens=32,
 )
 _SETTING_KEYS = tuple(DEFAULTS)
-DEFAULT_TEST_ROWS = 100
+DEFAULT_TEST_ROWS = 64
 
 
 # ---------------------------------------------------------------------- paths
