@@ -14,32 +14,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from adamerge.config import built_in_recipes, resolve_recipe  # noqa: F401 (resolve_recipe: public here too)
+
 PACKAGE = Path(__file__).resolve().parent
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)  # RecipeError and UnreadableInput are ValueErrors
 SIGTERM_STATUS = 128 + 15
 
-def _recipes_dir() -> Path:
-    """The repository's recipes/ in a source checkout, else the copy installed inside the package."""
-    checkout = Path(__file__).resolve().parent.parent / "recipes"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
-
-
-def resolve_recipe(name: str) -> Path:
-    """A recipe file path, or the name of a built-in recipe (``quickstart/adamerging_layerwise``)."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no recipe file {name!r}, and no built-in recipe of that name (see `adamerge recipes`)")
-
-
-def built_in_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
 
 
 def _print_results(title: str, run_dir: Path | None, results: dict) -> None:

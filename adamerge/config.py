@@ -292,3 +292,30 @@ def save_recipe(recipe: DictConfig, path: str | os.PathLike) -> None:
     from adamerge.checkpoints import write_text
 
     write_text(path, OmegaConf.to_yaml(recipe, resolve=True))
+
+
+# ---------------------------------------------------------------------- built-in recipes
+
+
+def _recipes_dir() -> Path:
+    """The repository's recipes/ in a source checkout, else the copy installed inside the package."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe file path, or the name of a built-in recipe (``quickstart/adamerging_layerwise``)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no recipe file {name!r}, and no built-in recipe of that name (see `adamerge recipes`)")
+
+
+def built_in_recipes() -> list[str]:
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from adamerge import runner
 from adamerge.checkpoints import write_text
-from adamerge.cli import resolve_recipe
-from adamerge.config import load_recipe
+from adamerge.config import load_recipe, resolve_recipe
 from adamerge.export import results_table
 from adamerge.plotting import accuracy_bars
 
@@ -29,7 +28,7 @@ def run_quickstart(out: Path = Path("runs/quickstart")) -> dict[str, dict]:
     out = Path(out)
     print("Building the digits zoo (cached after the first run) and evaluating the baselines ...")
     first = load_recipe(resolve_recipe(RECIPES["task arithmetic (0.3)"][1]))
-    runner._setup_process(first)
+    runner.setup_process(first)
     problem = runner.build_problem(first.problem)
     merged = runner.build_merged(first, problem, runner.build_task_vectors(first, problem))
     results = runner.evaluate_baselines(merged, problem, runner.build_data(first, problem))

@@ -44,7 +44,7 @@ from adamerge.streaming import ShardWriter
 from adamerge.task_vectors import TaskVectors, in_scope
 
 
-def _setup_process(recipe: DictConfig) -> None:
+def setup_process(recipe: DictConfig) -> None:
     """Threads as the recipe asks; a console kept for adamerge's own progress (no hardware
     banners, no per-map bars)."""
     import datasets
@@ -235,7 +235,7 @@ def fit(recipe: DictConfig | str) -> RunResult:
     if recipe.method is not None:
         raise ValueError("this recipe describes a data-free merge ('method'); run it with `adamerge merge`")
     run_dir, work_dir = _prepare_output(recipe)
-    _setup_process(recipe)
+    setup_process(recipe)
     L.seed_everything(recipe.seed, verbose=False)
     started = time.perf_counter()
     with run_lock(work_dir):
@@ -400,7 +400,7 @@ def merge(recipe: DictConfig | str) -> RunResult:
     if recipe.method is None:
         raise ValueError("this recipe has no 'method' section; learn coefficients with `adamerge fit`")
     run_dir, _ = _prepare_output(recipe)
-    _setup_process(recipe)
+    setup_process(recipe)
     inputs = record_inputs()
     problem = build_problem(recipe.problem)
     module, merged, results = _merge_and_evaluate(recipe, problem)
@@ -435,7 +435,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, dict]:
         warnings.warn(f"{run_dir}: {change}; the results may differ from the run's", stacklevel=2)
     if recipe.frank_wolfe is not None:
         raise ValueError(f"{run_dir} is an FW-Merging run: it has no coefficients to re-evaluate; run `adamerge fit` again")
-    _setup_process(recipe)
+    setup_process(recipe)
     problem = build_problem(recipe.problem)
     if recipe.method is not None:
         return _merge_and_evaluate(recipe, problem)[2]

@@ -46,7 +46,7 @@ def minilm_available(data: Path, zoo: Path) -> bool:
 
 def minilm_recipe(data: Path, zoo: Path, *overrides: str):
     """The built-in layer-wise AdaMerging recipe on the MiniLM zoo (calibration: 512 test rows per task)."""
-    from adamerge.cli import resolve_recipe
+    from adamerge.config import resolve_recipe
     from adamerge.config import load_recipe
 
     return load_recipe(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from adamerge import runner
 from adamerge.checkpoints import write_text
-from adamerge.cli import resolve_recipe
+from adamerge.config import resolve_recipe
 from adamerge.config import load_recipe
 from adamerge.evaluate import average_accuracy
 from adamerge.export import results_table
