@@ -1,4 +1,4 @@
-"""Command line: ``adamerge fit|merge|eval|quickstart|recipes`` (and ``--version``).
+"""Command line: ``adamerge fit|merge|eval|quickstart|recipes|init`` (and ``--version``).
 
 A user error (a bad recipe or input, a refused run) prints ``error: <message>`` and exits with
 status 2; anything unexpected prints its traceback and exits with 1. ``--debug`` (or
@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     quickstart.add_argument("--out", default="runs/quickstart", help="where the runs go (default: runs/quickstart)")
     commands.add_parser("recipes", help="list the built-in recipes", parents=[common])
+    init = commands.add_parser("init", help="write a filled-in recipe from a template", parents=[common])
+    init.add_argument("kind", choices=sorted(TEMPLATES), help="the kind of models merged")
+    init.add_argument("--pretrained", required=True, help="the model the experts were fine-tuned from")
+    init.add_argument("--expert", action="append", required=True, metavar="NAME=PATH", help="one per expert (repeat)")
+    init.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="a task's data (default: path/to/NAME)")
+    init.add_argument("--out", default="recipe.yaml", help="where the recipe goes (default: recipe.yaml)")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -95,9 +101,58 @@ def main(argv: list[str] | None = None) -> int:
         return _report(error, args.debug or os.environ.get("ADAMERGE_DEBUG", "") not in ("", "0"))
 
 
+TEMPLATES = {"sequence_classification": "templates/sequence_classification", "causal_lm": "templates/causal_lm",
+             "clip": "templates/clip"}
+
+
+def write_initial_recipe(kind: str, pretrained: str, experts: list[str], data: list[str], out: Path) -> None:
+    """The ``kind`` template with the pretrained model and one task per ``NAME=PATH`` expert, each
+    task shaped like the template's first (its data at ``--data NAME=PATH`` or a placeholder)."""
+    from omegaconf import OmegaConf
+
+    from adamerge.config import load_recipe
+    from adamerge.rundir import check_name
+
+    pairs = {}
+    for flag, items in (("--expert", experts), ("--data", data)):
+        for item in items:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"{flag} {item!r}: expected NAME=PATH")
+            pairs.setdefault(flag, {})[check_name(name, flag)] = path
+    unknown = sorted(set(pairs.get("--data", {})) - set(pairs["--expert"]))
+    if unknown:
+        raise ValueError(f"--data {unknown[0]}: no --expert of that name")
+    template = resolve_recipe(TEMPLATES[kind])
+    recipe = OmegaConf.load(template)
+    shape = OmegaConf.to_container(next(iter(recipe.problem.tasks.values())))
+    recipe.problem.pretrained = pretrained
+    tasks = {}
+    for name, path in pairs["--expert"].items():
+        source = pairs.get("--data", {}).get(name, f"path/to/{name}")
+        task = {**shape, "expert": path}
+        for split in ("calibration", "evaluation"):
+            if isinstance(task.get(split), dict):
+                task[split] = {**task[split], "path": source}
+        tasks[name] = task
+    recipe.problem.tasks = tasks
+    header = f"# adamerge fit {out}\n# Written by `adamerge init {kind}` from {template.name}; see that template for what each field does.\n"
+    text = header + OmegaConf.to_yaml(recipe)
+    load_recipe(OmegaConf.to_container(recipe))  # what it writes is a valid recipe
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out")
+    from adamerge.checkpoints import write_text
+
+    write_text(out, text)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "recipes":
         print("\n".join(built_in_recipes()))
+        return 0
+    if args.command == "init":
+        write_initial_recipe(args.kind, args.pretrained, args.expert, args.data, Path(args.out))
+        print(f"wrote {args.out}: check its data paths, then run `adamerge fit {args.out}`")
         return 0
     if args.command == "quickstart":
         from adamerge.quickstart import run_quickstart

@@ -236,3 +236,27 @@ def test_cli_merge_runs_a_built_in_text_zoo_recipe(zoo, tmp_path, capsys):
     key = "encoder.layer.0.attention.self.query.weight"
     torch.testing.assert_close(merged[key], (a["bert." + key] + b["bert." + key]) / 2)
     assert not torch.allclose(merged[key], base["bert." + key])
+
+
+@pytest.mark.parametrize("kind", sorted(cli.TEMPLATES))
+def test_init_writes_a_valid_recipe_with_one_task_per_expert(kind, tmp_path, capsys):
+    out = tmp_path / "mine.yaml"
+    assert cli.main(["init", kind, "--pretrained", "base/model", "--expert", "alpha=ex/alpha", "--expert", "beta=ex/beta",
+                     "--data", "alpha=data/alpha", "--out", str(out)]) == 0
+    recipe = load_recipe(str(out))
+    assert recipe.problem.pretrained == "base/model" and list(recipe.problem.tasks) == ["alpha", "beta"]
+    assert recipe.problem.tasks.beta.expert == "ex/beta"
+    assert recipe.problem.tasks.alpha.calibration.path == "data/alpha" and recipe.problem.tasks.beta.calibration.path == "path/to/beta"
+    assert out.read_text().startswith(f"# adamerge fit {out}\n")
+    assert cli.main(["init", kind, "--pretrained", "p", "--expert", "alpha=x", "--out", str(out)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--expert", "alpha"], "--expert 'alpha': expected NAME=PATH"),
+    (["--expert", "a=x", "--data", "b=y"], "--data b: no --expert of that name"),
+    (["--expert", "../a=x"], "--expert"),
+])
+def test_init_names_its_bad_flags(flags, message, tmp_path, capsys):
+    assert cli.main(["init", "causal_lm", "--pretrained", "p", *flags, "--out", str(tmp_path / "r.yaml")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r.yaml").exists()
