@@ -38,6 +38,7 @@ from adamerge.methods import get_method
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
 from adamerge.plotting import training_curves
 from adamerge.problems import MergeProblem, build_problem
+from adamerge.progress import StepProgressBar
 from adamerge.progressive import ProgressiveDistiller
 from adamerge.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
 from adamerge.streaming import ShardWriter
@@ -204,7 +205,8 @@ def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
         precision=to_plain(cfg.precision),
         logger=[CSVLogger(work_dir, name="", version=""),  # the run's own log (metrics.csv, resume)
                 *(_instantiate(spec, f"trainer.loggers[{i}]") for i, spec in enumerate(cfg.loggers))],
-        callbacks=[checkpoint, *(_instantiate(spec, f"trainer.callbacks[{i}]") for i, spec in enumerate(cfg.callbacks))],
+        callbacks=[checkpoint, *([StepProgressBar()] if cfg.progress_bar else []),
+                   *(_instantiate(spec, f"trainer.callbacks[{i}]") for i, spec in enumerate(cfg.callbacks))],
         plugins=[CheckpointFiles()],
         log_every_n_steps=cfg.log_every_n_steps,
         enable_progress_bar=cfg.progress_bar,

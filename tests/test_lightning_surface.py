@@ -56,3 +56,24 @@ def test_bad_lightning_settings_are_named(tmp_path, trainer, message):
     recipe = load_recipe({"problem": {"kind": "digits"}, "trainer": trainer})
     with pytest.raises(ValueError, match=message):
         runner._trainer(recipe, tmp_path)
+
+
+def test_the_progress_bar_counts_steps_not_epochs(tmp_path, tmp_path_factory, monkeypatch):
+    from test_runner import build_text_zoo, recipe_dict
+
+    from adamerge.progress import StepProgressBar
+
+    zoo = build_text_zoo(tmp_path_factory)
+    bars = []
+    original = runner._trainer
+
+    def keep_bar(recipe, work):
+        trainer = original(recipe, work)
+        bars.extend(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
+        return trainer
+
+    monkeypatch.setattr(runner, "_trainer", keep_bar)
+    trainer = {**recipe_dict(zoo, tmp_path)["trainer"], "progress_bar": True, "max_steps": 5}
+    runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="bar", trainer=trainer)))
+    bar = bars[0].train_progress_bar
+    assert (bar.total, bar.n, bar.desc.rstrip(": ")) == (5, 5, "learning coefficients")
