@@ -141,17 +141,19 @@ def save_task_classifier(encoder: Mapping[str, Tensor], head: Mapping[str, Tenso
     tokenizer.save_pretrained(folder)
 
 
-def text_collate(tokenizer):
+def _labels_of(rows: list[Mapping]) -> dict[str, Tensor]:
+    return {"labels": torch.tensor([int(row["label"]) for row in rows])} if rows and "label" in rows[0] else {}
+
+
+class text_collate:  # noqa: N801 - used as a function; a class so that ddp_spawn can pickle it
     """Pad tokenised rows to the longest in the batch; ``label`` becomes ``labels``."""
 
-    def collate(rows: list[Mapping]) -> dict[str, Tensor]:
-        features = [{k: v for k, v in row.items() if k in SequenceClassificationTask.INPUTS} for row in rows]
-        batch = dict(tokenizer.pad(features, return_tensors="pt"))
-        if rows and "label" in rows[0]:
-            batch["labels"] = torch.tensor([int(row["label"]) for row in rows])
-        return batch
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
 
-    return collate
+    def __call__(self, rows: list[Mapping]) -> dict[str, Tensor]:
+        features = [{k: v for k, v in row.items() if k in SequenceClassificationTask.INPUTS} for row in rows]
+        return {**dict(self.tokenizer.pad(features, return_tensors="pt")), **_labels_of(rows)}
 
 
 def tokenize_text(
@@ -244,17 +246,15 @@ def load_clip(pretrained: str) -> tuple[nn.Module, nn.Module]:
     return vision, full
 
 
-def image_collate(processor):
+class image_collate:  # noqa: N801 - used as a function; a class so that ddp_spawn can pickle it
     """Turn rows with an image (PIL or array) into ``pixel_values``; ``label`` becomes ``labels``."""
 
-    def collate(rows: list[Mapping]) -> dict[str, Tensor]:
-        images = [row["image"] for row in rows]
-        batch = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
-        if rows and "label" in rows[0]:
-            batch["labels"] = torch.tensor([int(row["label"]) for row in rows])
-        return batch
+    def __init__(self, processor):
+        self.processor = processor
 
-    return collate
+    def __call__(self, rows: list[Mapping]) -> dict[str, Tensor]:
+        images = [row["image"] for row in rows]
+        return {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"], **_labels_of(rows)}
 
 
 # ---------------------------------------------------------------------- causal LM
@@ -312,15 +312,13 @@ def tokenize_prompts(dataset, tokenizer, text: str, response: str | None, max_le
     )
 
 
-def lm_collate(tokenizer):
+class lm_collate:  # noqa: N801 - used as a function; a class so that ddp_spawn can pickle it
     """Right-pad ``input_ids``/``attention_mask``/``loss_mask`` to the longest row."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def collate(rows: list[Mapping]) -> dict[str, Tensor]:
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, rows: list[Mapping]) -> dict[str, Tensor]:
         length = max(len(row["input_ids"]) for row in rows)
-        batch = {}
-        for key, pad in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", 0)):
-            batch[key] = torch.tensor([list(row[key]) + [pad] * (length - len(row[key])) for row in rows])
-        return batch
-
-    return collate
+        pads = (("input_ids", self.pad_id), ("attention_mask", 0), ("loss_mask", 0))
+        return {key: torch.tensor([list(row[key]) + [pad] * (length - len(row[key])) for row in rows]) for key, pad in pads}

@@ -396,3 +396,15 @@ def test_string_labels_become_class_ids_through_the_given_names():
     # rows only learned from (label-free): unmappable labels are dropped, not refused
     unlabelled = tokenize_text(_string_rows(), tokenizer, "text", None, "label", 16, "t", {}, labels_needed=False)
     assert "label" not in unlabelled.column_names and len(unlabelled) == 3
+
+
+def test_collates_survive_pickling_for_ddp_spawn(tokenizer):
+    import pickle
+
+    rows = [{"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1], "label": 1}, {"input_ids": [2, 3], "attention_mask": [1, 1], "label": 0}]
+    text = pickle.loads(pickle.dumps(hf.text_collate(tokenizer)))
+    batch = text(rows)
+    assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, tokenizer.pad_token_id]] and batch["labels"].tolist() == [1, 0]
+    lm_rows = [{"input_ids": [7, 8], "attention_mask": [1, 1], "loss_mask": [0, 1]}, {"input_ids": [9], "attention_mask": [1], "loss_mask": [1]}]
+    lm = pickle.loads(pickle.dumps(hf.lm_collate(tokenizer)))(lm_rows)
+    assert lm["input_ids"].tolist() == [[7, 8], [9, tokenizer.pad_token_id]] and lm["loss_mask"].tolist() == [[0, 1], [1, 0]]
