@@ -80,12 +80,16 @@ def evaluate(
     params: Mapping[str, Tensor] | ParamsFor | None = None,
     names: Iterable[str] | None = None,
 ) -> dict[str, dict]:
-    """Evaluate every task (or ``names``) with the current merge, fixed ``params``, or ``params(task)``."""
+    """Evaluate every task (or ``names``) with the current merge, fixed ``params``, or ``params(task)``;
+    a progress bar counts the tasks (on a terminal)."""
+    from tqdm.auto import tqdm
+
     was_training = merged.training
     merged.eval()
     try:
         results = {}
-        for name in names if names is not None else tasks:
+        chosen = list(names if names is not None else tasks)
+        for name in tqdm(chosen, desc="evaluating", unit="task", disable=None, leave=False):
             if params is None:
                 task_params = merged.merged_parameters()
             elif callable(params):
