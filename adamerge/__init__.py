@@ -6,9 +6,11 @@ them. See the README for the tour.
 """
 
 from adamerge import methods
-from adamerge.coefficients import Clamp, CoefficientLayout, MergeCoefficients, Sigmoid, build_layout
-from adamerge.merged import MergedModel
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.constraints import Clamp, Sigmoid
+from adamerge.core.layouts import CoefficientLayout, build_layout
+from adamerge.core.coefficients import MergeCoefficients
+from adamerge.core.merged import MergedModel
+from adamerge.core.task_vectors import TaskVectors
 
 __all__ = [
     "Clamp",

@@ -2,6 +2,6 @@
 
 import sys
 
-from adamerge.cli import main
+from adamerge.app.cli import main
 
 sys.exit(main())

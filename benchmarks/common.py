@@ -21,12 +21,12 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler start/stop banners
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from adamerge.data import TaskBatches  # noqa: E402
-from adamerge.learner import CoefficientLearner  # noqa: E402
-from adamerge.merged import MergedModel  # noqa: E402
+from adamerge.learning.data import TaskBatches  # noqa: E402
+from adamerge.learning.learner import CoefficientLearner  # noqa: E402
+from adamerge.core.merged import MergedModel  # noqa: E402
 from adamerge.objectives.entropy import Entropy, prediction_entropy  # noqa: E402
-from adamerge.problems import MergeProblem  # noqa: E402
-from adamerge.task_vectors import TaskVectors  # noqa: E402
+from adamerge.app.problems import MergeProblem  # noqa: E402
+from adamerge.core.task_vectors import TaskVectors  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("ADAMERGE_TEXT_DATA", "/work/shared/data/text"))
 DEFAULT_ZOO = Path(os.environ.get("ADAMERGE_CACHE", "~/.cache/adamerge")).expanduser() / "zoo" / "minilm-text"
@@ -46,8 +46,8 @@ def minilm_available(data: Path, zoo: Path) -> bool:
 
 def minilm_recipe(data: Path, zoo: Path, *overrides: str):
     """The built-in layer-wise AdaMerging recipe on the MiniLM zoo (calibration: 512 test rows per task)."""
-    from adamerge.config import resolve_recipe
-    from adamerge.config import load_recipe
+    from adamerge.app.config import resolve_recipe
+    from adamerge.app.config import load_recipe
 
     return load_recipe(
         resolve_recipe("text/adamerging_layerwise"),
@@ -58,7 +58,7 @@ def minilm_recipe(data: Path, zoo: Path, *overrides: str):
 def minilm_problem(data: Path, zoo: Path, experts: int | None = None) -> MergeProblem:
     """The MiniLM zoo's six tasks; with ``experts`` = K, K experts and K tasks, the six repeated
     in order (``sst2#1`` is a second copy of ``sst2``: the same expert and head, its own stream of rows)."""
-    from adamerge.problems import build_problem
+    from adamerge.app.problems import build_problem
 
     problem = build_problem(minilm_recipe(data, zoo).problem)
     if experts is None:
@@ -77,7 +77,7 @@ def tiny_problem(experts: int = 6, rows: int = 64, length: int = 32) -> MergePro
     is dominated by per-tensor and per-op overhead, the opposite of MiniLM."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from adamerge.hf import sequence_classification_tasks
+    from adamerge.tasks.hf import sequence_classification_tasks
 
     config = BertConfig(
         vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -35,7 +35,7 @@ def make_model(width: int) -> nn.Module:
 
 def build_pool(folder: Path, experts: int, width: int) -> None:
     """``pretrained.safetensors`` and ``expert_<k>.safetensors`` (the pretrained weights plus seeded noise)."""
-    from adamerge.checkpoints import save_safetensors
+    from adamerge.io.checkpoints import save_safetensors
 
     torch.manual_seed(0)
     pretrained = make_model(width).state_dict()
@@ -65,11 +65,11 @@ def worker(method: str, folder: Path, experts: int, width: int, iterations: int)
     """One measurement: ``fw`` (hard FW-Merging) or ``task_vectors`` (TaskVectors.from_models)."""
     from safetensors.torch import load_file
 
-    from adamerge.data import CalibrationData
-    from adamerge.frank_wolfe import frank_wolfe_merge
+    from adamerge.learning.data import CalibrationData
+    from adamerge.learning.frank_wolfe import frank_wolfe_merge
     from adamerge.objectives import build_objective
-    from adamerge.task_vectors import TaskVectors
-    from adamerge.tasks import HeadTask
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.tasks.base import HeadTask
 
     torch.set_num_threads(2)
     model = make_model(width)

@@ -30,10 +30,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from adamerge import runner  # noqa: E402
-from adamerge.checkpoints import write_text  # noqa: E402
-from adamerge.cli import resolve_recipe  # noqa: E402
-from adamerge.config import load_recipe  # noqa: E402
+from adamerge.app import runner  # noqa: E402
+from adamerge.io.checkpoints import write_text  # noqa: E402
+from adamerge.app.cli import resolve_recipe  # noqa: E402
+from adamerge.app.config import load_recipe  # noqa: E402
 
 # label -> (job, recipe, overrides, run folder)
 METHODS = {

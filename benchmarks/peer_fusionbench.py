@@ -52,7 +52,7 @@ class FusionBenchStep:
         from fusion_bench.method.adamerging.entropy_loss import entropy_loss
         from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights
 
-        from adamerge.checkpoints import open_weights
+        from adamerge.io.checkpoints import open_weights
 
         self.entropy_loss = entropy_loss
         self.prefix = problem.pretrained.base_model_prefix + "."
@@ -108,7 +108,7 @@ def main() -> int:
         return 0
     from importlib.metadata import version
 
-    from adamerge import runner
+    from adamerge.app import runner
 
     torch.set_num_threads(args.threads)
     print(f"fusion-bench {version('fusion-bench')}, torch {torch.__version__}, {args.threads} threads, "

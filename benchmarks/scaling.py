@@ -13,7 +13,7 @@ gradients, measured the same way) and ``|θ|·4`` the fp32 merged weights alive 
 Every configuration runs in a fresh subprocess; its peak RSS mark is reset just before the
 steps, so "step +" is what the steps themselves added; "+τ meas." is the growth of anonymous
 memory (``RssAnon``) when the task vectors and the merged model are built. Then fp32 vs bf16 accuracy after the
-same number of steps of the built-in recipe (K = 6, through ``adamerge.runner.fit``).
+same number of steps of the built-in recipe (K = 6, through ``adamerge.app.runner.fit``).
 
     python benchmarks/scaling.py [--experts 2 4 8 16] [--steps 4] [--accuracy-steps 100]
 """
@@ -96,7 +96,7 @@ def run_worker(args, experts: int, mode: str, dtype: str) -> dict:
 
 def accuracy(args, dtype: str, steps: int) -> float:
     """Mean test accuracy over the six tasks after ``steps`` steps of the built-in recipe."""
-    from adamerge import runner
+    from adamerge.app import runner
 
     with tempfile.TemporaryDirectory() as folder:
         recipe = minilm_recipe(

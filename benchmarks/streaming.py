@@ -8,11 +8,11 @@ Each configuration runs in a fresh process. "peak +" is the growth of its peak R
 (``VmHWM``) over its RSS once the libraries, the calibration batches and the model's structure
 (on ``meta`` for the streamed run) are in memory: what learning the merge itself costs.
 
-- streamed: :class:`~adamerge.progressive.ProgressiveDistiller` with ``weights=`` (the
-  pretrained checkpoint read one stage at a time) and a :class:`~adamerge.streaming.ShardWriter`
+- streamed: :class:`~adamerge.learning.progressive.ProgressiveDistiller` with ``weights=`` (the
+  pretrained checkpoint read one stage at a time) and a :class:`~adamerge.io.shards.ShardWriter`
   (the merged model written shard by shard), layer-wise coefficients, one epoch per stage.
 - all at once: the whole pretrained model, K task vectors over every tensor and a
-  :class:`~adamerge.merged.MergedModel` with layer-wise coefficients; a few Adam steps of the
+  :class:`~adamerge.core.merged.MergedModel` with layer-wise coefficients; a few Adam steps of the
   merged logits against each expert's (KL), one merge per step, one backward over all tasks.
 
 The prediction for the streamed run is the README's formula: the largest stage's
@@ -81,7 +81,7 @@ def batches(experts: int) -> dict[str, list[dict]]:
 def block_numel() -> int:
     from transformers import LlamaForCausalLM
 
-    from adamerge.streaming import parameters_on_meta
+    from adamerge.core.skeleton import parameters_on_meta
 
     with parameters_on_meta():
         model = LlamaForCausalLM(config(1))
@@ -94,11 +94,13 @@ def block_numel() -> int:
 def run_streamed(folder: Path, experts: int) -> dict:
     from transformers import LlamaForCausalLM
 
-    from adamerge.checkpoints import open_weights
-    from adamerge.coefficients import MergeCoefficients, build_layout
-    from adamerge.hf import CausalLMTask
-    from adamerge.progressive import ProgressiveDistiller
-    from adamerge.streaming import ShardWriter, parameters_on_meta, state_keys
+    from adamerge.io.checkpoints import open_weights
+    from adamerge.core.coefficients import MergeCoefficients
+    from adamerge.core.layouts import build_layout
+    from adamerge.tasks.hf import CausalLMTask
+    from adamerge.learning.progressive import ProgressiveDistiller
+    from adamerge.io.shards import ShardWriter
+    from adamerge.core.skeleton import parameters_on_meta, state_keys
 
     names = [f"e{k}" for k in range(experts)]
     data = batches(experts)
@@ -125,9 +127,9 @@ def run_all_at_once(folder: Path, experts: int, steps: int = 3) -> dict:
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
-    from adamerge.hf import CausalLMTask
-    from adamerge.merged import MergedModel
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.tasks.hf import CausalLMTask
+    from adamerge.core.merged import MergedModel
+    from adamerge.core.task_vectors import TaskVectors
 
     names = [f"e{k}" for k in range(experts)]
     data = batches(experts)

@@ -20,12 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-from adamerge import runner
-from adamerge.checkpoints import write_text
-from adamerge.config import resolve_recipe
-from adamerge.config import load_recipe
-from adamerge.evaluate import average_accuracy
-from adamerge.export import results_table
+from adamerge.app import runner
+from adamerge.io.checkpoints import write_text
+from adamerge.app.config import resolve_recipe
+from adamerge.app.config import load_recipe
+from adamerge.learning.evaluate import average_accuracy
+from adamerge.app.export import results_table
 
 # label -> (job, recipe, overrides, run folder); "{out}" is the benchmark's output folder.
 STAGE1 = "{out}/expert_merging/coefficients.safetensors"

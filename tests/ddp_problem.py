@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from adamerge.objectives.entropy import Entropy
-from adamerge.problems import MergeProblem
-from adamerge.tasks import HeadTask
+from adamerge.app.problems import MergeProblem
+from adamerge.tasks.base import HeadTask
 
 TASKS, ROWS = ("t0", "t1"), 40
 

@@ -10,7 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adamerge.checkpoints import LazySafetensors, atomic_directory, describe, open_weights, save_safetensors, write_text
+from adamerge.io.checkpoints import (
+    LazySafetensors,
+    atomic_directory,
+    describe,
+    open_weights,
+    save_safetensors,
+    write_text,
+)
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -200,8 +207,8 @@ def test_atomic_directory_without_overwrite_rechecks_at_the_rename(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "header"])
 def test_damaged_safetensors_are_named_with_their_role_and_file(tmp_path, damage):
-    from adamerge.checkpoints import UnreadableInput
-    from adamerge.coefficients import MergeCoefficients
+    from adamerge.io.checkpoints import UnreadableInput
+    from adamerge.core.coefficients import MergeCoefficients
 
     path = tmp_path / "expert.safetensors"
     save_file(tensors(), str(path))

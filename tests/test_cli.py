@@ -16,13 +16,13 @@ pytest.importorskip("transformers")
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from adamerge import cli  # noqa: E402
-from adamerge.checkpoints import open_weights  # noqa: E402
-from adamerge.coefficients import GRANULARITIES  # noqa: E402
-from adamerge.config import RecipeError, load_recipe  # noqa: E402
+from adamerge.app import cli  # noqa: E402
+from adamerge.io.checkpoints import open_weights  # noqa: E402
+from adamerge.core.layouts import GRANULARITIES  # noqa: E402
+from adamerge.app.config import RecipeError, load_recipe  # noqa: E402
 from adamerge.methods import get_method  # noqa: E402
 from adamerge.objectives import resolve_objective  # noqa: E402
-from adamerge.problems import PROBLEM_BUILDERS  # noqa: E402
+from adamerge.app.problems import PROBLEM_BUILDERS  # noqa: E402
 from test_runner import build_text_zoo, recipe_dict  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -139,7 +139,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert cli.main(["merge", str(path)]) == 2
     assert "problem.tasks name '../x' is not allowed" in capsys.readouterr().err
 
-    monkeypatch.setattr("adamerge.runner.evaluate_run", lambda run_dir: {}[run_dir])  # a KeyError, but not ours
+    monkeypatch.setattr("adamerge.app.runner.evaluate_run", lambda run_dir: {}[run_dir])  # a KeyError, but not ours
     assert cli.main(["eval", str(tmp_path)]) == 1
 
 
@@ -158,7 +158,7 @@ def test_unexpected_errors_exit_1_with_the_traceback(tmp_path, capsys, monkeypat
     def broken(recipe):
         return int("not a number")  # a ValueError, raised outside adamerge's own checks
 
-    monkeypatch.setattr("adamerge.runner.merge", broken)
+    monkeypatch.setattr("adamerge.app.runner.merge", broken)
     path = tmp_path / "r.yaml"
     path.write_text("method: {name: task_arithmetic}\n")
     assert cli.main(["merge", str(path)]) == 1
@@ -170,7 +170,7 @@ def test_sigterm_during_fit_exits_non_zero_and_leaves_a_resumable_partial_run(zo
     import signal
     import time
 
-    from adamerge.rundir import resume_point
+    from adamerge.app.rundir import resume_point
 
     recipe = recipe_dict(zoo, tmp_path, name="long")
     recipe["trainer"].update(max_steps=100_000, checkpoint_every_n_steps=1)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from adamerge import Clamp, MergeCoefficients, MergedModel, Sigmoid, TaskVectors, build_layout
-from adamerge.checkpoints import save_safetensors
-from adamerge.coefficients import CoefficientLayout, Constraint, block_of, chunk_sizes, make_constraint, module_of
+from adamerge.io.checkpoints import save_safetensors
+from adamerge.core.layouts import CoefficientLayout, block_of, chunk_sizes, module_of
+from adamerge.core.constraints import Constraint, make_constraint
 
 EXPERTS = ("a", "b")
 SHAPES = {

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from adamerge.config import DataSourceConfig
-from adamerge.data import (
+from adamerge.app.config import DataSourceConfig
+from adamerge.learning.data import (
     CalibrationData,
     MultiTaskStream,
     TaskBatches,
@@ -16,7 +16,7 @@ from adamerge.data import (
     rows_to_batch,
     split_holdout,
 )
-from adamerge.problems import load_table
+from adamerge.app.problems import load_table
 
 
 def rows(n: int) -> list[dict]:
@@ -256,7 +256,7 @@ def datasets_cache(tmp_path, monkeypatch):
     ("empty.csv", b"\n", "EmptyDataError: No columns to parse"),
 ])
 def test_unreadable_tables_are_named_in_one_line(tmp_path, datasets_cache, name, content, cause):
-    from adamerge.checkpoints import UnreadableInput
+    from adamerge.io.checkpoints import UnreadableInput
 
     path = tmp_path / name
     path.write_bytes(content)
@@ -272,7 +272,7 @@ def test_unreadable_tables_are_named_in_one_line(tmp_path, datasets_cache, name,
 
 
 def test_by_length_orders_rows_by_their_token_count_and_leaves_other_rows_alone():
-    from adamerge.data import by_length
+    from adamerge.learning.data import by_length
 
     rows = [{"input_ids": [1] * n} for n in (5, 2, 7, 2)]
     assert by_length(rows, [0, 1, 2, 3]) == [1, 3, 0, 2]  # stable among equal lengths

@@ -9,10 +9,11 @@ import copy
 import pytest
 import torch
 
-from adamerge.coefficients import MergeCoefficients, build_layout
-from adamerge.element import ElementCoefficients
-from adamerge.merged import MergedModel
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.coefficients import MergeCoefficients
+from adamerge.core.layouts import build_layout
+from adamerge.core.element import ElementCoefficients
+from adamerge.core.merged import MergedModel
+from adamerge.core.task_vectors import TaskVectors
 
 
 def _merged(mlp, **options):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from adamerge.evaluate import check_labels, evaluate_task
-from adamerge.merged import FunctionalModel
-from adamerge.tasks import HeadTask
+from adamerge.learning.evaluate import check_labels, evaluate_task
+from adamerge.core.merged import FunctionalModel
+from adamerge.tasks.base import HeadTask
 
 # two batches of fixed logits (the identity backbone hands the inputs through as logits)
 LOGITS = [torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 1.0]]), torch.tensor([[3.0, 0.0]])]
@@ -48,7 +48,7 @@ def test_histogram_entropies_and_accuracy_equal_the_hand_computed_values():
 
 
 def test_language_model_tasks_report_perplexity_of_their_tokens():
-    from adamerge.tasks import TaskOutput
+    from adamerge.tasks.base import TaskOutput
 
     class TokenTask(HeadTask):
         def forward(self, merged, params, batch, hidden_layers=()):

@@ -13,10 +13,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from adamerge import runner  # noqa: E402
-from adamerge.config import load_recipe  # noqa: E402
-from adamerge.hf import SequenceClassificationTask  # noqa: E402
-from adamerge.problems import build_problem  # noqa: E402
+from adamerge.app import runner  # noqa: E402
+from adamerge.app.config import load_recipe  # noqa: E402
+from adamerge.tasks.hf import SequenceClassificationTask  # noqa: E402
+from adamerge.app.problems import build_problem  # noqa: E402
 from test_runner import build_text_zoo  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -132,7 +132,7 @@ def test_the_model_card_names_the_base_by_hub_id_only(fitted, zoo, tmp_path):
 
     from huggingface_hub import ModelCard
 
-    from adamerge.export import model_card
+    from adamerge.app.export import model_card
 
     recipe, result = fitted
     hub_named = tmp_path / "hub_named"
@@ -174,7 +174,7 @@ MERGEKIT_CASES = {  # method args -> (mergekit method, weight per expert, per-mo
 def test_data_free_merges_write_the_mergekit_equivalent(zoo, named_zoo, tmp_path, case):
     from omegaconf import OmegaConf
 
-    from adamerge.checkpoints import open_weights
+    from adamerge.io.checkpoints import open_weights
 
     args, method, weights, per_model, parameters = MERGEKIT_CASES[case]
     name = "dare" if case == "dare_ties" else case
@@ -214,7 +214,7 @@ def test_merges_without_a_mergekit_equivalent_say_why(zoo, named_zoo, tmp_path, 
 def test_mergekit_skips_a_bare_encoder_base_saying_why(zoo, named_zoo):
     from dataclasses import replace
 
-    from adamerge.export import method_mergekit_config
+    from adamerge.app.export import method_mergekit_config
 
     problem = build_problem(zoo_recipe(zoo, named_zoo, "unused", "x").problem)
     bare = replace(problem, description={**problem.description, "base": str(zoo / "encoder_only")})
@@ -230,7 +230,7 @@ def test_mergekit_skips_a_bare_encoder_base_saying_why(zoo, named_zoo):
 def test_a_data_free_merge_runs_with_experts_only(zoo, named_zoo, tmp_path, capsys):
     from transformers import AutoModel
 
-    from adamerge.checkpoints import open_weights
+    from adamerge.io.checkpoints import open_weights
 
     experts_only = {t: {"expert": str(named_zoo / "zoo" / t)} for t in ("a", "b")}
     recipe = {"name": "bare", "output_dir": f"{tmp_path}/bare", "method": {"name": "task_arithmetic", "args": {"scaling": 0.4}},

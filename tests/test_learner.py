@@ -13,11 +13,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from adamerge import Clamp, MergedModel, Sigmoid, TaskVectors
-from adamerge.data import CalibrationData
-from adamerge.learner import CoefficientLearner
+from adamerge.learning.data import CalibrationData
+from adamerge.learning.learner import CoefficientLearner
 from adamerge.objectives import Objective, build_objective
 from adamerge.objectives.alignment import ExpertKL
-from adamerge.tasks import HeadTask
+from adamerge.tasks.base import HeadTask
 from conftest import perturbed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 
 import lightning as L  # noqa: E402
 
-from adamerge import runner  # noqa: E402
-from adamerge.config import load_recipe  # noqa: E402
+from adamerge.app import runner  # noqa: E402
+from adamerge.app.config import load_recipe  # noqa: E402
 
 
 class CountSteps(L.Callback):
@@ -61,7 +61,7 @@ def test_bad_lightning_settings_are_named(tmp_path, trainer, message):
 def test_the_progress_bar_counts_steps_not_epochs(tmp_path, tmp_path_factory, monkeypatch):
     from test_runner import build_text_zoo, recipe_dict
 
-    from adamerge.progress import StepProgressBar
+    from adamerge.learning.progress import StepProgressBar
 
     zoo = build_text_zoo(tmp_path_factory)
     bars = []

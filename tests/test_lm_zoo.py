@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 datasets = pytest.importorskip("datasets")
 
-from adamerge import hf  # noqa: E402
+from adamerge.tasks import hf  # noqa: E402
 from adamerge.zoo import lm  # noqa: E402
 
 CHATML = (
@@ -273,8 +273,8 @@ def test_zoo_is_atomic_and_resumable(tmp_path, tiny_lm_dir, monkeypatch):
 
 def test_zoo_rows_feed_the_causal_lm_problem(tmp_path, tiny_lm_dir):
     """The zoo's data folders are read by adamerge's own hf_causal_lm kind."""
-    from adamerge.config import load_recipe
-    from adamerge.problems import build_problem
+    from adamerge.app.config import load_recipe
+    from adamerge.app.problems import build_problem
 
     data = tmp_path / "text"
     write_task(data, "alpha")

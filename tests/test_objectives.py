@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from adamerge import MergedModel, TaskVectors
-from adamerge.data import collate_rows, ordered_batches, rows_to_batch
+from adamerge.learning.data import collate_rows, ordered_batches, rows_to_batch
 from adamerge.objectives import (
     OBJECTIVES,
     FunctionObjective,
@@ -26,7 +26,7 @@ from adamerge.objectives import (
 from adamerge.objectives.alignment import ExpertAlignment, ExpertKL, L1ToInit, coefficient_drift, kl_to_teacher
 from adamerge.objectives.entropy import Entropy, InfoMax
 from adamerge.objectives.supervised import CrossEntropy
-from adamerge.tasks import HeadTask, TaskOutput
+from adamerge.tasks.base import HeadTask, TaskOutput
 from conftest import make_mlp, perturbed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")

@@ -12,13 +12,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from adamerge import blocks as B  # noqa: E402
-from adamerge.coefficients import MergeCoefficients, build_layout  # noqa: E402
-from adamerge.element import ElementCoefficients  # noqa: E402
-from adamerge.hf import CausalLMTask, SequenceClassificationTask  # noqa: E402
-from adamerge.merged import MergedModel  # noqa: E402
-from adamerge.progressive import ProgressiveDistiller, masked_mse  # noqa: E402
-from adamerge.task_vectors import TaskVectors  # noqa: E402
+from adamerge.tasks import blocks as B  # noqa: E402
+from adamerge.core.coefficients import MergeCoefficients  # noqa: E402
+from adamerge.core.layouts import build_layout
+from adamerge.core.element import ElementCoefficients  # noqa: E402
+from adamerge.tasks.hf import CausalLMTask, SequenceClassificationTask  # noqa: E402
+from adamerge.core.merged import MergedModel  # noqa: E402
+from adamerge.learning.progressive import ProgressiveDistiller, masked_mse  # noqa: E402
+from adamerge.core.task_vectors import TaskVectors  # noqa: E402
 from conftest import perturbed  # noqa: E402
 
 
@@ -284,9 +285,9 @@ def test_masked_mse_ignores_padding_by_hand():
 def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(tmp_path, tmp_path_factory):
     from test_runner import build_text_zoo, hand_merge, recipe_dict
 
-    from adamerge import runner
-    from adamerge.checkpoints import open_weights
-    from adamerge.config import load_recipe
+    from adamerge.app import runner
+    from adamerge.io.checkpoints import open_weights
+    from adamerge.app.config import load_recipe
 
     zoo = build_text_zoo(tmp_path_factory)
     recipe = load_recipe(recipe_dict(zoo, tmp_path, name="pd", progressive={"epochs": 2, "samples_per_task": 8},
@@ -317,7 +318,7 @@ def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(tmp_path, tmp
 def test_progressive_recipe_refuses_what_it_cannot_honour(tmp_path, tmp_path_factory, section, message):
     from test_runner import build_text_zoo, recipe_dict
 
-    from adamerge.config import load_recipe
+    from adamerge.app.config import load_recipe
 
     zoo = build_text_zoo(tmp_path_factory)
     with pytest.raises(ValueError, match=message):  # refused when the recipe loads, before any model is read

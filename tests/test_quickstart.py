@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adamerge.cli import main
-from adamerge.evaluate import average_accuracy
+from adamerge.app.cli import main
+from adamerge.learning.evaluate import average_accuracy
 
 
 @pytest.fixture
@@ -14,7 +14,7 @@ def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "quickstart"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ADAMERGE_CACHE", str(cache))
-        from adamerge.quickstart import run_quickstart
+        from adamerge.app.quickstart import run_quickstart
 
         yield out, run_quickstart(out)
 

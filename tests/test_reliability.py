@@ -16,8 +16,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from adamerge import runner  # noqa: E402
-from adamerge.config import load_recipe, save_recipe  # noqa: E402
+from adamerge.app import runner  # noqa: E402
+from adamerge.app.config import load_recipe, save_recipe  # noqa: E402
 from test_runner import build_text_zoo, recipe_dict  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -50,7 +50,7 @@ def quiet(zoo, out, name="run", **sections):
 def test_a_second_run_refuses_while_another_process_holds_the_directory_and_takes_over_a_stale_lock(zoo, tmp_path):
     work_dir = tmp_path / "run.partial"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom adamerge.rundir import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom adamerge.app.rundir import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)", str(work_dir)],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
     )
@@ -100,7 +100,7 @@ def test_a_checkpoint_of_a_different_recipe_is_refused_naming_the_keys(zoo, tmp_
 
 
 def test_differing_keys_are_dotted():
-    from adamerge.rundir import differing_keys
+    from adamerge.app.rundir import differing_keys
 
     before = {"optimizer": {"lr": 1, "name": "adam"}, "objectives": [{"name": "entropy"}], "seed": 0}
     now = {"optimizer": {"lr": 2, "name": "adam"}, "objectives": [{"name": "infomax"}], "seed": 0, "new": 1}
@@ -113,7 +113,7 @@ def test_differing_keys_are_dotted():
 
 @pytest.mark.parametrize("name", ["/any/dir/x", "../../x", "a/b", "a\\b", "..", ".", "a..b", "", "tâche", "a b"])
 def test_unsafe_task_and_expert_names_are_refused_where_they_enter(name, tmp_path):
-    from adamerge.config import load_recipe as load
+    from adamerge.app.config import load_recipe as load
 
     for section in ({"tasks": {name: {}}}, {"experts": {name: "x"}}):
         with pytest.raises(ValueError, match=rf"problem\.{next(iter(section))} name {re.escape(repr(name))} is not allowed"):
@@ -122,7 +122,7 @@ def test_unsafe_task_and_expert_names_are_refused_where_they_enter(name, tmp_pat
 
 
 def test_safe_names_pass():
-    from adamerge.rundir import check_name
+    from adamerge.app.checks import check_name
 
     for name in ("sst2", "mnli-m", "task_1.v2", "A.b-c_d"):
         assert check_name(name) == name
@@ -132,21 +132,21 @@ def bad_names_builder(config):
     """A dotted-path builder that names its own tasks (as text_zoo or a user's builder does)."""
     from torch import nn
 
-    from adamerge.problems import MergeProblem
+    from adamerge.app.problems import MergeProblem
 
     return MergeProblem(pretrained=nn.Linear(2, 2), experts={"/tmp/x": {}}, tasks={"/tmp/x": None}, calibration={})
 
 
 def test_names_a_builder_returns_are_checked_too():
-    from adamerge.config import ProblemConfig
-    from adamerge.problems import build_problem
+    from adamerge.app.config import ProblemConfig
+    from adamerge.app.problems import build_problem
 
     with pytest.raises(ValueError, match=r"test_reliability:bad_names_builder.*task name '/tmp/x' is not allowed"):
         build_problem(ProblemConfig(kind="test_reliability:bad_names_builder"))
 
 
 def test_paths_outside_the_run_directory_are_refused(tmp_path):
-    from adamerge.rundir import inside
+    from adamerge.app.rundir import inside
 
     assert inside(tmp_path, tmp_path / "heads" / "a.safetensors") == tmp_path / "heads" / "a.safetensors"
     for escaping in (tmp_path / ".." / "x", Path("/any/dir/x"), tmp_path / "heads" / "../../x"):
@@ -167,7 +167,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_the_run_res
     import torch
     from safetensors.torch import load_file
 
-    from adamerge import checkpoints
+    from adamerge.io import checkpoints
 
     straight = runner.fit(quiet(zoo, tmp_path, name="straight", trainer=TRAINER))
     real_fsync, calls = os.fsync, []
@@ -201,7 +201,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_the_run_res
 
 
 def test_a_corrupt_last_checkpoint_is_named_in_one_line(zoo, tmp_path):
-    from adamerge.checkpoints import UnreadableInput
+    from adamerge.io.checkpoints import UnreadableInput
 
     recipe = quiet(zoo, tmp_path)
     last = tmp_path / "run.partial" / "checkpoints" / "last.ckpt"
@@ -219,8 +219,8 @@ def test_a_corrupt_last_checkpoint_is_named_in_one_line(zoo, tmp_path):
 def test_a_planted_pickle_checkpoint_runs_no_code_even_when_the_environment_asks(zoo, tmp_path, monkeypatch):
     import torch
 
-    from adamerge.checkpoints import UnreadableInput
-    from adamerge.learner import CheckpointFiles
+    from adamerge.io.checkpoints import UnreadableInput
+    from adamerge.learning.learner import CheckpointFiles
 
     marker = tmp_path / "ran"
 
@@ -291,8 +291,8 @@ def test_inputs_json_records_every_input_and_eval_warns_when_one_changed(zoo, tm
     import json
     import shutil
 
-    from adamerge.checkpoints import record_inputs
-    from adamerge.coefficients import MergeCoefficients
+    from adamerge.io.checkpoints import record_inputs
+    from adamerge.core.coefficients import MergeCoefficients
 
     data = tmp_path / "data-a"
     shutil.copytree(zoo / "data" / "a", data)

@@ -19,13 +19,14 @@ pytest.importorskip("transformers")
 from omegaconf import OmegaConf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from adamerge import MergeCoefficients, runner  # noqa: E402
-from adamerge.checkpoints import open_weights  # noqa: E402
-from adamerge.config import load_recipe  # noqa: E402
-from adamerge.export import mergekit_config  # noqa: E402
-from adamerge.importance import allocate_chunks, tensor_importance  # noqa: E402
+from adamerge import MergeCoefficients  # noqa: E402
+from adamerge.app import runner
+from adamerge.io.checkpoints import open_weights  # noqa: E402
+from adamerge.app.config import load_recipe  # noqa: E402
+from adamerge.app.export import mergekit_config  # noqa: E402
+from adamerge.core.importance import allocate_chunks, tensor_importance  # noqa: E402
 from adamerge.objectives.entropy import Entropy  # noqa: E402
-from adamerge.problems import build_problem  # noqa: E402
+from adamerge.app.problems import build_problem  # noqa: E402
 from conftest import perturbed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -368,7 +369,7 @@ def test_allocate_chunks_by_hand():
 
 def test_tensor_importance_by_hand():
     from adamerge import TaskVectors
-    from adamerge.coefficients import build_layout
+    from adamerge.core.layouts import build_layout
 
     base = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
     e1 = {"w": torch.tensor([[1.0, -1.0, 0.0], [2.0, 0.0, 0.0]]), "b": torch.tensor([1.0, 1.0])}  # |τ|₁: 4, 2

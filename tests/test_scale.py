@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from adamerge import MergedModel, TaskVectors
-from adamerge.data import CalibrationData
-from adamerge.learner import CoefficientLearner
-from adamerge.merged import merge_blocks
+from adamerge.learning.data import CalibrationData
+from adamerge.learning.learner import CoefficientLearner
+from adamerge.core.merged import merge_blocks
 from adamerge.objectives import build_objective
-from adamerge.tasks import HeadTask
+from adamerge.tasks.base import HeadTask
 from conftest import perturbed
 
 # ---------------------------------------------------------------------- blocks

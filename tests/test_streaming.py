@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from adamerge import blocks as B  # noqa: E402
-from adamerge.checkpoints import open_weights  # noqa: E402
-from adamerge.merged import module_with_tensors  # noqa: E402
-from adamerge.progressive import ProgressiveDistiller  # noqa: E402
-from adamerge.streaming import INDEX, ShardWriter, StreamedModel, parameters_on_meta  # noqa: E402
+from adamerge.tasks import blocks as B  # noqa: E402
+from adamerge.io.checkpoints import open_weights  # noqa: E402
+from adamerge.core.merged import module_with_tensors  # noqa: E402
+from adamerge.learning.progressive import ProgressiveDistiller  # noqa: E402
+from adamerge.io.shards import INDEX, ShardWriter  # noqa: E402
+from adamerge.core.skeleton import StreamedModel, parameters_on_meta
 from test_progressive import bert_setup, coefficients_for, decoder_setup  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -182,7 +183,7 @@ def test_shard_index_lists_every_tensor_with_its_total_size(tmp_path):
 
 
 def _same_runs(streamed_dir, in_memory_dir, names_in_memory=lambda key: key):
-    from adamerge.coefficients import MergeCoefficients
+    from adamerge.core.coefficients import MergeCoefficients
 
     a = MergeCoefficients.load(streamed_dir / "coefficients.safetensors")
     b = MergeCoefficients.load(in_memory_dir / "coefficients.safetensors")
@@ -202,8 +203,8 @@ def _same_runs(streamed_dir, in_memory_dir, names_in_memory=lambda key: key):
 def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM, BertTokenizer
 
-    from adamerge import runner
-    from adamerge.config import load_recipe
+    from adamerge.app import runner
+    from adamerge.app.config import load_recipe
 
     model, experts, *_ = SETUPS["llama"]()
     words = "the cat dog sat ran on mat red blue big small house tree".split()
@@ -240,8 +241,8 @@ def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_
 def test_streamed_text_classifier_recipe_writes_the_merged_encoder_and_heads(tmp_path, tmp_path_factory):
     from test_runner import build_text_zoo, recipe_dict
 
-    from adamerge import runner
-    from adamerge.config import load_recipe
+    from adamerge.app import runner
+    from adamerge.app.config import load_recipe
 
     zoo = build_text_zoo(tmp_path_factory)
     coefficients = {"granularity": "layer", "init": 0.3}
@@ -256,8 +257,8 @@ def test_streamed_text_classifier_recipe_writes_the_merged_encoder_and_heads(tmp
 
 
 def test_streaming_refusals_cost_no_model_load(tmp_path):
-    from adamerge.config import RecipeError, load_recipe
-    from adamerge.problems import build_problem
+    from adamerge.app.config import RecipeError, load_recipe
+    from adamerge.app.problems import build_problem
 
     base = {"problem": {"kind": "digits"}, "objectives": [], "coefficients": {"granularity": "element"}}
     with pytest.raises(RecipeError, match="element-wise ones are as large as the task vectors"):

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adamerge import TaskVectors, tensor_ops
-from adamerge.task_vectors import in_scope, name_experts
+from adamerge import TaskVectors
+from adamerge.core import tensor_ops
+from adamerge.core.task_vectors import in_scope, name_experts
 from conftest import make_bert, make_mlp, perturbed
 
 # ---------------------------------------------------------------------- building

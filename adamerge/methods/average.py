@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from adamerge.checkpoints import WeightsSource
+from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
-from adamerge.task_vectors import Experts, Patterns
+from adamerge.core.task_vectors import Experts, Patterns
 
 
 @register_method("average")

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from adamerge.checkpoints import WeightsSource, open_weights
-from adamerge.task_vectors import Experts, Patterns, TaskVectors, parameter_aliases
+from adamerge.io.checkpoints import WeightsSource, open_weights
+from adamerge.core.task_vectors import Experts, Patterns, TaskVectors, parameter_aliases
 
 MergeResult = nn.Module | dict[str, Tensor]
 MERGE_METHODS: dict[str, Callable[..., MergeResult]] = {}

@@ -7,10 +7,10 @@ mean (DARE-TIES, ``θ_0 + λ τ_m``).
 
 from __future__ import annotations
 
-from adamerge import tensor_ops
-from adamerge.checkpoints import WeightsSource
+from adamerge.core import tensor_ops
+from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
-from adamerge.task_vectors import Experts, Patterns
+from adamerge.core.task_vectors import Experts, Patterns
 
 
 @register_method("dare")

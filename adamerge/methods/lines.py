@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from adamerge.checkpoints import WeightsSource
-from adamerge.coefficients import block_of, module_of
+from adamerge.io.checkpoints import WeightsSource
+from adamerge.core.layouts import block_of, module_of
 from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
-from adamerge.task_vectors import Experts, Patterns
+from adamerge.core.task_vectors import Experts, Patterns
 
 
 def layer_depths(keys: Sequence[str]) -> dict[str, int]:

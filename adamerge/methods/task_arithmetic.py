@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from adamerge.checkpoints import WeightsSource
+from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, apply_deltas, per_expert, register_method, task_vectors
-from adamerge.task_vectors import Experts, Patterns
+from adamerge.core.task_vectors import Experts, Patterns
 
 
 @register_method("task_arithmetic")

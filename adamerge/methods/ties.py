@@ -8,10 +8,10 @@ count, as in the paper and PEFT; mergekit divides by the agreeing experts' weigh
 
 from __future__ import annotations
 
-from adamerge import tensor_ops
-from adamerge.checkpoints import WeightsSource
+from adamerge.core import tensor_ops
+from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
-from adamerge.task_vectors import Experts, Patterns, TrimScope
+from adamerge.core.task_vectors import Experts, Patterns, TrimScope
 
 
 @register_method("ties")

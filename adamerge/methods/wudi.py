@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from adamerge.checkpoints import WeightsSource
+from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import (
     MergeResult,
     apply_deltas,
@@ -46,7 +46,7 @@ from adamerge.methods.base import (
     register_method,
     task_vectors,
 )
-from adamerge.task_vectors import Experts, Patterns
+from adamerge.core.task_vectors import Experts, Patterns
 
 Others = Literal["pretrained", "mean"]
 

@@ -3,7 +3,7 @@
 An objective is an ``nn.Module`` with three hooks:
 
 - ``forward(output, batch, task) -> loss`` (or ``(loss, logs)``): the loss of one task's batch,
-  given that task's :class:`~adamerge.tasks.TaskOutput` from the merged model;
+  given that task's :class:`~adamerge.tasks.base.TaskOutput` from the merged model;
 - ``setup(context)`` (optional): precompute what the loss needs once, e.g. expert targets;
 - ``penalty(merged)`` (optional): a term on the coefficients themselves, added once per step.
 
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamerge.merged import MergedModel
-from adamerge.tasks import Task, TaskOutput
+from adamerge.core.merged import MergedModel
+from adamerge.tasks.base import Task, TaskOutput
 
 LossAndLogs = tuple[Tensor, Mapping[str, Tensor]]
 

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adamerge.merged import MergedModel
+from adamerge.core.merged import MergedModel
 from adamerge.objectives import Objective, ObjectiveContext, register_objective
-from adamerge.tasks import TaskOutput
+from adamerge.tasks.base import TaskOutput
 
 
 def per_sample_rows(output: TaskOutput, batch_size: int) -> list[int]:

@@ -57,8 +57,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from adamerge.checkpoints import atomic_directory, save_safetensors, write_text
-from adamerge.paths import cache_root
+from adamerge.io.checkpoints import atomic_directory, save_safetensors, write_text
+from adamerge.io.paths import cache_root
 
 FORMAT = "adamerge.zoo.digits"
 VERSION = 1

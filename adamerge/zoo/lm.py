@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from adamerge.checkpoints import atomic_directory, write_text
-from adamerge.hf import quiet_transformers
+from adamerge.io.checkpoints import atomic_directory, write_text
+from adamerge.tasks.hf import quiet_transformers
 from adamerge.zoo.text import default_cache_root, read_task_meta
 
 FORMAT = "adamerge.zoo.lm"
@@ -255,7 +255,7 @@ def read_rows(data_dir: str | os.PathLike, split: str, limit: int | None = None)
 
 
 def encode_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of a prompt (as ``adamerge.hf.tokenize_prompts`` makes them) and its response."""
+    """Token ids of a prompt (as ``adamerge.tasks.hf.tokenize_prompts`` makes them) and its response."""
     return (tokenizer(prompt, add_special_tokens=True)["input_ids"],
             tokenizer(response, add_special_tokens=False)["input_ids"])
 

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from adamerge.checkpoints import atomic_directory, write_text
-from adamerge.hf import quiet_transformers
-from adamerge.paths import cache_root as default_cache_root  # the zoos' shared root
+from adamerge.io.checkpoints import atomic_directory, write_text
+from adamerge.tasks.hf import quiet_transformers
+from adamerge.io.paths import cache_root as default_cache_root  # the zoos' shared root
 
 FORMAT = "adamerge.zoo.text"
 VERSION = 1

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adamerge import runner
-from adamerge.checkpoints import write_text
-from adamerge.config import load_recipe, resolve_recipe
-from adamerge.export import results_table
-from adamerge.plotting import accuracy_bars
+from adamerge.app import runner
+from adamerge.io.checkpoints import write_text
+from adamerge.app.config import load_recipe, resolve_recipe
+from adamerge.app.export import results_table
+from adamerge.app.plots import accuracy_bars
 
 RECIPES = {
     "task arithmetic (0.3)": ("merge", "quickstart/task_arithmetic"),

@@ -1,7 +1,7 @@
 """Tasks: how a batch of one task's inputs becomes that task's logits through the merged backbone.
 
 A task never owns merged weights; it receives the model to run (any
-:class:`~adamerge.merged.FunctionalModel`, usually the ``MergedModel``) and the merged tensors
+:class:`~adamerge.core.merged.FunctionalModel`, usually the ``MergedModel``) and the merged tensors
 of the current step (``params``), so every task in a step shares one merge. The same call with an expert's
 weights (``merged.expert_parameters(k)``) gives that expert's outputs, which is how
 alignment objectives get their targets.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from adamerge.merged import FunctionalModel
+from adamerge.core.merged import FunctionalModel
 
 
 @dataclass

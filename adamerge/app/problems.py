@@ -19,11 +19,12 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
-from adamerge.checkpoints import UnreadableInput, WeightsSource, open_weights, reading
-from adamerge.config import DataSourceConfig, ProblemConfig, TaskConfig
-from adamerge.data import Collate, rows_to_batch
-from adamerge.rundir import check_name, inside
-from adamerge.tasks import Task
+from adamerge.io.checkpoints import UnreadableInput, WeightsSource, open_weights, reading
+from adamerge.app.config import DataSourceConfig, ProblemConfig, TaskConfig
+from adamerge.learning.data import Collate, rows_to_batch
+from adamerge.app.checks import check_name
+from adamerge.app.rundir import inside
+from adamerge.tasks.base import Task
 
 Exporter = Callable[[nn.Module, Path], None]
 
@@ -172,7 +173,7 @@ def digits_problem(config: ProblemConfig) -> MergeProblem:
     """The quickstart zoo (``adamerge.zoo.digits``): an MLP on five input domains of scikit-learn's
     digits, one expert and head per domain; built on first use and cached. ``problem.options``
     are zoo settings (e.g. ``tasks``, ``hidden``)."""
-    from adamerge.tasks import HeadTask
+    from adamerge.tasks.base import HeadTask
     from adamerge.zoo.digits import build_digits_zoo
 
     zoo = build_digits_zoo(cache_dir=config.cache_dir, seed=config.seed, **config.options)
@@ -199,7 +200,7 @@ def digits_problem(config: ProblemConfig) -> MergeProblem:
 
 
 def _save_hf(tokenizer_or_processor) -> Exporter:
-    from adamerge.hf import quiet_transformers
+    from adamerge.tasks.hf import quiet_transformers
 
     def save(module: nn.Module, folder: Path) -> None:
         with quiet_transformers():
@@ -225,7 +226,7 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
     """K sequence classifiers fine-tuned from one encoder; each task keeps its expert's head."""
     from transformers import AutoTokenizer
 
-    from adamerge import hf
+    from adamerge.tasks import hf
 
     _require(config, "pretrained", "tasks", "experts")
     backbone = hf.load_sequence_classifier(config.pretrained, empty=streamed)
@@ -260,7 +261,7 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
             hf.save_task_classifier(encoder, task.head.as_dict(), experts[name], tokenizer, target)
 
     def save_heads(folder: Path) -> None:
-        from adamerge.checkpoints import save_safetensors
+        from adamerge.io.checkpoints import save_safetensors
 
         for name, task in tasks.items():
             save_safetensors(task.head.as_dict(), inside(folder, folder / "heads" / f"{name}.safetensors"))
@@ -343,7 +344,7 @@ def clip_problem(config: ProblemConfig) -> MergeProblem:
     """CLIP vision towers fine-tuned per task, merged; zero-shot heads from the pretrained text tower."""
     from transformers import AutoProcessor
 
-    from adamerge import hf
+    from adamerge.tasks import hf
 
     _require(config, "pretrained", "tasks", "experts")
     vision, full = hf.load_clip(config.pretrained)
@@ -390,7 +391,7 @@ def causal_lm_problem(config: ProblemConfig, streamed: bool = False) -> MergePro
     """Causal LMs merged whole; each task's logits are next-token predictions on its responses."""
     from transformers import AutoTokenizer
 
-    from adamerge import hf
+    from adamerge.tasks import hf
 
     _require(config, "pretrained", "tasks")
     experts = _experts(config)

@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from adamerge import tensor_ops
-from adamerge.checkpoints import WeightsSource, describe, open_weights, save_safetensors
+from adamerge.core import tensor_ops
+from adamerge.io.checkpoints import WeightsSource, describe, open_weights, save_safetensors
 
 Patterns = Union[str, Sequence[str], None]
 Experts = Union[Mapping[str, WeightsSource], Sequence[WeightsSource]]
@@ -258,14 +258,14 @@ class TaskVectors:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         """Save to one safetensors file (expert names in the metadata)."""
-        metadata = {"format": "adamerge.task_vectors", "expert_names": json.dumps(list(self.expert_names))}
+        metadata = {"format": "adamerge.core.task_vectors", "expert_names": json.dumps(list(self.expert_names))}
         save_safetensors(self._vectors, path, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "TaskVectors":
         with safe_open(str(path), framework="pt", device=str(device or "cpu")) as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("format") != "adamerge.task_vectors":
+            if metadata.get("format") != "adamerge.core.task_vectors":
                 raise ValueError(f"{path} is not an adamerge task-vector file")
             vectors = {key: handle.get_tensor(key) for key in handle.keys()}
         return cls(vectors, json.loads(metadata["expert_names"]))

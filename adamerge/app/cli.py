@@ -14,16 +14,16 @@ import sys
 import traceback
 from pathlib import Path
 
-from adamerge.config import built_in_recipes, resolve_recipe  # noqa: F401 (resolve_recipe: public here too)
+from adamerge.app.config import built_in_recipes, resolve_recipe  # noqa: F401 (resolve_recipe: public here too)
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # adamerge/
 USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)  # RecipeError and UnreadableInput are ValueErrors
 SIGTERM_STATUS = 128 + 15
 
 
 
 def _print_results(title: str, run_dir: Path | None, results: dict) -> None:
-    from adamerge.export import results_table
+    from adamerge.app.export import results_table
 
     if results:
         print(results_table({title: results}))
@@ -110,8 +110,8 @@ def write_initial_recipe(kind: str, pretrained: str, experts: list[str], data: l
     task shaped like the template's first (its data at ``--data NAME=PATH`` or a placeholder)."""
     from omegaconf import OmegaConf
 
-    from adamerge.config import load_recipe
-    from adamerge.rundir import check_name
+    from adamerge.app.config import load_recipe
+    from adamerge.app.checks import check_name
 
     pairs = {}
     for flag, items in (("--expert", experts), ("--data", data)):
@@ -141,7 +141,7 @@ def write_initial_recipe(kind: str, pretrained: str, experts: list[str], data: l
     load_recipe(OmegaConf.to_container(recipe))  # what it writes is a valid recipe
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out")
-    from adamerge.checkpoints import write_text
+    from adamerge.io.checkpoints import write_text
 
     write_text(out, text)
 
@@ -155,13 +155,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: check its data paths, then run `adamerge fit {args.out}`")
         return 0
     if args.command == "quickstart":
-        from adamerge.quickstart import run_quickstart
+        from adamerge.app.quickstart import run_quickstart
 
         run_quickstart(Path(args.out))
         return 0
 
-    from adamerge import runner
-    from adamerge.config import load_recipe
+    from adamerge.app import runner
+    from adamerge.app.config import load_recipe
 
     if args.command == "eval":
         results = runner.evaluate_run(args.run_dir)

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from adamerge.merged import FunctionalModel
+from adamerge.core.merged import FunctionalModel
 from adamerge.objectives.entropy import prediction_entropy
-from adamerge.tasks import Task
+from adamerge.tasks.base import Task
 
 ParamsFor = Callable[[str], Mapping[str, Tensor]]
 _HISTOGRAM_MAX_CLASSES = 100

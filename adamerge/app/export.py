@@ -18,15 +18,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adamerge.checkpoints import open_weights, save_safetensors, write_text
-from adamerge.config import save_recipe, to_plain
-from adamerge.evaluate import average_accuracy
-from adamerge.coefficients import MergeCoefficients
-from adamerge.element import ElementCoefficients
+from adamerge.io.checkpoints import open_weights, save_safetensors, write_text
+from adamerge.app.config import save_recipe, to_plain
+from adamerge.learning.evaluate import average_accuracy
+from adamerge.core.coefficients import MergeCoefficients
+from adamerge.core.element import ElementCoefficients
 from adamerge.methods import get_method
-from adamerge.plotting import coefficient_heatmap
-from adamerge.problems import MergeProblem
-from adamerge.task_vectors import in_scope
+from adamerge.app.plots import coefficient_heatmap
+from adamerge.app.problems import MergeProblem
+from adamerge.core.task_vectors import in_scope
 
 Coefficients = MergeCoefficients | ElementCoefficients
 
@@ -47,7 +47,7 @@ def save_streamed_model(shards: Path, problem: MergeProblem, folder: Path) -> No
     time) into ``folder`` with the index and the config; it never exists whole in memory."""
     from safetensors import safe_open
 
-    from adamerge.streaming import ShardWriter
+    from adamerge.io.shards import ShardWriter
 
     files = sorted(shards.glob("model-*-of-*.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)

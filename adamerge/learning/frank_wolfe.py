@@ -27,13 +27,14 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from adamerge.checkpoints import WeightsSource, open_weights
-from adamerge.coefficients import Clamp, MergeCoefficients
-from adamerge.data import CalibrationData
-from adamerge.learner import CoefficientLearner
-from adamerge.merged import FunctionalModel, MergedModel
+from adamerge.io.checkpoints import WeightsSource, open_weights
+from adamerge.core.constraints import Clamp
+from adamerge.core.coefficients import MergeCoefficients
+from adamerge.learning.data import CalibrationData
+from adamerge.learning.learner import CoefficientLearner
+from adamerge.core.merged import FunctionalModel, MergedModel
 from adamerge.objectives import Objective, WeightedObjectives, split_loss
-from adamerge.task_vectors import (
+from adamerge.core.task_vectors import (
     Patterns,
     TaskVectors,
     check_keys,
@@ -42,7 +43,7 @@ from adamerge.task_vectors import (
     name_experts,
     parameter_aliases,
 )
-from adamerge.tasks import Task
+from adamerge.tasks.base import Task
 
 MODES = ("hard", "soft")
 LMOS = ("model", "tensor")

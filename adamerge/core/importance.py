@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from adamerge.coefficients import MergeCoefficients
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.coefficients import MergeCoefficients
+from adamerge.core.task_vectors import TaskVectors
 
 
 def tensor_importance(coefficients: MergeCoefficients, task_vectors: TaskVectors) -> dict[str, float]:

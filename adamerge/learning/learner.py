@@ -1,6 +1,6 @@
 """The Lightning system that trains merge coefficients.
 
-A thin shell around an exportable :class:`~adamerge.merged.MergedModel`: one merge per
+A thin shell around an exportable :class:`~adamerge.core.merged.MergedModel`: one merge per
 step shared by all tasks, ``loss = Σ_task w_task · objective(task batch) + penalty``,
 the constraint re-imposed after each optimiser step, and checkpoints that hold only the
 coefficients and the optimiser state.
@@ -17,11 +17,11 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
-from adamerge.checkpoints import load_checkpoint, write_bytes
-from adamerge.merged import MergedModel
+from adamerge.io.checkpoints import load_checkpoint, write_bytes
+from adamerge.core.merged import MergedModel
 from adamerge.objectives import Objective, ObjectiveContext, split_loss
 from adamerge.objectives.balance import get_balance
-from adamerge.tasks import Task
+from adamerge.tasks.base import Task
 
 # The backbone, the task heads and the objectives stay in eval mode on purpose (frozen; no
 # dropout): Lightning's warning about modules in eval mode at the start of training is expected.

@@ -15,18 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.coefficients import (
-    ChunkSpec,
-    ConstraintSpec,
-    Granularity,
-    GroupSpec,
-    InitSpec,
-    MergeCoefficients,
-    build_layout,
-    chunk_sizes,
-)
-from adamerge.element import ElementCoefficients
-from adamerge.task_vectors import TaskVectors, parameter_aliases
+from adamerge.core.layouts import ChunkSpec, Granularity, GroupSpec, build_layout, chunk_sizes
+from adamerge.core.constraints import ConstraintSpec
+from adamerge.core.coefficients import InitSpec, MergeCoefficients
+from adamerge.core.element import ElementCoefficients
+from adamerge.core.task_vectors import TaskVectors, parameter_aliases
 
 
 BLOCK = 1 << 20

@@ -11,11 +11,26 @@ themselves accept, imported from them, so the two lists cannot drift apart.
 from __future__ import annotations
 
 import difflib
+import re
 
 from omegaconf import DictConfig
 
-from adamerge.coefficients import GRANULARITIES
+from adamerge.core.layouts import GRANULARITIES
 from adamerge.objectives.balance import BALANCES
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class RecipeError(ValueError):
+    """A recipe that does not fit the schema (unknown key, wrong type, missing value) or its rules."""
+
+
+def check_name(name: object, what: str = "task") -> str:
+    """A task or expert name safe to use as a file name: letters, digits, ``_``, ``-`` and ``.``
+    (not ``.`` or ``..``), so no name can point a written file outside the run directory."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", "..") or ".." in name:
+        raise ValueError(f"{what} name {name!r} is not allowed: use letters, digits, '_', '-' and '.' (no '..')")
+    return name
 
 CONSTRAINTS = ("none", "clamp", "sigmoid")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -82,8 +97,6 @@ def _exclusive(recipe: DictConfig) -> list[str]:
 
 def check_recipe(recipe: DictConfig, origin: str = "recipe") -> None:
     """Raise ``RecipeError`` naming the first bad key (with the closest allowed value) or rule."""
-    from adamerge.config import RecipeError
-
     for key, (value, allowed) in _choices(recipe).items():
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)

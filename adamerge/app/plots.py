@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from adamerge.coefficients import MergeCoefficients  # noqa: E402
+from adamerge.core.coefficients import MergeCoefficients  # noqa: E402
 
 
 def coefficient_heatmap(coefficients: MergeCoefficients, path: str | os.PathLike, title: str = "") -> Path:

@@ -22,27 +22,29 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
-from adamerge.blocks import stage_count
-from adamerge.checkpoints import atomic_directory, open_weights, record_inputs, write_text
-from adamerge.coefficients import MergeCoefficients, build_layout, make_constraint
-from adamerge.config import load_recipe, to_plain
-from adamerge.data import CalibrationData, by_length, ordered_batches
-from adamerge.element import ElementCoefficients
-from adamerge.evaluate import check_labels, evaluate
-from adamerge.export import write_coefficients, write_common, write_method_mergekit
-from adamerge.frank_wolfe import frank_wolfe_merge
-from adamerge.importance import importance_chunks
-from adamerge.learner import CheckpointFiles, CoefficientLearner
-from adamerge.merged import FunctionalModel, MergedModel, module_with_tensors
+from adamerge.tasks.blocks import stage_count
+from adamerge.io.checkpoints import atomic_directory, open_weights, record_inputs, write_text
+from adamerge.core.coefficients import MergeCoefficients
+from adamerge.core.layouts import build_layout
+from adamerge.core.constraints import make_constraint
+from adamerge.app.config import load_recipe, to_plain
+from adamerge.learning.data import CalibrationData, by_length, ordered_batches
+from adamerge.core.element import ElementCoefficients
+from adamerge.learning.evaluate import check_labels, evaluate
+from adamerge.app.export import write_coefficients, write_common, write_method_mergekit
+from adamerge.learning.frank_wolfe import frank_wolfe_merge
+from adamerge.core.importance import importance_chunks
+from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
+from adamerge.core.merged import FunctionalModel, MergedModel, module_with_tensors
 from adamerge.methods import get_method
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
-from adamerge.plotting import training_curves
-from adamerge.problems import MergeProblem, build_problem
-from adamerge.progress import StepProgressBar
-from adamerge.progressive import ProgressiveDistiller
-from adamerge.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
-from adamerge.streaming import ShardWriter
-from adamerge.task_vectors import TaskVectors, in_scope
+from adamerge.app.plots import training_curves
+from adamerge.app.problems import MergeProblem, build_problem
+from adamerge.learning.progress import StepProgressBar
+from adamerge.learning.progressive import ProgressiveDistiller
+from adamerge.app.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
+from adamerge.io.shards import ShardWriter
+from adamerge.core.task_vectors import TaskVectors, in_scope
 
 
 def setup_process(recipe: DictConfig) -> None:

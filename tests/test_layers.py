@@ -1,0 +1,105 @@
+"""The package's layers import only downward, and no module imports itself back in a cycle.
+
+Layers, bottom to top: io → core → methods, tasks → objectives → learning → zoo → app
+(``adamerge/__init__.py`` re-exports the core for users). A module may import its own layer
+and the ones below it; the check reads every ``import`` statement, at any depth, with ``ast``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "adamerge"
+RANK = {"io": 0, "core": 1, "methods": 2, "tasks": 2, "objectives": 3, "learning": 4, "zoo": 5, "app": 6}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imported(path: Path, name: str) -> set[str]:
+    """Every adamerge module ``path`` imports (``from adamerge.x import y`` counts x, and x.y when
+    that is a module)."""
+    names = set()
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("adamerge")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import
+                base = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.startswith("adamerge"):
+                names.add(source)
+                names |= {f"{source}.{a.name}" for a in node.names}
+    return names
+
+
+def layer(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in RANK else None
+
+
+def test_every_module_belongs_to_a_layer():
+    loose = [n for n, p in modules().items() if n.count(".") == 1 and p.name != "__init__.py" and layer(n) is None
+             and n not in ("adamerge.__main__",)]
+    assert loose == [], f"modules outside the layers: {loose}"
+
+
+def test_layers_import_downward_only():
+    known = modules()
+    wrong = []
+    for name, path in known.items():
+        here = layer(name)
+        if here is None:
+            continue
+        for target in imported(path, name):
+            there = layer(target)
+            if target in known and there is not None and RANK[there] > RANK[here]:
+                wrong.append(f"{name} imports {target}")
+    assert wrong == []
+
+
+def test_no_import_cycles():
+    known = modules()
+    graph = {n: {t for t in imported(p, n) if t in known and t != n} for n, p in known.items()}
+    # a package's __init__ importing its own submodules is how a package is built, not a cycle
+    graph = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in graph.items()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> bool:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle.extend(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+                return True
+            if state.get(nxt) is None and visit(nxt, stack + [nxt]):
+                return True
+        state[node] = 2
+        return False
+
+    for start in sorted(graph):
+        if state.get(start) is None and visit(start, [start]):
+            break
+    assert cycle == [], " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("bad, good", [("adamerge.app.runner", "adamerge.core.merged")])
+def test_the_check_would_see_an_upward_import(tmp_path, bad, good):
+    """The checker itself: a core module importing the app is reported."""
+    module = tmp_path / "probe.py"
+    module.write_text(f"import torch\nfrom {bad} import fit\nfrom {good} import MergedModel\n")
+    found = imported(module, "adamerge.core.probe")
+    assert bad in found and good in found
+    assert RANK[layer(bad)] > RANK[layer("adamerge.core.probe")]
