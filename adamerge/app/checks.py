@@ -15,7 +15,7 @@ import re
 
 from omegaconf import DictConfig
 
-from adamerge.core.layouts import GRANULARITIES
+from adamerge.core.granularities import GRANULARITIES, misplaced_options, option_names
 from adamerge.objectives.balance import BALANCES
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -32,28 +32,15 @@ def check_name(name: object, what: str = "task") -> str:
         raise ValueError(f"{what} name {name!r} is not allowed: use letters, digits, '_', '-' and '.' (no '..')")
     return name
 
-CONSTRAINTS = ("none", "clamp", "sigmoid")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _choices(recipe: DictConfig) -> dict[str, tuple[object, tuple]]:
     """``dotted key -> (value, allowed values)`` for every closed choice present in the recipe."""
     checks = {
         "coefficients.granularity": (recipe.coefficients.granularity, GRANULARITIES),
-        "coefficients.constraint.name": (recipe.coefficients.constraint.name, CONSTRAINTS),
         "task_balance": (recipe.task_balance, tuple(BALANCES)),
-        "optimizer.name": (recipe.optimizer.name, OPTIMIZERS),
-        "task_vectors.dtype": (recipe.task_vectors.dtype, DTYPES),
     }
-    if recipe.task_vectors.ties is not None:
-        checks["task_vectors.ties.scope"] = (recipe.task_vectors.ties.scope, ("model", "tensor"))
-        checks["task_vectors.ties.sign_method"] = (recipe.task_vectors.ties.sign_method, ("sum", "count"))
-    if recipe.progressive is not None:
-        checks["progressive.features"] = (recipe.progressive.features, ("memory", "disk"))
     if recipe.frank_wolfe is not None:
-        checks["frank_wolfe.mode"] = (recipe.frank_wolfe.mode, ("hard", "soft"))
-        checks["frank_wolfe.lmo"] = (recipe.frank_wolfe.lmo, ("model", "tensor"))
         checks["frank_wolfe.inner_granularity"] = (
             recipe.frank_wolfe.inner_granularity, tuple(g for g in GRANULARITIES if g != "element"),
         )
@@ -68,6 +55,11 @@ def _exclusive(recipe: DictConfig) -> list[str]:
         problems.append(f"`method` (a data-free merge) cannot be combined with {', '.join(f'`{n}`' for n in learned)}")
     if recipe.frank_wolfe is not None and recipe.progressive is not None:
         problems.append("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
+    if recipe.frank_wolfe is not None and recipe.selection is not None:
+        problems.append(
+            "FW-Merging (`frank_wolfe`) has no `selection`: its state is the merged weights themselves, and keeping "
+            "the best iterate would hold a second copy of the model (the task losses' `task_balance` does apply)"
+        )
     if recipe.progressive is not None:
         if recipe.selection is not None or recipe.task_balance != "sum":
             problems.append("progressive learning has no `selection` or `task_balance` (every block matches its experts directly)")
@@ -83,11 +75,8 @@ def _exclusive(recipe: DictConfig) -> list[str]:
                 "progressive.stream keeps every coefficient in memory: element-wise ones are as large as the task "
                 "vectors; use coefficients.granularity layer, chunk or group"
             )
-    granularity = recipe.coefficients.granularity
-    if recipe.coefficients.groups is not None and granularity != "group":
-        problems.append(f"coefficients.groups is only used with granularity 'group', not {granularity!r}")
-    if recipe.coefficients.chunks is not None and granularity != "chunk":
-        problems.append(f"coefficients.chunks is only used with granularity 'chunk', not {granularity!r}")
+    layout_options = {name: recipe.coefficients[name] for name in option_names() if name in recipe.coefficients}
+    problems += misplaced_options(recipe.coefficients.granularity, layout_options, label=lambda name: f"coefficients.{name}")
     if recipe.coefficients.constraint.name == "none" and (
         recipe.coefficients.constraint.lo is not None or recipe.coefficients.constraint.hi is not None
     ):
@@ -95,13 +84,17 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     return problems
 
 
+def closest_hint(value: object, allowed) -> str:
+    """`` (did you mean 'x'?)`` for the allowed value closest to a mistyped one, else nothing."""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_recipe(recipe: DictConfig, origin: str = "recipe") -> None:
     """Raise ``RecipeError`` naming the first bad key (with the closest allowed value) or rule."""
     for key, (value, allowed) in _choices(recipe).items():
         if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"{origin}: {key} is {value!r}; use one of {list(allowed)}{hint}")
+            raise RecipeError(f"{origin}: {key} is {value!r}; use one of {list(allowed)}{closest_hint(value, allowed)}")
     problems = _exclusive(recipe)
     if problems:
         raise RecipeError(f"{origin}: {problems[0]}")

@@ -8,14 +8,15 @@ command line use the same dotted names as the YAML.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from adamerge.app.checks import RecipeError, check_name, check_recipe
+from adamerge.app.checks import RecipeError, check_name, check_recipe, closest_hint
 from adamerge.io.paths import cache_root
 
 
@@ -67,8 +68,8 @@ class ProblemConfig:
 @dataclass
 class TiesConfig:
     density: float = 0.2
-    scope: str = "model"  # model | tensor
-    sign_method: str = "sum"  # sum | count
+    scope: Literal["model", "tensor"] = "model"
+    sign_method: Literal["sum", "count"] = "sum"
 
 
 @dataclass
@@ -82,7 +83,7 @@ class DareConfig:
 class TaskVectorConfig:
     include: Optional[list[str]] = None  # regexes on parameter names (default: the setting's scope)
     exclude: Optional[list[str]] = None
-    dtype: str = "float32"  # storage dtype: float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype
     ties: Optional[TiesConfig] = None  # AdaMerging++: learn on TIES-processed vectors
     dare: Optional[DareConfig] = None
     offload: bool = False  # keep task vectors in host memory while the model runs on the accelerator
@@ -90,7 +91,7 @@ class TaskVectorConfig:
 
 @dataclass
 class ConstraintConfig:
-    name: str = "none"  # none | clamp | sigmoid
+    name: Literal["none", "clamp", "sigmoid"] = "none"
     lo: Optional[float] = None
     hi: Optional[float] = None
 
@@ -114,7 +115,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam | adamw | sgd
+    name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
 
@@ -162,10 +163,10 @@ class FrankWolfeConfig:
     """FW-Merging (``adamerge fit`` with this section): Frank-Wolfe over the experts as a pool,
     instead of learning coefficients. ``trainer.batch_size`` and ``objectives`` still apply."""
 
-    mode: str = "hard"  # hard: step γ_t toward the best member | soft: learn steps toward the best `directions`
+    mode: Literal["hard", "soft"] = "hard"  # hard: step γ_t toward the best member | soft: learn steps toward the best `directions`
     iterations: int = 10
     step_size: float = 1.0  # γ_t = step_size · 2/(t+2), in (0, 1]
-    lmo: str = "model"  # model: one member for the whole model | tensor: one member per tensor
+    lmo: Literal["model", "tensor"] = "model"  # model: one member for the whole model | tensor: one member per tensor
     batches_per_iteration: int = 2  # calibration steps (one batch per task each) per gradient
     start: str = "pretrained"  # pretrained | task_arithmetic | a coefficients.safetensors of an earlier run
     start_scaling: float = 0.3  # λ of the task-arithmetic start
@@ -188,7 +189,7 @@ class ProgressiveConfig:
     # read one block's weights at a time from the checkpoints and write the merged model shard by
     # shard: a model that never fits in memory whole (layer, chunk or group coefficients)
     stream: bool = False
-    features: str = "memory"  # memory | disk: cached features in memory-mapped files in the run's work folder
+    features: Literal["memory", "disk"] = "memory"  # cached features in memory-mapped files in the run's work folder
 
 
 @dataclass
@@ -265,15 +266,27 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
         recipe = OmegaConf.merge(*layers)
         OmegaConf.resolve(recipe)
     except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        where = f" at {key!r}" if key else ""
-        raise RecipeError(f"{origin}{where}: {error.msg if hasattr(error, 'msg') else error}") from None
+        raise RecipeError(_explain(error, origin)) from None
     for section in ("tasks", "experts"):  # names become file names in the run directory
         for name in recipe.problem[section]:
             check_name(name, f"{origin}: problem.{section}")
     check_recipe(recipe, origin)
     OmegaConf.set_readonly(recipe, True)
     return recipe
+
+
+_NOT_ALLOWED = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<allowed>.*)\]")
+
+
+def _explain(error: OmegaConfBaseException, origin: str) -> str:
+    """One line naming the key; for a closed choice (a ``Literal`` field) the allowed values and the closest one."""
+    key = getattr(error, "full_key", None)
+    message = str(error.msg if hasattr(error, "msg") else error)
+    choice = _NOT_ALLOWED.search(message)
+    if key and choice:
+        allowed = [a.strip().strip("'") for a in choice["allowed"].split(",")]
+        return f"{origin}: {key} is {choice['value']!r}; use one of {allowed}{closest_hint(choice['value'], allowed)}"
+    return f"{origin}{f' at {key!r}' if key else ''}: {message}"
 
 
 def to_plain(config: DictConfig | Any) -> Any:
