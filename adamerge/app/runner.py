@@ -33,7 +33,7 @@ from adamerge.core.element import ElementCoefficients
 from adamerge.learning.evaluate import check_labels, evaluate
 from adamerge.app.export import write_coefficients, write_common, write_method_mergekit
 from adamerge.learning.frank_wolfe import frank_wolfe_merge
-from adamerge.core.importance import importance_chunks
+from adamerge.core.importance import resolve_chunks
 from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
 from adamerge.core.merged import FunctionalModel, MergedModel, module_with_tensors
 from adamerge.methods import get_method
@@ -93,19 +93,6 @@ def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors
     if cfg.dare is not None:
         tv = tv.dare(cfg.dare.density, cfg.dare.seed, cfg.dare.rescale)
     return tv
-
-
-def resolve_chunks(chunks, task_vectors: TaskVectors):
-    """A chunk map as given, or allocated by importance from a stage-1 run (Expert Merging++):
-    ``{importance_from: <coefficients.safetensors>, budget: 4, kappa: 1}``."""
-    if not isinstance(chunks, dict) or "importance_from" not in chunks:
-        return chunks
-    options = dict(chunks)
-    source = options.pop("importance_from")
-    budget, kappa = options.pop("budget", 4.0), options.pop("kappa", 1.0)
-    if options:
-        raise ValueError(f"coefficients.chunks: unknown importance option(s) {sorted(options)}; use budget, kappa")
-    return importance_chunks(str(Path(source).expanduser()), task_vectors, budget, kappa)
 
 
 def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVectors) -> MergedModel:
