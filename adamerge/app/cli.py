@@ -75,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         ("merge", "run a data-free merge recipe (task arithmetic, TIES, DARE, ...)"),
     ):
         command = commands.add_parser(name, help=text, description=text, parents=[common])
-        command.add_argument("recipe", help="a recipe YAML file or the name of a built-in recipe")
+        command.add_argument("recipe", nargs="?" if name == "merge" else None,
+                             help="a recipe YAML file or the name of a built-in recipe" + (" (none with --from-mergekit)" if name == "merge" else ""))
         command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+        command.add_argument("--from-mergekit", metavar="YAML", help=(
+            "merge what this mergekit config merges" if name == "merge" else "start the coefficients from this mergekit config's weights"))
     evaluate = commands.add_parser("eval", help="re-evaluate a finished run directory", parents=[common])
     evaluate.add_argument("run_dir")
     quickstart = commands.add_parser(
@@ -146,6 +149,25 @@ def write_initial_recipe(kind: str, pretrained: str, experts: list[str], data: l
     write_text(out, text)
 
 
+def _recipe(args: argparse.Namespace):
+    """The recipe of ``fit``/``merge``: a recipe file, or one read from a mergekit config (its notes printed)."""
+    from adamerge.app.config import load_recipe
+
+    if args.from_mergekit is None:
+        if args.recipe is None:
+            raise ValueError("give a recipe (or --from-mergekit merge.yml)")
+        return load_recipe(resolve_recipe(args.recipe), args.overrides)
+    from adamerge.app.from_mergekit import fit_recipe, merge_recipe
+
+    if args.command == "fit":
+        recipe, notes = fit_recipe(args.from_mergekit, args.recipe, args.overrides)
+    else:  # `merge --from-mergekit m.yml key=value`: argparse takes the first override for the recipe
+        recipe, notes = merge_recipe(args.from_mergekit, [args.recipe] * (args.recipe is not None) + args.overrides)
+    for note in notes:
+        print(f"note: {note}")
+    return recipe
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "recipes":
         print("\n".join(built_in_recipes()))
@@ -161,14 +183,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     from adamerge.app import runner
-    from adamerge.app.config import load_recipe
 
     if args.command == "eval":
         results = runner.evaluate_run(args.run_dir)
         _print_results(Path(args.run_dir).name, None, results)
         print(json.dumps(results, indent=1))
         return 0
-    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
+    recipe = _recipe(args)
     job = runner.fit if args.command == "fit" else runner.merge
     result = job(recipe)
     _print_results(recipe.name, result.run_dir, result.results)

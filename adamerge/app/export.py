@@ -7,7 +7,6 @@ so a crash never leaves a run that looks finished.
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import os
@@ -18,17 +17,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adamerge.io.checkpoints import open_weights, save_safetensors, write_text
-from adamerge.app.config import save_recipe, to_plain
+from adamerge.io.checkpoints import save_safetensors, write_text
+from adamerge.app.config import save_recipe
 from adamerge.learning.evaluate import average_accuracy
-from adamerge.core.coefficients import MergeCoefficients
-from adamerge.core.element import ElementCoefficients
-from adamerge.methods import get_method
+from adamerge.app.mergekit import Coefficients, mergekit_config, write_mergekit, write_method_mergekit  # noqa: F401 (runner, tests)
 from adamerge.app.plots import coefficient_heatmap
 from adamerge.app.problems import MergeProblem
-from adamerge.core.task_vectors import in_scope
-
-Coefficients = MergeCoefficients | ElementCoefficients
 
 
 def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path) -> None:
@@ -152,137 +146,6 @@ def model_card(
         lines += ["", "## Evaluation", "", results_table({recipe.name: results})]
     lines += ["", "## Reproduce", "", "```bash", f"adamerge {'merge' if recipe.method else 'fit'} recipe.yaml", "```", ""]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
-
-
-class _NoMergekit(Exception):
-    """Why a merge has no mergekit config."""
-
-
-def _checkpoints(problem: MergeProblem, keys: list[str]) -> tuple[str, dict[str, str], str]:
-    """The base and expert checkpoints mergekit reads, and a note on tensors outside the merge whose
-    shapes differ between them (task heads), which mergekit cannot merge."""
-    base = problem.description.get("base")
-    experts = problem.description.get("experts", {})
-    if not isinstance(base, str) or not all(isinstance(p, str) for p in experts.values()):
-        raise _NoMergekit("the base model and experts are not all checkpoints on disk")
-    try:
-        base_weights = open_weights(base, "pretrained")
-        if not set(keys) <= set(base_weights):
-            raise _NoMergekit(
-                "the merged tensors are named differently in the base checkpoint (e.g. a bare encoder as the base of classifiers)"
-            )
-        weights = {name: open_weights(path, f"expert {name!r}") for name, path in experts.items()}
-    except (FileNotFoundError, TypeError, ValueError) as error:
-        raise _NoMergekit(f"cannot read a checkpoint: {error}") from None
-    def shape(w, t):
-        return tuple(w[t].shape) if t in w else None
-
-    differ = [t for t in base_weights if t not in keys and any(shape(w, t) != shape(base_weights, t) for w in weights.values())]
-    if not differ:
-        return base, experts, ""
-    shapes = ", ".join(f"{name} {shape(w, differ[0])}" for name, w in {"base": base_weights, **weights}.items())
-    note = (
-        f"left out of the merge (weight 0, the base's values): {', '.join(differ)}, whose shapes differ between the "
-        f"base and the experts ({differ[0]}: {shapes}); mergekit reads every tensor and may refuse them, so each "
-        "task's own head is in merged/tasks/<task>/ (Hugging Face classifiers) and merged/heads/"
-    )
-    return base, experts, note
-
-
-def _weights(keys: list[str], value_of, default: float) -> list[dict]:
-    """mergekit per-tensor weights: the first filter that is a substring of a tensor's name applies
-    (so the longest names come first), every other tensor gets ``default``."""
-    filters = [{"filter": key, "value": round(float(value_of(key)), 6)} for key in sorted(keys, key=len, reverse=True)]
-    return filters + [{"value": default}]
-
-
-def mergekit_config(coefficients: Coefficients, problem: MergeProblem) -> tuple[dict | None, str]:
-    """A mergekit ``task_arithmetic`` config reproducing a task/layer/group-wise merge and a note on
-    what it leaves out, or None and why there is none."""
-    layout = coefficients.layout
-    try:
-        if layout.granularity == "element":
-            raise _NoMergekit("element-wise coefficients have no mergekit equivalent")
-        if any(len(slots) > 1 for slots in layout.tensor_slots.values()):
-            raise _NoMergekit("chunk-wise coefficients have no mergekit equivalent")
-        base, experts, note = _checkpoints(problem, list(layout.keys))
-    except _NoMergekit as reason:
-        return None, str(reason)
-    values = coefficients().detach().cpu()
-    models = [
-        {"model": experts[name], "parameters": {"weight": _weights(list(layout.keys), lambda key: values[k, layout.tensor_slots[key][0]], 0.0)}}
-        for k, name in enumerate(layout.expert_names)
-    ]
-    config = {"merge_method": "task_arithmetic", "base_model": base, "models": models, "parameters": {"normalize": False}}
-    return {**config, "dtype": "float32"}, note
-
-
-def _mergekit_method(name: str, args: Mapping, experts: int) -> tuple[str, list[float], dict, dict, str]:
-    """mergekit's method for a data-free one: (method, weight per expert, per-model parameters,
-    global parameters, a note), from the method's arguments with its own defaults."""
-    defaults = {p.name: p.default for p in inspect.signature(get_method(name)).parameters.values() if p.default is not p.empty}
-    args = {**defaults, **args}
-    if name == "average":
-        return "linear", [1.0] * experts, {}, {"normalize": True}, ""
-    if name == "task_arithmetic":
-        scaling = args["scaling"]
-        weights = [float(s) for s in scaling] if isinstance(scaling, (list, tuple)) else [float(scaling)] * experts
-        return "task_arithmetic", weights, {}, {"normalize": False}, ""
-    if name == "ties":
-        if args["trim_scope"] != "tensor":
-            raise _NoMergekit(
-                f"ties with trim_scope {args['trim_scope']!r} (one threshold per expert over the whole model) has no mergekit "
-                "equivalent: mergekit trims each tensor (method.args.trim_scope: tensor)"
-            )
-        if args["sign_method"] != "sum":
-            raise _NoMergekit(f"mergekit's ties elects signs by total mass ('sum'), not {args['sign_method']!r}")
-        return "ties", [1.0] * experts, {"density": args["density"]}, {"normalize": True, "lambda": args["scaling"]}, ""
-    if name == "dare":
-        note = (
-            "DARE drops entries at random: mergekit draws its own masks (same density, survivors rescaled by "
-            "1/density), so its merge equals this one in distribution, not tensor by tensor"
-        )
-        if args["sign_election"]:
-            parameters = {"normalize": True, "lambda": args["scaling"]}
-            return "dare_ties", [1.0] * experts, {"density": args["density"]}, parameters, note
-        return "dare_linear", [float(args["scaling"])] * experts, {"density": args["density"]}, {"normalize": False}, note
-    raise _NoMergekit(f"`{name}` has no mergekit equivalent (mergekit.yaml is written for average, task_arithmetic, ties and dare)")
-
-
-def method_mergekit_config(name: str, args: Mapping, problem: MergeProblem, scope: Mapping) -> tuple[dict | None, str]:
-    """The mergekit config of a data-free merge (``adamerge merge``) and a note, or None and why there is none."""
-    keys = [n for n, p in problem.pretrained.named_parameters() if p.is_floating_point() and in_scope(n, **scope)]
-    try:
-        method, weights, per_model, parameters, method_note = _mergekit_method(name, args, len(problem.experts))
-        base, experts, note = _checkpoints(problem, keys)
-    except _NoMergekit as reason:
-        return None, str(reason)
-    models = [
-        {"model": path, "parameters": {"weight": _weights(keys, lambda _: w, 0.0), **per_model}}
-        for w, path in zip(weights, experts.values())
-    ]
-    config = {"merge_method": method, "base_model": base}
-    if method == "linear":  # no base model in a weighted average: it keeps the tensors outside the merge
-        config = {"merge_method": method}
-        models.append({"model": base, "parameters": {"weight": _weights(keys, lambda _: 0.0, 1.0)}})
-    config.update(models=models, parameters=parameters, dtype="float32")
-    return config, "; ".join(n for n in (method_note, note) if n)
-
-
-def _write_mergekit(folder: Path, config: dict | None, note: str) -> None:
-    """``mergekit.yaml`` where mergekit can run the merge, ``mergekit.txt`` saying why not or what to know."""
-    if config is not None:
-        write_text(folder / "mergekit.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
-    if note:
-        write_text(folder / "mergekit.txt", note + "\n")
-
-
-def write_mergekit(folder: Path, coefficients: Coefficients, problem: MergeProblem) -> None:
-    _write_mergekit(folder, *mergekit_config(coefficients, problem))
-
-
-def write_method_mergekit(folder: Path, recipe: DictConfig, problem: MergeProblem, scope: Mapping) -> None:
-    _write_mergekit(folder, *method_mergekit_config(recipe.method.name, to_plain(recipe.method.args), problem, scope))
 
 
 def write_common(
