@@ -115,7 +115,7 @@ def run_method(label: str, out: Path, zoo, tasks: list[str], rows: int, batch_si
 
 def baselines(zoo, tasks: list[str], rows: int, out: Path, batch_size: int) -> dict[str, dict]:
     """The base model on every task and each expert on its own task (kept in ``out``)."""
-    from adamerge.zoo.lm import read_expert_meta
+    from adamerge.zoo.cache import read_expert_meta
 
     saved = out / "baselines.json"
     if saved.exists():

@@ -232,7 +232,7 @@ def test_zoo_is_atomic_and_resumable(tmp_path, tiny_lm_dir, monkeypatch):
     monkeypatch.setattr(lm, "finetune_lm_expert", crash_on_beta)
     with pytest.raises(KeyboardInterrupt):
         lm.build_lm_zoo(data, zoo_dir, ["alpha", "beta"], pretrained=tiny_lm_dir, test_rows=4, progress=False, **settings)
-    assert lm.is_complete_expert(zoo_dir / "alpha", settings)
+    assert lm.is_complete_expert(zoo_dir / "alpha", lm.FORMAT, settings)
     assert not (zoo_dir / "beta").exists()
     assert not [p for p in zoo_dir.iterdir() if p.name.startswith(".alpha.partial-") and p != stale]
 

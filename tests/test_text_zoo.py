@@ -152,7 +152,7 @@ def test_finetune_saves_a_loadable_expert(tmp_path, tiny_pretrained):
     assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta["test_majority"] == 0.5
     assert meta["train"]["seed"] == 3 and meta["steps"] == 2 and meta["seconds"] > 0
     assert meta["initialised_from_seed"] == ["classifier.bias", "classifier.weight"]
-    assert zoo_text.is_complete_expert(out)
+    assert zoo_text.is_complete_expert(out, zoo_text.FORMAT)
     assert not [p for p in (tmp_path / "zoo").iterdir() if p.name.startswith(".")]  # no staging left
     assert out.stat().st_mode & 0o755 == 0o777 & 0o755 & ~_umask()  # not mkdtemp's private 0700
 
@@ -210,7 +210,7 @@ def test_crash_mid_save_leaves_nothing_finished(tmp_path, tiny_pretrained, monke
     # nothing in the zoo folder looks like an expert (no <dir>/config.json), no staging left
     assert not list((tmp_path / "zoo").glob("*/config.json"))
     assert not list((tmp_path / "zoo").glob(".*"))
-    assert not zoo_text.is_complete_expert(target)
+    assert not zoo_text.is_complete_expert(target, zoo_text.FORMAT)
 
     # a crash while replacing a finished expert keeps the old one intact
     monkeypatch.undo()
@@ -219,7 +219,7 @@ def test_crash_mid_save_leaves_nothing_finished(tmp_path, tiny_pretrained, monke
     monkeypatch.setattr(zoo_text, "write_text", crash)
     with pytest.raises(RuntimeError):
         zoo_text.finetune_text_expert(tiny_pretrained, task, target, seed=9, **FAST)
-    assert zoo_text.is_complete_expert(target)
+    assert zoo_text.is_complete_expert(target, zoo_text.FORMAT)
     assert (target / "model.safetensors").read_bytes() == before
 
 
@@ -239,7 +239,7 @@ def test_build_resumes_and_skips_finished_experts(tmp_path, tiny_pretrained, mon
     assert list(zoo) == ["alpha", "beta"]
     assert zoo == {"alpha": zoo_dir / "alpha", "beta": zoo_dir / "beta"}
     assert zoo.pretrained == str(tiny_pretrained)
-    assert all(zoo_text.is_complete_expert(p) for p in zoo.values())
+    assert all(zoo_text.is_complete_expert(p, zoo_text.FORMAT) for p in zoo.values())
     manifest = json.loads((zoo_dir / zoo_text.ZOO_META).read_text())
     assert manifest["pretrained"] == str(tiny_pretrained) and manifest["shared_start"] is False
     # what problems.text_zoo discovers: exactly the experts

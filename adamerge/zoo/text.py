@@ -47,12 +47,10 @@ import torch
 
 from adamerge.io.checkpoints import atomic_directory, write_text
 from adamerge.tasks.hf import quiet_transformers
-from adamerge.io.paths import cache_root as default_cache_root  # the zoos' shared root
+from adamerge.zoo.cache import EXPERT_META, ZOO_META, is_complete_expert, read_expert_meta, torch_threads, zoo_path
 
 FORMAT = "adamerge.zoo.text"
 VERSION = 1
-EXPERT_META = "adamerge_expert.json"
-ZOO_META = "zoo.json"
 SHARED_START = Path("_shared") / "pretrained"
 PRETRAINED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -79,7 +77,7 @@ _SETTING_KEYS = tuple(DEFAULTS)
 
 def default_zoo_dir() -> Path:
     """``$ADAMERGE_CACHE/zoo/minilm-text`` (``ADAMERGE_CACHE`` defaults to ``~/.cache/adamerge``)."""
-    return default_cache_root() / "zoo" / "minilm-text"
+    return zoo_path("minilm-text")
 
 
 def default_pretrained() -> str:
@@ -258,49 +256,7 @@ def save_shared_start(
 # ---------------------------------------------------------------------- saving
 
 
-def read_expert_meta(expert_dir: str | os.PathLike) -> dict:
-    """An expert's ``adamerge_expert.json``."""
-    return json.loads((Path(expert_dir).expanduser() / EXPERT_META).read_text())
-
-
-def is_complete_expert(expert_dir: str | os.PathLike, settings: dict | None = None) -> bool:
-    """Whether ``expert_dir`` holds a finished expert (metadata, config and weights), trained
-    with ``settings`` (a subset of the recorded ``train`` settings) when given."""
-    expert_dir = Path(expert_dir).expanduser()
-    try:
-        meta = read_expert_meta(expert_dir)
-    except (OSError, ValueError):
-        return False
-    if meta.get("format") != FORMAT or meta.get("kind") != "expert":
-        return False
-    if not (expert_dir / "config.json").is_file() or not (expert_dir / "model.safetensors").is_file():
-        return False
-    if settings:
-        recorded = meta.get("train", {})
-        if any(recorded.get(k) != v for k, v in settings.items()):
-            return False
-    return True
-
-
 # ---------------------------------------------------------------------- training
-
-
-def _available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _threads(num_threads: int | None) -> Iterator[int]:
-    previous = torch.get_num_threads()
-    wanted = int(num_threads) if num_threads else min(previous, _available_cores())
-    torch.set_num_threads(max(1, wanted))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -403,7 +359,7 @@ def finetune_text_expert(
         "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
         "warmup_ratio": float(warmup_ratio),
     }
-    with _threads(num_threads) as threads:
+    with torch_threads(num_threads) as threads:
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
         train_enc = _tokenize(tokenizer, train_texts, train_pairs, max_length)
         test_enc = _tokenize(tokenizer, test_texts, test_pairs, max_length)
@@ -578,7 +534,7 @@ def build_text_zoo(
     zoo.pretrained, zoo.zoo_dir = start, zoo_dir
     for name in names:
         target = zoo_dir / name
-        if not rebuild and is_complete_expert(target, settings):
+        if not rebuild and is_complete_expert(target, FORMAT, settings):
             print(f"[{name}] cached: {target}", file=sys.stderr)
         else:
             if target.exists():
