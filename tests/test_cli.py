@@ -28,7 +28,7 @@ from test_runner import build_text_zoo, recipe_dict  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.startswith("_"))  # _*: shared bases
 
 
 # ---------------------------------------------------------------------- recipes

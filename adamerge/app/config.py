@@ -203,6 +203,18 @@ class ExportConfig:
     merged_model: bool = True  # the merged model (HF directory or safetensors)
     plot: bool = True
     mergekit: bool = True  # a mergekit YAML reproducing the merge, where one can
+    max_shard_size: str = "5GB"  # a plain module's safetensors shards: bytes, or a number of KB/MB/GB/TB
+
+
+_SHARD_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]B)?", re.IGNORECASE)
+
+
+def shard_size_bytes(size: str, origin: str = "recipe") -> int:
+    """``export.max_shard_size`` in bytes; units are powers of 1000, as huggingface_hub counts them."""
+    match = _SHARD_SIZE.fullmatch(str(size).strip())
+    if match is None or float(match[1]) <= 0:
+        raise RecipeError(f"{origin}: export.max_shard_size is {size!r}; use a size such as '5GB', '500MB' or a byte count")
+    return int(float(match[1]) * 1000 ** (" KMGT".index(match[2][0].upper()) if match[2] else 0))
 
 
 @dataclass
@@ -243,6 +255,23 @@ def _register_resolvers() -> None:
             register(name, fn)
 
 
+def _with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """A recipe file's layers: its ``base`` (a recipe file it starts from, path relative to it,
+    itself possibly with a base), then its own values, which override the base's. This is how
+    the built-in recipes of one zoo share their ``problem`` block (``recipes/text/_minilm_zoo.yaml``)."""
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: `base` recipes form a cycle ({' -> '.join(str(p) for p in (*seen, path))})")
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found" + (f" (the base of {seen[-1]})" if seen else ""))
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None)
+    if base is None:
+        return [layer]
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base must be a recipe file path, got {base!r}")
+    return [*_with_bases(path.parent / base, (*seen, path.resolve())), layer]
+
+
 def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Load a YAML recipe (or a dict), apply ``key=value`` overrides, validate against :class:`Recipe`."""
     _register_resolvers()
@@ -257,7 +286,7 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
             if not path.exists():
                 raise FileNotFoundError(f"recipe {path} not found")
             origin = str(path)
-            layers.append(OmegaConf.load(path))
+            layers.extend(_with_bases(path))
         if overrides:
             for item in overrides:
                 if "=" not in item:
@@ -271,6 +300,7 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
         for name in recipe.problem[section]:
             check_name(name, f"{origin}: problem.{section}")
     check_recipe(recipe, origin)
+    shard_size_bytes(recipe.export.max_shard_size, origin)
     OmegaConf.set_readonly(recipe, True)
     return recipe
 
@@ -325,4 +355,6 @@ def resolve_recipe(name: str) -> Path:
 
 
 def built_in_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    """The runnable built-in recipes (files starting with ``_`` are shared ``base`` parts, not recipes)."""
+    files = [p for p in RECIPES_DIR.rglob("*.yaml") if not p.name.startswith("_")]
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in files)
