@@ -425,3 +425,14 @@ def test_weighted_objectives_combine_weights_penalties_and_hidden_layers():
     assert drift > 0
     assert float(combined.penalty(merged)) == pytest.approx(2.0 * 0.5 * drift + 3.0 * drift, rel=1e-5)
     assert WeightedObjectives([(1.0, Entropy()), (2.0, InfoMax())]).penalty(merged) is None
+
+
+def test_kl_to_teacher_is_never_negative_where_float32_rounding_would_make_it_so():
+    """Identical distributions over a large vocabulary: the float32 sum of p·(log p − log q)
+    rounds to either side of 0; the KL is clamped, so a guarded balance never sees −5e-9."""
+    logits = torch.randn(64, 4096, generator=torch.Generator().manual_seed(3)) * 8
+    nudged = logits + 1e-7 * torch.randn(64, 4096, generator=torch.Generator().manual_seed(4))
+    raw = torch.nn.functional.kl_div(torch.log_softmax(nudged, -1), torch.log_softmax(logits, -1),
+                                     log_target=True, reduction="none").sum(-1)
+    assert bool((raw < 0).any())  # the rounding this guards against does happen
+    assert float(kl_to_teacher(nudged, logits)) >= 0.0

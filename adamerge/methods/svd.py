@@ -10,6 +10,16 @@ import torch
 from torch import Tensor
 
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD in float32; where LAPACK's float32 solver fails to converge (it does on some
+    ill-conditioned task matrices of real LLMs, e.g. Iso-CTS on SmolLM2), the same SVD in float64,
+    returned in float32."""
+    try:
+        return torch.linalg.svd(x.float(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        return tuple(t.float() for t in torch.linalg.svd(x.double(), full_matrices=False))
+
+
 def rank_tolerance(s: Tensor, shape: tuple[int, int]) -> Tensor:
     """Singular values at or below this count as zero (``σ_max · max(m, n) · eps``, as ``matrix_rank``)."""
     return s.amax(dim=-1, keepdim=True) * max(shape) * torch.finfo(s.dtype).eps
@@ -20,7 +30,7 @@ def top_components(x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Ten
 
     ``k = None`` keeps all ``min(m, n)``.
     """
-    u, s, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    u, s, vh = svd(x)
     k = s.shape[-1] if k is None else k
     return u[..., :k], s[..., :k], vh[..., :k, :].transpose(-2, -1)
 
@@ -41,7 +51,7 @@ def orthogonalize(x: Tensor) -> Tensor:
     """
     if x.shape[-1] == 0:
         return x.float()
-    p, _, qh = torch.linalg.svd(x.float(), full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh
 
 

@@ -44,10 +44,14 @@ def valid_positions(hidden: Tensor, mask: Tensor | None) -> list[Tensor]:
 
 
 def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over rows."""
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over rows.
+
+    A KL is never negative, but its float32 sum can round to a few ulps below zero when student
+    and teacher agree (e.g. −5e-9); it is clamped at zero, so balances that need a non-negative
+    loss (``task_balance: guarded``) never refuse a perfectly aligned task."""
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return temperature**2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean").clamp(min=0.0)
 
 
 def coefficient_drift(merged: MergedModel) -> Tensor:
