@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import weakref
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from torch.func import functional_call
 
 from adamerge import MergedModel, TaskVectors, methods
 from adamerge.io.checkpoints import LazySafetensors, save_safetensors
-from adamerge.app.config import ProblemConfig, load_recipe
+from adamerge.app.config import ProblemConfig, RecipeError, load_recipe
 from adamerge.learning.data import CalibrationData
 from adamerge.learning.frank_wolfe import frank_wolfe_merge, schedule
 from adamerge.objectives import build_objective
 from adamerge.objectives.entropy import prediction_entropy
 from adamerge.app.problems import MergeProblem, register_problem
+from adamerge.app import runner
 from adamerge.app.runner import fit
 from adamerge.tasks.base import HeadTask
 from conftest import make_mlp, perturbed
@@ -117,6 +119,68 @@ def test_starts_task_arithmetic_and_earlier_coefficients(tmp_path):
     expected = merged.merged_parameters()
     for key, tensor in result.merged_parameters().items():
         torch.testing.assert_close(tensor, expected[key])
+
+
+def test_task_arithmetic_start_is_theta0_plus_lambda_sum_of_task_vectors():
+    pretrained, pool, tasks, data = mlp_setup()
+    theta0 = {k: p.detach().clone() for k, p in pretrained.named_parameters()}
+    members = {name: dict(m.named_parameters()) for name, m in pool.items()}
+    result = frank_wolfe_merge(
+        copy.deepcopy(pretrained), pool, tasks, data, build_objective("entropy"), iterations=0, start="task_arithmetic",
+        start_scaling=0.35,
+    )
+    merged = result.merged_parameters()
+    assert set(merged) == set(theta0)
+    for key, base in theta0.items():
+        expected = base + 0.35 * sum(members[name][key].detach() - base for name in members)
+        torch.testing.assert_close(merged[key], expected, rtol=1e-6, atol=1e-7)
+
+
+@torch.no_grad()
+def _entropy_at(pretrained, inputs) -> float:
+    return float(prediction_entropy(pretrained(inputs)).mean())
+
+
+@pytest.mark.parametrize("balance", ["log", "initial"])
+def test_task_balance_applies_to_the_frank_wolfe_objective(balance):
+    pretrained, pool, tasks, data = mlp_setup()
+    first = next(iter(data.train_dataloader()))
+    loss = _entropy_at(pretrained, first["t"]["inputs"])
+    start = [_entropy_at(pretrained, b["inputs"]) for b in data.calibration_batches("t")]  # all 32 rows: one batch
+    expected = math.log(loss + 1e-6) if balance == "log" else loss / (sum(start) / len(start))
+    result = frank_wolfe_merge(
+        copy.deepcopy(pretrained), pool, tasks, data, build_objective("entropy"), iterations=1, batches_per_iteration=1,
+        task_balance=balance,
+    )
+    assert result.history[0]["objective_before"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="task_balance"):
+        frank_wolfe_merge(copy.deepcopy(pretrained), pool, tasks, data, build_objective("entropy"), task_balance="max")
+
+
+def test_frank_wolfe_with_selection_is_refused_naming_the_key():
+    recipe = {"problem": {"kind": "hf_sequence_classification", "pretrained": "/nonexistent/model"},
+              "frank_wolfe": {}, "selection": {}}
+    with pytest.raises(RecipeError, match="`frank_wolfe`.*no `selection`"):
+        load_recipe(recipe)
+    load_recipe({**recipe, "selection": None, "task_balance": "guarded"})  # a task balance is honoured, not refused
+
+
+def test_a_frank_wolfe_recipe_passes_its_task_balance(tmp_path, monkeypatch):
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise InterruptedError
+
+    monkeypatch.setattr(runner, "frank_wolfe_merge", capture)
+    recipe = load_recipe({
+        "name": "fw", "output_dir": str(tmp_path / "run"), "task_balance": "guarded", "guard_weight": 2.5,
+        "problem": {"kind": "test_frank_wolfe_zoo", "options": {"zoo_dir": str(tmp_path)}},
+        "objectives": [{"name": "cross_entropy"}], "frank_wolfe": {"iterations": 1},
+    })
+    with pytest.raises(InterruptedError):
+        fit(recipe)
+    assert seen["task_balance"] == "guarded" and seen["guard_weight"] == 2.5
 
 
 # ---------------------------------------------------------------------- a synthetic zoo

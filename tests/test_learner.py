@@ -1,9 +1,11 @@
-"""The Lightning learner: what it trains, how often it merges, constraints, tiny checkpoints,
-bit-exact resume and label-free model selection (tiny MLP backbone with per-task heads)."""
+"""The Lightning learner: what it trains, how often it merges, constraints, tiny checkpoints
+and bit-exact resume (tiny MLP backbone with per-task heads); selection is in test_selection.py."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import lightning as L
@@ -14,9 +16,8 @@ from torch import nn
 
 from adamerge import Clamp, MergedModel, Sigmoid, TaskVectors
 from adamerge.learning.data import CalibrationData
-from adamerge.learning.learner import CoefficientLearner
-from adamerge.objectives import Objective, build_objective
-from adamerge.objectives.alignment import ExpertKL
+from adamerge.learning.learner import CoefficientLearner, frozen_modules_expected
+from adamerge.objectives import build_objective
 from adamerge.tasks.base import HeadTask
 from conftest import perturbed
 
@@ -193,7 +194,7 @@ def test_initial_task_balance_divides_by_each_task_starting_loss(tmp_path):
                       for b in calibration.calibration_batches(name)]
             expected[name] = sum(values) / len(values)
     fit(learner, calibration, max_steps=1)
-    assert learner.initial_losses == pytest.approx(expected, rel=1e-6)
+    assert learner.loss.initial == pytest.approx(expected, rel=1e-6)
     batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
     total, logs = learner.step_loss(batch)
     assert float(total) == pytest.approx(sum(float(logs[f"{n}/loss"]) / expected[n] for n in tasks), rel=1e-6)
@@ -203,7 +204,7 @@ def test_initial_task_balance_divides_by_each_task_starting_loss(tmp_path):
     fit(resumed_from, CalibrationData(data, batch_size=4), max_steps=2, callbacks=[checkpointing(folder, 2)])
     fresh = CoefficientLearner(copy.deepcopy(merged), tasks, build_objective("entropy"), task_balance="initial")
     fresh.on_load_checkpoint(torch.load(folder / "last.ckpt", weights_only=False))
-    assert fresh.initial_losses == resumed_from.initial_losses
+    assert fresh.loss.initial == resumed_from.loss.initial
 
 
 def test_guarded_task_balance_pulls_harder_on_tasks_behind_their_start():
@@ -212,7 +213,7 @@ def test_guarded_task_balance_pulls_harder_on_tasks_behind_their_start():
     batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
     _, logs = CoefficientLearner(merged, tasks, build_objective("entropy")).step_loss(batch)
     t0, t1 = float(logs["t0/loss"]), float(logs["t1/loss"])
-    learner.initial_losses = {"t0": t0 - 0.1, "t1": t1 + 0.1}  # t0 has fallen behind its start, t1 has not
+    learner.loss.initial = {"t0": t0 - 0.1, "t1": t1 + 0.1}  # t0 has fallen behind its start, t1 has not
     total, _ = learner.step_loss(batch)
     assert float(total) == pytest.approx(t0 + 3.0 * 0.1 + t1, rel=1e-5)
 
@@ -277,53 +278,23 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, interrupt_at):
     assert torch.equal(resumed, uninterrupted)
 
 
-# ---------------------------------------------------------------------- label-free model selection
+# ---------------------------------------------------------------------- warnings
 
 
-class Push(Objective):
-    """Moves every coefficient up by exactly ``lr`` per SGD step (gradient −1), whatever the data."""
-
-    def forward(self, output, batch, task):
-        return output.logits.sum() * 0.0
-
-    def penalty(self, merged):
-        return -merged.coefficients().sum()
+EVAL_MODE = "Found 3 module(s) in eval mode at the start of training."
 
 
-def _selection_run(steps, callbacks=(), ckpt_path=None):
-    # one task with its own expert, task-wise c from 0 in steps of 0.25: the held-out KL to the
-    # expert is exactly zero at c = 1 (step 4) and grows after it
-    merged, tasks, data = make_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
-    learner = CoefficientLearner(
-        merged, tasks, Push(), lr=0.25, optimizer="sgd", selection=ExpertKL(), select_every_n_steps=1
+def test_importing_the_learner_adds_no_warning_filter_and_fit_silences_only_its_own():
+    code = (
+        "import warnings; import adamerge.learning.learner; "
+        f"print(any(f[1] is not None and f[1].search({EVAL_MODE!r}) for f in warnings.filters))"
     )
-    fit(learner, CalibrationData(data, batch_size=4, holdout=0.25), steps, callbacks, ckpt_path)
-    return learner, merged
-
-
-def test_selection_returns_the_best_held_out_coefficients_not_the_last(tmp_path):
-    learner, merged = _selection_run(8, [checkpointing(tmp_path, 8)])
-    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert float(last["state_dict"]["merged.coefficients.raw"]) == 2.0  # where training ended
-    assert learner.best["step"] == 4 and abs(learner.best["value"]) < 1e-6  # KL to itself: 0 up to rounding
-    assert float(merged.coefficients()) == 1.0  # ... but the run finishes on the best
-    assert abs(learner.held_out_criterion()) < 1e-6
-    with torch.no_grad():
-        merged.coefficients.raw.fill_(2.0)
-    assert learner.held_out_criterion() > 1e-4
-
-    # without held-out rows there is nothing to select on
-    merged, tasks, data = make_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
-    learner = CoefficientLearner(merged, tasks, Push(), lr=0.25, optimizer="sgd", selection=ExpertKL())
-    with pytest.raises(ValueError, match="holdout"):
-        fit(learner, CalibrationData(data, batch_size=4), 2)
-
-
-def test_selection_best_is_carried_through_a_resume(tmp_path):
-    learner, _ = _selection_run(6, [checkpointing(tmp_path, 6)])
-    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert checkpoint["adamerge_selection_best"]["step"] == 4
-    assert float(checkpoint["state_dict"]["merged.coefficients.raw"]) == 1.5
-    learner, merged = _selection_run(8, ckpt_path=tmp_path / "last.ckpt")
-    assert learner.best["step"] == 4 and abs(learner.best["value"]) < 1e-6
-    assert float(merged.coefficients()) == 1.0
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with frozen_modules_expected():
+            warnings.warn(EVAL_MODE)
+            warnings.warn("another warning")
+        warnings.warn(EVAL_MODE)
+    assert [str(w.message) for w in seen] == ["another warning", EVAL_MODE]

@@ -203,7 +203,7 @@ def test_crash_mid_save_leaves_nothing_finished(tmp_path, tiny_pretrained, monke
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(zoo_text, "write_text", crash)  # the metadata is written last, after the weights
+    monkeypatch.setattr("adamerge.zoo.training.write_text", crash)  # the metadata is written last, after the weights
     with pytest.raises(RuntimeError, match="disk full"):
         zoo_text.finetune_text_expert(tiny_pretrained, task, target, **FAST)
     assert not target.exists()
@@ -216,7 +216,7 @@ def test_crash_mid_save_leaves_nothing_finished(tmp_path, tiny_pretrained, monke
     monkeypatch.undo()
     zoo_text.finetune_text_expert(tiny_pretrained, task, target, **FAST)
     before = (target / "model.safetensors").read_bytes()
-    monkeypatch.setattr(zoo_text, "write_text", crash)
+    monkeypatch.setattr("adamerge.zoo.training.write_text", crash)
     with pytest.raises(RuntimeError):
         zoo_text.finetune_text_expert(tiny_pretrained, task, target, seed=9, **FAST)
     assert zoo_text.is_complete_expert(target, zoo_text.FORMAT)

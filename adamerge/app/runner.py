@@ -34,7 +34,7 @@ from adamerge.learning.evaluate import check_labels, evaluate
 from adamerge.app.export import write_coefficients, write_common, write_method_mergekit
 from adamerge.learning.frank_wolfe import frank_wolfe_merge
 from adamerge.core.importance import resolve_chunks
-from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
+from adamerge.learning.learner import CheckpointFiles, CoefficientLearner, frozen_modules_expected
 from adamerge.core.merged import FunctionalModel, MergedModel, module_with_tensors
 from adamerge.methods import get_method
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
@@ -42,6 +42,7 @@ from adamerge.app.plots import training_curves
 from adamerge.app.problems import MergeProblem, build_problem
 from adamerge.learning.progress import StepProgressBar
 from adamerge.learning.progressive import ProgressiveDistiller
+from adamerge.learning.selection import LabelFreeSelection
 from adamerge.app.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
 from adamerge.io.shards import ShardWriter
 from adamerge.core.task_vectors import TaskVectors, in_scope
@@ -119,10 +120,11 @@ def build_objectives(recipe: DictConfig) -> Objective:
     return WeightedObjectives(parts, names=[o.name for o in recipe.objectives])
 
 
-def _selection_objective(recipe: DictConfig) -> Objective | None:
+def _selection(recipe: DictConfig) -> LabelFreeSelection | None:
     if recipe.selection is None:
         return None
-    return build_objective(recipe.selection.objective.name, **to_plain(recipe.selection.objective.args))
+    objective = build_objective(recipe.selection.objective.name, **to_plain(recipe.selection.objective.args))
+    return LabelFreeSelection(objective, recipe.selection.every_n_steps)
 
 
 def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
@@ -253,16 +255,18 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
         optimizer=recipe.optimizer.name,
         weight_decay=recipe.optimizer.weight_decay,
         task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
-        selection=_selection_objective(recipe),
-        select_every_n_steps=recipe.selection.every_n_steps if recipe.selection is not None else 1,
         task_balance=recipe.task_balance,
         guard_weight=recipe.guard_weight,
         per_task_backward=recipe.trainer.per_task_backward,
     )
+    selection = _selection(recipe)
     if resume is not None:
         print(f"resuming the interrupted run from {resume}")
     trainer = _trainer(recipe, work_dir)
-    trainer.fit(learner, datamodule=data, ckpt_path=resume)
+    if selection is not None:
+        trainer.callbacks.insert(0, selection)  # before the checkpoint callback: a checkpoint holds its latest check
+    with frozen_modules_expected():
+        trainer.fit(learner, datamodule=data, ckpt_path=resume)
     if trainer.global_rank != 0:
         return RunResult(run_dir, {}, merged)
     restore_log(work_dir)
@@ -272,8 +276,8 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_coefficients(staging, merged.coefficients, recipe, problem)
         write_inputs(staging, inputs, problem.description)
-        if learner.best is not None:
-            chosen = {"step": learner.best["step"], "criterion": learner.best["value"]}
+        if selection is not None:
+            chosen = {"step": selection.best["step"], "criterion": selection.best["value"]}
             write_text(staging / "selection.json", json.dumps(chosen, indent=1))
         write_common(staging, recipe, problem, merged.to_module(), how, results, merged.coefficients)
         if (work_dir / "metrics.csv").exists():
@@ -369,6 +373,8 @@ def _fit_frank_wolfe(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
         **to_plain(recipe.frank_wolfe),
         **merge_scope(recipe, problem),
         task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
+        task_balance=recipe.task_balance,
+        guard_weight=recipe.guard_weight,
         device=device,
     )
     seconds = time.perf_counter() - started

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from adamerge.core import tensor_ops
 from adamerge.io.checkpoints import WeightsSource, describe, open_weights, save_safetensors
+from adamerge.io.lora import is_adapter, open_adapter
 
 Patterns = Union[str, Sequence[str], None]
 Experts = Union[Mapping[str, WeightsSource], Sequence[WeightsSource]]
@@ -106,36 +107,23 @@ class TaskVectors:
         storage = _as_dtype(dtype) if dtype is not None else torch.float32
         named = name_experts(experts)
         base = open_weights(pretrained, "pretrained")
-        if isinstance(pretrained, nn.Module):
-            aliases = parameter_aliases(pretrained)
-            candidates = [n for n, p in pretrained.named_parameters() if p.is_floating_point()]
-        else:
-            aliases = {}
-            candidates = [n for n, t in base.items() if t.is_floating_point()]
-        keys = [n for n in candidates if in_scope(n, include, exclude)]
-        if not keys:
-            raise ValueError(
-                f"the merge scope is empty: include={include!r} exclude={exclude!r} match no floating-point "
-                f"parameter of the pretrained model {describe(pretrained)}"
-            )
+        keys = scope_keys(pretrained, base, include, exclude)
         vectors = {
             key: torch.empty((len(named), *base[key].shape), dtype=storage, device=device) for key in keys
         }
         _check_finite(base, keys, "the pretrained model")
         for index, (expert_name, source) in enumerate(named.items()):
-            weights = open_weights(source, f"expert {expert_name!r}")
-            # an expert module's own tied aliases are not extra keys, even when the pretrained
-            # model comes from a file that saved only the canonical names
-            own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
-            check_keys(expert_name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
             changed = False
-            for key in keys:
-                tensor = weights[key]
+            # a LoRA adapter is θ_0 + ΔW lazily; its τ is ΔW itself, in float32 (io/lora.py)
+            lora = open_adapter(source, base, f"expert {expert_name!r}") if is_adapter(source) else None
+            for key, tensor in expert_tensors(expert_name, source if lora is None else lora, pretrained, base, keys, include, exclude):
                 reference = base[key]
-                check_tensor(f"expert {expert_name!r}", key, tensor, reference)
-                diff = tensor.to(device=vectors[key].device, dtype=torch.float32) - reference.to(
-                    device=vectors[key].device, dtype=torch.float32
-                )
+                if lora is not None:
+                    diff = lora.delta(key).to(vectors[key].device)
+                else:
+                    diff = tensor.to(device=vectors[key].device, dtype=torch.float32) - reference.to(
+                        device=vectors[key].device, dtype=torch.float32
+                    )
                 changed = changed or bool(diff.any())
                 vectors[key][index] = diff.to(storage)
             if not changed:
@@ -269,6 +257,47 @@ class TaskVectors:
                 raise ValueError(f"{path} is not an adamerge task-vector file")
             vectors = {key: handle.get_tensor(key) for key in handle.keys()}
         return cls(vectors, json.loads(metadata["expert_names"]))
+
+
+def scope_keys(pretrained: WeightsSource, base: Mapping[str, Tensor], include: Patterns = None, exclude: Patterns = None) -> list[str]:
+    """The merge scope: the floating-point parameters of ``pretrained`` (every floating tensor
+    when it is a file or state dict) that ``include``/``exclude`` select; an empty scope is an error."""
+    if isinstance(pretrained, nn.Module):
+        candidates = [n for n, p in pretrained.named_parameters() if p.is_floating_point()]
+    else:
+        candidates = [n for n, t in base.items() if t.is_floating_point()]
+    keys = [n for n in candidates if in_scope(n, include, exclude)]
+    if not keys:
+        raise ValueError(
+            f"the merge scope is empty: include={include!r} exclude={exclude!r} match no floating-point "
+            f"parameter of the pretrained model {describe(pretrained)}"
+        )
+    return keys
+
+
+def expert_tensors(
+    name: str,
+    source: WeightsSource,
+    pretrained: WeightsSource,
+    base: Mapping[str, Tensor],
+    keys: Sequence[str],
+    include: Patterns = None,
+    exclude: Patterns = None,
+    role: str = "expert",
+) -> Iterator[tuple[str, Tensor]]:
+    """An expert's ``(key, tensor)`` over the scope, read one tensor at a time, each checked
+    against the pretrained one (keys, shape, dtype, finite values); errors name the expert and the key."""
+    who = f"{role} {name!r}"
+    weights = open_weights(source, who)
+    # an expert module's own tied aliases are not extra keys, even when the pretrained
+    # model comes from a file that saved only the canonical names
+    aliases = parameter_aliases(pretrained) if isinstance(pretrained, nn.Module) else {}
+    own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
+    check_keys(name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
+    for key in keys:
+        tensor = weights[key]
+        check_tensor(who, key, tensor, base[key])
+        yield key, tensor
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -27,9 +27,15 @@ WeightsSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 
 _SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 _TORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder (see adamerge.io.lora)
 
 
-class LazySafetensors(Mapping):
+class LazyWeights(Mapping):
+    """A ``name -> tensor`` mapping that reads (or computes) each tensor on access:
+    :func:`open_weights` hands it on as it is, without touching its tensors."""
+
+
+class LazySafetensors(LazyWeights):
     """A read-only ``name -> tensor`` mapping over one or more safetensors files.
 
     Tensors are read on access, so only what is used is ever in memory.
@@ -125,7 +131,7 @@ def open_weights(source: WeightsSource, role: str = "weights") -> Mapping[str, t
     ``role`` names the source in errors (``pretrained``, ``expert 'math'``)."""
     if isinstance(source, nn.Module):
         return {name: tensor.detach() for name, tensor in source.state_dict().items()}
-    if isinstance(source, LazySafetensors):
+    if isinstance(source, LazyWeights):
         return source
     if isinstance(source, Mapping):
         for name, tensor in source.items():
@@ -135,12 +141,17 @@ def open_weights(source: WeightsSource, role: str = "weights") -> Mapping[str, t
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{role}: no weights at {path}")
+    if (path / ADAPTER_CONFIG).is_file():
+        raise UnreadableInput(
+            f"{role} {path}: a PEFT adapter ({ADAPTER_CONFIG}) holds ΔW, not weights; read it over its pretrained "
+            "model (TaskVectors.from_models, or adamerge.io.lora.open_adapter(path, pretrained_weights))"
+        )
     with reading(role, path):
         if path.is_dir():
             return _open_directory(path)
         if path.suffix == ".safetensors":
             return LazySafetensors([path])
-        return _torch_load(path)
+        return torch_load(path)
 
 
 def _open_directory(path: Path) -> Mapping[str, torch.Tensor]:
@@ -151,7 +162,7 @@ def _open_directory(path: Path) -> Mapping[str, torch.Tensor]:
         if (path / name).exists():
             merged: dict[str, torch.Tensor] = {}
             for shard in _shard_files(path / name):
-                merged.update(_torch_load(shard))
+                merged.update(torch_load(shard))
             return merged
     raise FileNotFoundError(
         f"{path} holds no model weights: expected one of {_SAFETENSORS_FILES + _TORCH_FILES}"
@@ -165,7 +176,8 @@ def _shard_files(path: Path) -> list[Path]:
     return [path.parent / name for name in sorted(set(index["weight_map"].values()))]
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a PyTorch file, read with ``weights_only=True`` (no pickled code runs)."""
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
         loaded = loaded["state_dict"]

@@ -12,12 +12,18 @@ or separately for every tensor), and moves toward it:
 
 Why this shape: the state is ``θ_t`` itself, written into the backbone, and pool members are
 read one tensor at a time (safetensors files stay memory-mapped), so memory does not grow
-with the pool, unlike learning one coefficient per task vector, which holds all ``K`` vectors.
+with the pool, unlike learning one coefficient per task vector, which holds all ``K`` vectors
+(a task-arithmetic or coefficients start holds the ``K`` vectors of one tensor at a time).
+The pieces are the coefficient learner's: the merge scope and pool checks of
+:mod:`~adamerge.core.task_vectors`, the :class:`MergedModel` merge for the start, and the
+weighted, balanced :class:`~adamerge.learning.loss.TaskLoss` as the objective.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +33,16 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from adamerge.io.checkpoints import WeightsSource, open_weights
-from adamerge.core.constraints import Clamp
 from adamerge.core.coefficients import MergeCoefficients
-from adamerge.learning.data import CalibrationData
-from adamerge.learning.learner import CoefficientLearner
+from adamerge.core.constraints import Clamp
+from adamerge.core.layouts import build_layout
 from adamerge.core.merged import FunctionalModel, MergedModel
-from adamerge.objectives import Objective, WeightedObjectives, split_loss
-from adamerge.core.task_vectors import (
-    Patterns,
-    TaskVectors,
-    check_keys,
-    check_tensor,
-    in_scope,
-    name_experts,
-    parameter_aliases,
-)
+from adamerge.core.task_vectors import Patterns, TaskVectors, expert_tensors, name_experts, scope_keys
+from adamerge.io.checkpoints import WeightsSource, open_weights
+from adamerge.learning.data import CalibrationData
+from adamerge.learning.learner import CoefficientLearner, frozen_modules_expected
+from adamerge.learning.loss import TaskLoss
+from adamerge.objectives import Objective, WeightedObjectives
 from adamerge.tasks.base import Task
 
 MODES = ("hard", "soft")
@@ -67,27 +67,15 @@ def schedule(t: int, step_size: float = 1.0) -> float:
     return step_size * 2.0 / (t + 2)
 
 
-def merge_keys(backbone: nn.Module, include: Patterns = None, exclude: Patterns = None) -> list[str]:
-    """The merge scope, chosen exactly as :meth:`TaskVectors.from_models` chooses it for a module."""
-    keys = [n for n, p in backbone.named_parameters() if p.is_floating_point() and in_scope(n, include, exclude)]
-    if not keys:
-        raise ValueError(f"the merge scope is empty: include={include!r} exclude={exclude!r} match no parameter")
-    return keys
-
-
-def check_pool(
-    pool: Mapping[str, WeightsSource], backbone: nn.Module, keys: Sequence[str], include: Patterns = None, exclude: Patterns = None
-) -> None:
-    """Every member has every scope key with the backbone's shape and dtype, finite values, and no
-    extra in-scope keys; errors name the member and the key. Reads one tensor at a time."""
-    base = backbone.state_dict()
-    aliases = parameter_aliases(backbone)
+def scope(backbone: nn.Module, pool: Mapping[str, WeightsSource], include: Patterns = None, exclude: Patterns = None) -> list[str]:
+    """The merge scope (as :meth:`TaskVectors.from_models` chooses it), after checking every pool
+    member against it as an expert is checked; errors name the member and the key. Reads one tensor at a time."""
+    base = open_weights(backbone)
+    keys = scope_keys(backbone, base, include, exclude)
     for name, source in pool.items():
-        weights = open_weights(source)
-        own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
-        check_keys(name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
-        for key in keys:
-            check_tensor(f"pool member {name!r}", key, weights[key], base[key])
+        for _ in expert_tensors(name, source, backbone, base, keys, include, exclude, role="pool member"):
+            pass
+    return keys
 
 
 @torch.no_grad()
@@ -96,24 +84,25 @@ def write_start(
 ) -> None:
     """Write ``θ_0`` into the backbone: ``pretrained`` (as is), ``task_arithmetic``
     (``θ_pre + λ Σ_k τ_k``) or a coefficients file of an earlier run (``θ_pre + Σ_k c_k ⊙ τ_k``).
-    One key at a time, one member tensor at a time."""
+
+    The merged weights are a :class:`MergedModel`'s, built one tensor at a time over coefficients
+    shared by all tensors: only the ``K`` task vectors of one tensor are held at once."""
     if start == "pretrained":
         return
     if start == "task_arithmetic":
-        names, coefficients = list(pool), None
+        shapes = {key: tuple(p.shape) for key, p in backbone.named_parameters() if key in keys}
+        coefficients = MergeCoefficients(build_layout(list(pool), shapes, "task"), init=scaling)
     else:
         coefficients = _start_coefficients(start, pool, keys)
-        names, values = list(coefficients.layout.expert_names), coefficients()
-    sources = {name: open_weights(pool[name]) for name in names}
+    experts = {name: pool[name] for name in coefficients.layout.expert_names}
+    device = next(backbone.parameters()).device
     params = dict(backbone.named_parameters())
     for key in keys:
-        param = params[key]
-        rows = None if coefficients is None else coefficients.row_values(key, values)  # [K, rows]
-        total = param.detach().float().clone()
-        for k, name in enumerate(names):
-            c = scaling if rows is None else rows[k].reshape(param.shape[:1] + (1,) * max(param.dim() - 1, 0))
-            total += c * (sources[name][key].to(param.device).float() - param.float())
-        param.copy_(total)
+        with warnings.catch_warnings():  # an expert may leave one tensor as it was
+            warnings.filterwarnings("ignore", message=".*identical to the pretrained model.*")
+            vectors = TaskVectors.from_models(backbone, experts, include=f"^{re.escape(key)}$", device=device)
+        merged = MergedModel(backbone, vectors, coefficients=coefficients)
+        params[key].copy_(merged.merged_parameters()[key])
 
 
 def _start_coefficients(start: str, pool: Mapping, keys: Sequence[str]) -> MergeCoefficients:
@@ -133,33 +122,25 @@ def _start_coefficients(start: str, pool: Mapping, keys: Sequence[str]) -> Merge
 # ---------------------------------------------------------------------- the objective and its gradient
 
 
-def _batch_loss(model, params, tasks, objective, batch, task_weights) -> Tensor:
-    total: Tensor | float = 0.0
-    for name, task_batch in batch.items():
-        output = tasks[name](model, params, task_batch, objective.hidden_layers)
-        total = total + task_weights[name] * split_loss(objective(output, task_batch, name))[0]
-    return total
-
-
-def objective_gradient(model, keys, tasks, objective, batches, task_weights) -> tuple[float, dict[str, Tensor | None]]:
+def objective_gradient(model, keys, loss: TaskLoss, batches) -> tuple[float, dict[str, Tensor | None]]:
     """``f(θ_t)`` (mean over the batches) and ``∇_θ f`` for every scope tensor (None where ``f`` does not reach it)."""
     base = model.base_tensors()
     params = {key: base[key].detach().requires_grad_() for key in keys}
     value = 0.0
     for batch in batches:
-        loss = _batch_loss(model, params, tasks, objective, batch, task_weights) / len(batches)
-        if not loss.requires_grad:
+        total = loss(model, params, batch) / len(batches)
+        if not total.requires_grad:
             raise ValueError("the objective does not depend on any tensor of the merge scope")
-        loss.backward()
-        value += float(loss.detach())
+        total.backward()
+        value += float(total.detach())
     return value, {key: p.grad for key, p in params.items()}
 
 
 @torch.no_grad()
-def objective_value(model, keys, tasks, objective, batches, task_weights) -> float:
+def objective_value(model, keys, loss: TaskLoss, batches) -> float:
     base = model.base_tensors()
     params = {key: base[key] for key in keys}
-    return sum(float(_batch_loss(model, params, tasks, objective, b, task_weights)) for b in batches) / len(batches)
+    return sum(float(loss(model, params, b)) for b in batches) / len(batches)
 
 
 @torch.no_grad()
@@ -217,8 +198,7 @@ class _PerTensor(Mapping):
 
 
 def _soft_step(
-    model, pool, keys, tasks, objective, ranking, stream, *,
-    lmo, directions, inner_steps, inner_lr, inner_granularity, task_weights, include, exclude,
+    model, pool, keys, loss: TaskLoss, ranking, stream, *, lmo, directions, inner_steps, inner_lr, inner_granularity, include, exclude,
 ) -> dict:
     """Learn the step sizes toward the ``directions`` best members (AdaMerging-style); write ``θ_{t+1}``."""
     backbone = model.backbone
@@ -237,7 +217,11 @@ def _soft_step(
     device = next(backbone.parameters()).device
     vectors = TaskVectors.from_models(backbone, experts, include=include, exclude=exclude, device=device)
     merged = MergedModel(backbone, vectors, granularity=inner_granularity, init=0.0, constraint=Clamp(0.0, 1.0))
-    learner = CoefficientLearner(merged, tasks, objective, lr=inner_lr, task_weights=task_weights)
+    learner = CoefficientLearner(
+        merged, loss.tasks, loss.objective, lr=inner_lr, task_weights=loss.weights,
+        task_balance=loss.task_balance, guard_weight=loss.guard_weight,
+    )
+    learner.loss.initial = loss.initial  # balanced against the losses at FW's start, not at this iteration's
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = rank_zero.level
     rank_zero.setLevel(logging.WARNING)  # no banner per iteration
@@ -252,7 +236,8 @@ def _soft_step(
             enable_model_summary=False,
             num_sanity_val_steps=0,
         )
-        trainer.fit(learner, train_dataloaders=stream)
+        with frozen_modules_expected():
+            trainer.fit(learner, train_dataloaders=stream)
     finally:
         rank_zero.setLevel(level)
     learner.eval()
@@ -262,6 +247,42 @@ def _soft_step(
         for key in keys:
             params[key].copy_(new[key])
     return {"chosen": chosen, "gamma": merged.coefficients.as_dict()}
+
+
+def _hard_step(params, pool, ranking, keys, lmo: str, gamma: float) -> dict:
+    """Move ``γ`` of the way toward the best member (whole model) or each tensor's best member."""
+    if lmo == "model":
+        chosen = ranking[0]
+        _move_toward(params, pool[chosen], keys, gamma)
+    else:
+        chosen = {key: r[0] for key, r in ranking.items() if r}
+        for name in dict.fromkeys(chosen.values()):
+            _move_toward(params, pool[name], [k for k, n in chosen.items() if n == name], gamma)
+    return {"chosen": chosen, "gamma": gamma}
+
+
+def _rank(gradient, params, pool, keys, lmo: str) -> tuple[list | dict, dict[str, float]]:
+    """The LMO: members from the most to the least aligned with −∇ (per tensor for ``lmo='tensor'``;
+    a tensor the objective does not reach ranks None and keeps its value), and each member's score."""
+    per_tensor = {name: member_scores(gradient, params, source) for name, source in pool.items()}
+    scores = {name: sum(s.values()) for name, s in per_tensor.items()}
+    if lmo == "model":
+        return sorted(pool, key=scores.__getitem__), scores
+    ranking = {k: sorted(pool, key=lambda n: per_tensor[n][k]) if gradient[k] is not None else None for k in keys}
+    return ranking, scores
+
+
+def _check_options(mode, lmo, iterations, step_size, batches_per_iteration, inner_steps, directions, pool_size) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown FW-Merging mode {mode!r}; use one of {MODES}")
+    if lmo not in LMOS:
+        raise ValueError(f"unknown LMO {lmo!r}; use one of {LMOS}")
+    if iterations < 0 or batches_per_iteration < 1 or inner_steps < 1:
+        raise ValueError("iterations must be >= 0, batches_per_iteration and inner_steps >= 1")
+    if not 0.0 < step_size <= 1.0:
+        raise ValueError(f"step_size must be in (0, 1] so that each step interpolates toward a member, got {step_size}")
+    if mode == "soft" and not 1 <= directions <= pool_size:
+        raise ValueError(f"directions must be between 1 and the pool size {pool_size}, got {directions}")
 
 
 # ---------------------------------------------------------------------- the loop
@@ -288,6 +309,8 @@ def frank_wolfe_merge(
     include: Patterns = None,
     exclude: Patterns = None,
     task_weights: Mapping[str, float] | None = None,
+    task_balance: str = "sum",
+    guard_weight: float = 4.0,
     device: torch.device | str | None = None,
 ) -> FrankWolfeResult:
     """Run FW-Merging from ``start`` for ``iterations`` steps and return the merged model and its history.
@@ -296,30 +319,22 @@ def frank_wolfe_merge(
     weights; pass a copy to keep it. ``pool`` maps names to weights sources (safetensors files
     and HF directories are read lazily, one tensor at a time). Each iteration draws
     ``batches_per_iteration`` steps (one batch per task each) from ``data``'s calibration stream.
+    The objective is the coefficient learner's :class:`TaskLoss` (``task_weights``, ``task_balance``;
+    the balances that need a starting loss measure it at ``θ_0`` over the calibration rows).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown FW-Merging mode {mode!r}; use one of {MODES}")
-    if lmo not in LMOS:
-        raise ValueError(f"unknown LMO {lmo!r}; use one of {LMOS}")
-    if iterations < 0 or batches_per_iteration < 1 or inner_steps < 1:
-        raise ValueError("iterations must be >= 0, batches_per_iteration and inner_steps >= 1")
-    if not 0.0 < step_size <= 1.0:
-        raise ValueError(f"step_size must be in (0, 1] so that each step interpolates toward a member, got {step_size}")
     pool = name_experts(pool)
-    if mode == "soft" and not 1 <= directions <= len(pool):
-        raise ValueError(f"directions must be between 1 and the pool size {len(pool)}, got {directions}")
-    unknown = sorted(set(task_weights or {}) - set(tasks))
-    if unknown:
-        raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(tasks)}")
-    weights = {name: float((task_weights or {}).get(name, 1.0)) for name in tasks}
+    _check_options(mode, lmo, iterations, step_size, batches_per_iteration, inner_steps, directions, len(pool))
     _check_objective(objective)
-
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     model = FunctionalModel(backbone).to(device)
     tasks = {name: task.to(device).eval() for name, task in tasks.items()}
-    keys = merge_keys(backbone, include, exclude)
-    check_pool(pool, backbone, keys, include, exclude)
+    loss = TaskLoss(tasks, objective, task_weights, task_balance, guard_weight)
+    keys = scope(backbone, pool, include, exclude)
     write_start(backbone, pool, keys, start, start_scaling)
+    if loss.balance.needs_start:
+        loss.initial = loss.mean_losses(
+            model, model.base_tensors(), objective, lambda name: (move_data_to_device(b, device) for b in data.calibration_batches(name))
+        )
     params = dict(backbone.named_parameters())
     stream = data.train_dataloader()
     batches_of = iter(stream)
@@ -327,30 +342,16 @@ def frank_wolfe_merge(
     history = []
     for t in range(iterations):
         batches = [move_data_to_device(next(batches_of), device) for _ in range(batches_per_iteration)]
-        before, gradient = objective_gradient(model, keys, tasks, objective, batches, weights)
-        per_tensor = {name: member_scores(gradient, params, source) for name, source in pool.items()}
-        scores = {name: sum(s.values()) for name, s in per_tensor.items()}
-        if lmo == "model":
-            ranking = sorted(pool, key=scores.__getitem__)
-        else:  # per tensor; a tensor the objective does not reach keeps its value
-            ranking = {k: sorted(pool, key=lambda n: per_tensor[n][k]) if gradient[k] is not None else None for k in keys}
+        before, gradient = objective_gradient(model, keys, loss, batches)
+        ranking, scores = _rank(gradient, params, pool, keys, lmo)
         del gradient
         if mode == "hard":
-            gamma = schedule(t, step_size)
-            if lmo == "model":
-                chosen = ranking[0]
-                _move_toward(params, pool[chosen], keys, gamma)
-            else:
-                chosen = {key: r[0] for key, r in ranking.items() if r}
-                for name in dict.fromkeys(chosen.values()):
-                    _move_toward(params, pool[name], [k for k, n in chosen.items() if n == name], gamma)
-            record = {"chosen": chosen, "gamma": gamma}
+            record = _hard_step(params, pool, ranking, keys, lmo, schedule(t, step_size))
         else:
             record = _soft_step(
-                model, pool, keys, tasks, objective, ranking, stream, lmo=lmo, directions=directions,
-                inner_steps=inner_steps, inner_lr=inner_lr, inner_granularity=inner_granularity,
-                task_weights=weights, include=include, exclude=exclude,
+                model, pool, keys, loss, ranking, stream, lmo=lmo, directions=directions, inner_steps=inner_steps,
+                inner_lr=inner_lr, inner_granularity=inner_granularity, include=include, exclude=exclude,
             )
-        after = objective_value(model, keys, tasks, objective, batches, weights)
+        after = objective_value(model, keys, loss, batches)
         history.append({"iteration": t, **record, "scores": scores, "objective_before": before, "objective_after": after})
     return FrankWolfeResult(model, keys, history)

@@ -1,33 +1,40 @@
 """The Lightning system that trains merge coefficients.
 
 A thin shell around an exportable :class:`~adamerge.core.merged.MergedModel`: one merge per
-step shared by all tasks, ``loss = Σ_task w_task · objective(task batch) + penalty``,
-the constraint re-imposed after each optimiser step, and checkpoints that hold only the
-coefficients and the optimiser state.
+step shared by all tasks, ``loss = Σ_task w_task · balance(objective(task batch)) + penalty``
+(:class:`~adamerge.learning.loss.TaskLoss`), the constraint re-imposed after each optimiser
+step, and checkpoints that hold only the coefficients and the optimiser state. Label-free
+model selection is a separate callback (:mod:`adamerge.learning.selection`).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
-from adamerge.io.checkpoints import load_checkpoint, write_bytes
 from adamerge.core.merged import MergedModel
-from adamerge.objectives import Objective, ObjectiveContext, split_loss
-from adamerge.objectives.balance import get_balance
+from adamerge.io.checkpoints import load_checkpoint, write_bytes
+from adamerge.learning.loss import TaskLoss
+from adamerge.objectives import Objective, ObjectiveContext
 from adamerge.tasks.base import Task
 
-# The backbone, the task heads and the objectives stay in eval mode on purpose (frozen; no
-# dropout): Lightning's warning about modules in eval mode at the start of training is expected.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
 COEFFICIENT_PREFIX = "merged.coefficients."
+
+
+@contextmanager
+def frozen_modules_expected() -> Iterator[None]:
+    """Around ``Trainer.fit``: the backbone, the task heads and the objectives stay in eval mode on
+    purpose (frozen; no dropout), so Lightning's warning about modules in eval mode is expected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        yield
 
 
 class _InjectGradients(torch.autograd.Function):
@@ -63,8 +70,6 @@ class CoefficientLearner(L.LightningModule):
         optimizer: str = "adam",
         weight_decay: float = 0.0,
         task_weights: Mapping[str, float] | None = None,
-        selection: Objective | None = None,
-        select_every_n_steps: int = 25,  # as SelectionConfig.every_n_steps
         task_balance: str = "sum",
         guard_weight: float = 4.0,
         per_task_backward: bool = False,
@@ -76,58 +81,38 @@ class CoefficientLearner(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [f"merged.vectors.{name}" for name, _ in merged.vectors.named_buffers()]
         self.tasks = nn.ModuleDict(dict(tasks))
         self.objective = objective
-        self.selection = selection
-        self.select_every_n_steps = select_every_n_steps
-        self.best: dict | None = None
+        self.loss = TaskLoss(self.tasks, objective, task_weights, task_balance, guard_weight)
         self.lr, self.optimizer_name, self.weight_decay = lr, optimizer, weight_decay
-        unknown = sorted(set(task_weights or {}) - set(self.tasks))
-        if unknown:
-            raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(self.tasks)}")
-        self.task_weights = {name: float((task_weights or {}).get(name, 1.0)) for name in self.tasks}
-        self.balance = get_balance(task_balance)
-        self.task_balance, self.guard_weight = task_balance, guard_weight
-        self.initial_losses: dict[str, float] | None = None  # task_balance 'initial': each task's starting loss
-        self.selection_reference: dict[str, float] | None = None  # ... and its starting held-out criterion
         self.per_task_backward = per_task_backward
         self.strict_loading = False
         self._objective_ready = False
 
     # ------------------------------------------------------------------ set-up
+    def objective_context(self) -> ObjectiveContext:
+        """What an objective's ``setup`` may read: the merged model, the tasks, calibration batches on this device."""
+        datamodule = self.trainer.datamodule
+        return ObjectiveContext(
+            merged=self.merged,
+            tasks=self.tasks,
+            calibration_batches=lambda task: (self.to_device(b) for b in datamodule.calibration_batches(task)),
+            device=self.device,
+        )
+
     def on_fit_start(self) -> None:
         if self._objective_ready:
             return
-        datamodule = self.trainer.datamodule
-        context = ObjectiveContext(
-            merged=self.merged,
-            tasks=self.tasks,
-            calibration_batches=lambda task: (
-                self._to_device(b) for b in datamodule.calibration_batches(task)
-            ),
-            device=self.device,
-        )
-        self.objective.setup(context)
-        if self.selection is not None:
-            self.selection.setup(context)
-        if self.balance.needs_start and self.initial_losses is None:
-            self.initial_losses = self._mean_losses(self.objective, datamodule.calibration_batches)
+        self.objective.setup(self.objective_context())
+        if self.loss.balance.needs_start and self.loss.initial is None:
+            self.loss.initial = self.mean_losses(self.objective, self.trainer.datamodule.calibration_batches)
         self._objective_ready = True
 
     @torch.no_grad()
-    def _mean_losses(self, objective: Objective, batches_for) -> dict[str, float]:
-        """Each task's mean loss under ``objective`` over the batches ``batches_for(task)`` yields."""
+    def mean_losses(self, objective: Objective, batches_for) -> dict[str, float]:
+        """Each task's mean loss under ``objective`` at the current coefficients over ``batches_for(task)``."""
         params = self.merged.merged_parameters()
-        means = {}
-        for name, task in self.tasks.items():
-            losses = [
-                float(split_loss(objective(task(self.merged, params, b, objective.hidden_layers), b, name))[0])
-                for b in map(self._to_device, batches_for(name))
-            ]
-            if not losses:
-                raise ValueError(f"task {name!r} has no rows to measure the objective on (is selection.holdout > 0?)")
-            means[name] = sum(losses) / len(losses)
-        return means
+        return self.loss.mean_losses(self.merged, params, objective, lambda task: map(self.to_device, batches_for(task)))
 
-    def _to_device(self, batch):
+    def to_device(self, batch):
         return self.transfer_batch_to_device(batch, self.device, 0)
 
     def configure_optimizers(self):
@@ -143,13 +128,9 @@ class CoefficientLearner(L.LightningModule):
         params = self.merged.merged_parameters()
         split = self.per_task_backward and torch.is_grad_enabled()
         inputs = {k: v.detach().requires_grad_() for k, v in params.items()} if split else params
-        hidden_layers = self.objective.hidden_layers
         total: Tensor | float = 0.0
         logs: dict[str, Tensor] = {}
-        for name, task_batch in batch.items():
-            output = self.tasks[name](self.merged, inputs, task_batch, hidden_layers)
-            loss, task_logs = split_loss(self.objective(output, task_batch, name))
-            weighted = self.task_weights[name] * self._balanced(loss, name)
+        for name, weighted, loss, task_logs in self.loss.terms(self.merged, inputs, batch):
             if split and weighted.requires_grad:
                 weighted.backward()  # frees this task's activations; gradients gather on `inputs`
                 weighted = weighted.detach()
@@ -164,15 +145,6 @@ class CoefficientLearner(L.LightningModule):
             logs["penalty"] = penalty.detach()
         return total, logs
 
-    def _balanced(self, loss: Tensor, task: str, reference: Mapping[str, float] | None = None) -> Tensor:
-        """The task's loss on the scale of ``task_balance`` (see :mod:`adamerge.objectives.balance`)."""
-        if self.balance.non_negative and bool(loss.detach() < 0):
-            raise ValueError(
-                f"task_balance {self.task_balance!r} needs a non-negative objective; task {task!r} has loss {float(loss):.4g}"
-            )
-        start = (reference or self.initial_losses)[task] if self.balance.needs_start else None
-        return self.balance.fn(loss, start, self.guard_weight)
-
     def training_step(self, batch, batch_idx):
         loss, logs = self.step_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
@@ -183,53 +155,16 @@ class CoefficientLearner(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.merged.coefficients.project_()
 
-    # ------------------------------------------------------------------ label-free model selection
-    @torch.no_grad()
-    def held_out_criterion(self) -> float:
-        """The selection objective over every task's held-out calibration rows (balanced across
-        tasks the same way as the training loss)."""
-        means = self._mean_losses(self.selection, self.trainer.datamodule.holdout_batches)
-        if self.selection_reference is None:
-            self.selection_reference = means
-        per_task = [float(self._balanced(torch.tensor(v), name, self.selection_reference)) for name, v in means.items()]
-        penalty = self.selection.penalty(self.merged)
-        return sum(per_task) / len(per_task) + (float(penalty) if penalty is not None else 0.0)
-
-    def _consider_current(self) -> float:
-        value = self.held_out_criterion()
-        if self.best is None or value < self.best["value"]:
-            state = {k: v.detach().clone() for k, v in self.merged.coefficients.state_dict().items()}
-            self.best = {"value": value, "step": self.global_step, "state": state}
-        return value
-
-    def on_train_start(self) -> None:
-        if self.selection is not None:
-            self._consider_current()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.selection is not None and self.global_step % self.select_every_n_steps == 0:
-            self.log("select/criterion", self._consider_current())
-
-    def on_train_end(self) -> None:
-        """With model selection, finish on the best coefficients seen, not the last."""
-        if self.selection is None:
-            return
-        self._consider_current()
-        self.merged.coefficients.load_state_dict(self.best["state"])
-
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep checkpoints tiny: only coefficient tensors (the backbone and task vectors are inputs)."""
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k.startswith(COEFFICIENT_PREFIX)
         }
-        checkpoint["adamerge_selection_best"] = self.best
-        checkpoint["adamerge_task_balance"] = {"initial": self.initial_losses, "selection": self.selection_reference}
+        checkpoint["adamerge_task_balance"] = {"initial": self.loss.initial}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best = checkpoint.get("adamerge_selection_best")
-        references = checkpoint.get("adamerge_task_balance", {})
-        self.initial_losses, self.selection_reference = references.get("initial"), references.get("selection")
+        self.loss.initial = checkpoint.get("adamerge_task_balance", {}).get("initial")
         missing = [k for k in self.state_dict() if k.startswith(COEFFICIENT_PREFIX) and k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks coefficient tensor(s) {missing}: was it written by another recipe?")

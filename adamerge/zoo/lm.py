@@ -41,7 +41,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ from adamerge.io.checkpoints import atomic_directory, write_text
 from adamerge.tasks.hf import quiet_transformers
 from adamerge.zoo.cache import EXPERT_META, ZOO_META, is_complete_expert, read_expert_meta, torch_threads, zoo_path
 from adamerge.zoo.text import read_task_meta
+from adamerge.zoo.training import adamw_with_warmup, save_expert, train_steps
 
 FORMAT = "adamerge.zoo.lm"
 VERSION = 1
@@ -324,7 +325,6 @@ def score_rows(model, tokenizer, rows: Sequence[dict], words: Sequence[str], bat
         scores = torch.full((len(chunk), len(words)), float("-inf"))
         for s, (r, k) in enumerate(owners):
             prompt, answer, label = chunk[r]
-            p = len(prompt)
             if k == -1:
                 targets = torch.tensor(answer, dtype=torch.long)
                 token_lp = logprobs[s][: len(answer)].gather(1, targets[:, None]).squeeze(1)
@@ -429,8 +429,6 @@ def finetune_lm_expert(
     at 1. The held-out label-word accuracy and answer perplexity on the first ``test_rows`` test
     rows are recorded in ``adamerge_expert.json`` (with ``base_scores``, the base model's, when
     given)."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     task_data, out_dir = Path(task_data).expanduser(), Path(out_dir).expanduser()
     data_meta = json.loads((task_data / "meta.json").read_text())
@@ -447,38 +445,11 @@ def finetune_lm_expert(
     with torch_threads(num_threads or 2) as threads:
         model, tokenizer = load_lm(pretrained)
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(int(seed))).tolist()[:needed]
-        no_decay = ("bias", "norm.weight")
-        decay = [p for n, p in model.named_parameters() if not n.endswith(no_decay)]
-        other = [p for n, p in model.named_parameters() if n.endswith(no_decay)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr
-        )
-
-        def schedule(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / (warmup_steps + 1)
-            return max(0.0, (steps - step) / max(1, steps - warmup_steps))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        batches = (training_batch(tokenizer, [train_rows[i] for i in order[step * batch_size:(step + 1) * batch_size]])
+                   for step in range(steps))
+        optimizer, scheduler = adamw_with_warmup(model, lr, weight_decay, warmup_steps, steps, ("bias", "norm.weight"))
         torch.manual_seed(int(seed))
-        model.train()
-        losses: list[float] = []
-        bar = tqdm(total=steps, desc=name, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        train_started = time.perf_counter()
-        for step in range(steps):
-            batch = training_batch(tokenizer, [train_rows[i] for i in order[step * batch_size:(step + 1) * batch_size]])
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-5:]) / len(losses[-5:]):.3f}")
-        bar.close()
-        train_seconds = time.perf_counter() - train_started
-        model.eval()
+        losses, train_seconds = train_steps(model, batches, steps, optimizer, scheduler, desc=name, progress=progress)
         scores = score_rows(model, tokenizer, test_rows_, words, eval_batch_size)
 
     info = {
@@ -505,11 +476,7 @@ def finetune_lm_expert(
         "train_seconds": train_seconds,
     }
     with atomic_directory(out_dir) as staging:
-        with quiet_transformers():
-            model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        info["seconds"] = time.perf_counter() - started
-        write_text(staging / EXPERT_META, json.dumps(info, indent=1) + "\n")  # last: marks a finished expert
+        save_expert(staging, model, tokenizer, info, started)
     return out_dir
 
 

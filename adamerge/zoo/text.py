@@ -47,6 +47,7 @@ import torch
 
 from adamerge.io.checkpoints import atomic_directory, write_text
 from adamerge.tasks.hf import quiet_transformers
+from adamerge.zoo.training import adamw_with_warmup, save_expert, train_steps
 from adamerge.zoo.cache import EXPERT_META, ZOO_META, is_complete_expert, read_expert_meta, torch_threads, zoo_path
 
 FORMAT = "adamerge.zoo.text"
@@ -331,18 +332,64 @@ def finetune_text_expert(
     nothing at ``out_dir``. Uses at most the CPU cores this process may run on
     (``num_threads`` overrides).
     """
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    task_dir = Path(task_dir).expanduser()
-    out_dir = Path(out_dir).expanduser()
+    task_dir, out_dir = Path(task_dir).expanduser(), Path(out_dir).expanduser()
     name = task or task_dir.name
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
     if batch_size < 1 or max_length < 2:
         raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}")
     meta = read_task_meta(task_dir)
+    train, test, n_available = _task_rows(task_dir, meta, seed, max_train, max_test)
+    settings = {
+        "seed": int(seed), "epochs": epochs, "max_train": max_train, "max_length": int(max_length),
+        "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
+        "warmup_ratio": float(warmup_ratio),
+    }
+    with torch_threads(num_threads) as threads:
+        tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
+        train_enc = _tokenize(tokenizer, train[0], train[1], max_length)
+        test_enc = _tokenize(tokenizer, test[0], test[1], max_length)
+        model, missing = _start_model(pretrained, meta, seed, name)
+        lengths = [len(ids) for ids in train_enc["input_ids"]]
+        total_steps = max(1, math.ceil(epochs * math.ceil(len(lengths) / batch_size)))
+        if max_steps is not None:
+            total_steps = max(1, min(total_steps, int(max_steps)))
+        warmup = int(round(warmup_ratio * total_steps))
+        optimizer, scheduler = adamw_with_warmup(model, lr, weight_decay, warmup, total_steps, NO_DECAY)
+        batches = _epochs_of_batches(tokenizer, train_enc, train[2], lengths, batch_size, seed)
+        torch.manual_seed(int(seed))  # dropout
+        losses, train_seconds = train_steps(model, batches, total_steps, optimizer, scheduler, desc=name, progress=progress)
+        accuracy = _evaluate(model, tokenizer, test_enc, test[2], eval_batch_size)
+
+    test_labels = test[2]
+    counts = [test_labels.count(c) for c in range(meta["num_labels"])]
+    window = max(1, len(losses) // 50)
+    curve = [sum(losses[i:i + window]) / len(losses[i:i + window]) for i in range(0, len(losses), window)]
+    info = {
+        "format": FORMAT, "version": VERSION, "kind": "expert", "task": name,
+        "label_names": meta["label_names"], "num_labels": meta["num_labels"], "pair": meta["pair"],
+        "pretrained": str(pretrained), "data": str(task_dir),
+        "test_accuracy": accuracy, "test_majority": max(counts) / len(test_labels),
+        "n_train": len(train[2]), "n_train_available": n_available, "n_test": len(test_labels),
+        "train": settings, "steps": total_steps, "warmup_steps": warmup, "threads": threads,
+        "train_loss_first": losses[0], "train_loss_last": sum(losses[-window:]) / len(losses[-window:]),
+        "loss_curve": {"window": window, "means": curve},
+        "initialised_from_seed": missing, "train_seconds": train_seconds,
+    }
+    with atomic_directory(out_dir) as staging:
+        save_expert(staging, model, tokenizer, info, started)
+    return out_dir
+
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def _task_rows(task_dir: Path, meta: dict, seed: int, max_train: int | None, max_test: int | None):
+    """``(texts, pairs, labels)`` of the training rows (a seeded sample of ``max_train``) and of
+    the first ``max_test`` test rows, and how many training rows there were."""
     train_table = load_text_task(task_dir, "train")
     test_table = load_text_task(task_dir, "test")
     n_available = len(train_table)
@@ -351,122 +398,35 @@ def finetune_text_expert(
         train_table = train_table.select(sorted(keep))
     if max_test is not None and max_test < len(test_table):
         test_table = test_table.select(range(int(max_test)))
-    train_texts, train_pairs, train_labels = _columns(train_table, meta, str(task_dir / "train.jsonl"))
-    test_texts, test_pairs, test_labels = _columns(test_table, meta, str(task_dir / "test.jsonl"))
+    train = _columns(train_table, meta, str(task_dir / "train.jsonl"))
+    test = _columns(test_table, meta, str(task_dir / "test.jsonl"))
+    return train, test, n_available
 
-    settings = {
-        "seed": int(seed), "epochs": epochs, "max_train": max_train, "max_length": int(max_length),
-        "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
-        "warmup_ratio": float(warmup_ratio),
-    }
-    with torch_threads(num_threads) as threads:
-        tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
-        train_enc = _tokenize(tokenizer, train_texts, train_pairs, max_length)
-        test_enc = _tokenize(tokenizer, test_texts, test_pairs, max_length)
 
-        model, missing = _load_classifier(pretrained, meta)
-        encoder_missing = _encoder_keys(model, missing)
-        if encoder_missing:
-            print(
-                f"[{name}] warning: {pretrained} lacks encoder weights {encoder_missing[:4]}"
-                f"{'...' if len(encoder_missing) > 4 else ''}; they are initialised from seed {seed}. "
-                "Experts merged together must share them: build_text_zoo saves a shared start.",
-                file=sys.stderr,
-            )
-        _seeded_init_(model, missing, seed)
-
-        generator = torch.Generator().manual_seed(int(seed))
-        lengths = [len(ids) for ids in train_enc["input_ids"]]
-        steps_per_epoch = math.ceil(len(lengths) / batch_size)
-        total_steps = max(1, math.ceil(epochs * steps_per_epoch))
-        if max_steps is not None:
-            total_steps = max(1, min(total_steps, int(max_steps)))
-        warmup = int(round(warmup_ratio * total_steps))
-
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-        decay_params = [p for n, p in model.named_parameters() if not n.endswith(no_decay)]
-        other_params = [p for n, p in model.named_parameters() if n.endswith(no_decay)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay_params, "weight_decay": weight_decay}, {"params": other_params, "weight_decay": 0.0}],
-            lr=lr,
+def _start_model(pretrained, meta: dict, seed: int, name: str):
+    """The classifier to fine-tune: the checkpoint's weights, and every weight it lacks (the head)
+    initialised from ``seed``; a warning when the encoder itself lacks weights."""
+    model, missing = _load_classifier(pretrained, meta)
+    encoder_missing = _encoder_keys(model, missing)
+    if encoder_missing:
+        print(
+            f"[{name}] warning: {pretrained} lacks encoder weights {encoder_missing[:4]}"
+            f"{'...' if len(encoder_missing) > 4 else ''}; they are initialised from seed {seed}. "
+            "Experts merged together must share them: build_text_zoo saves a shared start.",
+            file=sys.stderr,
         )
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-        torch.manual_seed(int(seed))  # dropout
-        model.train()
-        losses: list[float] = []
-        step = 0
-        bar = tqdm(total=total_steps, desc=f"{name}", unit="step", disable=not progress, mininterval=5.0,
-                   file=sys.stderr, dynamic_ncols=True)
-        train_started = time.perf_counter()
-        while step < total_steps:
-            for rows in _length_grouped_batches(lengths, batch_size, generator):
-                if step >= total_steps:
-                    break
-                batch = _pad(tokenizer, train_enc, rows)
-                batch["labels"] = torch.tensor([train_labels[i] for i in rows])
-                loss = model(**batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().item())
-                step += 1
-                bar.update(1)
-                if step % 10 == 0 or step == total_steps:
-                    bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
-        bar.close()
-        train_seconds = time.perf_counter() - train_started
-
-        accuracy = _evaluate(model, tokenizer, test_enc, test_labels, eval_batch_size)
-        model.eval()
-
-    counts = [test_labels.count(c) for c in range(meta["num_labels"])]
-    window = max(1, len(losses) // 50)
-    curve = [sum(losses[i:i + window]) / len(losses[i:i + window]) for i in range(0, len(losses), window)]
-    info = {
-        "format": FORMAT,
-        "version": VERSION,
-        "kind": "expert",
-        "task": name,
-        "label_names": meta["label_names"],
-        "num_labels": meta["num_labels"],
-        "pair": meta["pair"],
-        "pretrained": str(pretrained),
-        "data": str(task_dir),
-        "test_accuracy": accuracy,
-        "test_majority": max(counts) / len(test_labels),
-        "n_train": len(train_labels),
-        "n_train_available": n_available,
-        "n_test": len(test_labels),
-        "train": settings,
-        "steps": total_steps,
-        "warmup_steps": warmup,
-        "threads": threads,
-        "train_loss_first": losses[0],
-        "train_loss_last": sum(losses[-window:]) / len(losses[-window:]),
-        "loss_curve": {"window": window, "means": curve},
-        "initialised_from_seed": missing,
-        "train_seconds": train_seconds,
-    }
-    with atomic_directory(out_dir) as staging:
-        _save_expert(staging, model, tokenizer, info, started)
-    return out_dir
+    _seeded_init_(model, missing, seed)
+    return model, missing
 
 
-def _save_expert(staging: Path, model, tokenizer, info: dict, started: float) -> None:
-    with quiet_transformers():
-        model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    info["seconds"] = time.perf_counter() - started
-    write_text(staging / EXPERT_META, json.dumps(info, indent=1) + "\n")  # last: marks a finished expert
+def _epochs_of_batches(tokenizer, encoded: dict, labels: list[int], lengths: list[int], batch_size: int, seed: int):
+    """Shuffled length-grouped batches, epoch after epoch, all drawn from one ``seed``."""
+    generator = torch.Generator().manual_seed(int(seed))
+    while True:
+        for rows in _length_grouped_batches(lengths, batch_size, generator):
+            batch = _pad(tokenizer, encoded, rows)
+            batch["labels"] = torch.tensor([labels[i] for i in rows])
+            yield batch
 
 
 # ---------------------------------------------------------------------- the zoo
