@@ -60,11 +60,6 @@ def _exclusive(recipe: DictConfig) -> list[str]:
             "FW-Merging (`frank_wolfe`) has no `selection`: its state is the merged weights themselves, and keeping "
             "the best iterate would hold a second copy of the model (the task losses' `task_balance` does apply)"
         )
-    if recipe.frank_wolfe is not None and recipe.selection is not None:
-        problems.append(
-            "FW-Merging (`frank_wolfe`) has no `selection`: its state is the merged weights themselves, and keeping "
-            "the best iterate would hold a second copy of the model (the task losses' `task_balance` does apply)"
-        )
     if recipe.progressive is not None:
         if recipe.selection is not None or recipe.task_balance != "sum":
             problems.append("progressive learning has no `selection` or `task_balance` (every block matches its experts directly)")
