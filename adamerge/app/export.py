@@ -18,22 +18,37 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from adamerge.io.checkpoints import save_safetensors, write_text
-from adamerge.app.config import save_recipe
+from adamerge.app.config import save_recipe, shard_size_bytes
+from adamerge.core.task_vectors import parameter_aliases
 from adamerge.learning.evaluate import average_accuracy
 from adamerge.app.mergekit import Coefficients, mergekit_config, write_mergekit, write_method_mergekit  # noqa: F401 (runner, tests)
 from adamerge.app.plots import coefficient_heatmap
 from adamerge.app.problems import MergeProblem
 
 
-def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path) -> None:
-    """The merged model in the format its users open directly (HF directory or safetensors)."""
+def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path, max_shard_size: str = "5GB") -> None:
+    """The merged model in the format its users open directly: the problem's own (a Hugging Face
+    folder), else the module's weights as safetensors shards (:func:`save_state_dict`)."""
     folder.mkdir(parents=True, exist_ok=True)
     if problem.save_model is not None:
         problem.save_model(module, folder)
     else:
-        save_safetensors(module.state_dict(), folder / "model.safetensors")
+        save_state_dict(module, folder, shard_size_bytes(max_shard_size))
     if problem.save_extras is not None:
         problem.save_extras(folder)
+
+
+def save_state_dict(module: nn.Module, folder: Path, max_shard_size: int) -> None:
+    """A plain module's weights laid out as Hugging Face lays out a checkpoint, by huggingface_hub's
+    shard splitter: ``model.safetensors`` when they fit one shard, else ``model-0000i-of-0000n.safetensors``
+    and ``model.safetensors.index.json``. safetensors stores shared storage once: a tied parameter is kept
+    under its first name in ``named_parameters`` and each alias is recorded as ``alias: name`` in the
+    metadata; loading into the module (``huggingface_hub.load_torch_model(model, folder, strict=False)``)
+    fills the alias through the tie."""
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(module.state_dict(), folder, max_shard_size=max_shard_size,
+                          shared_tensors_to_discard=list(parameter_aliases(module)))
 
 
 def save_streamed_model(shards: Path, problem: MergeProblem, folder: Path) -> None:
@@ -91,6 +106,18 @@ def write_results(folder: Path, results: Mapping[str, Mapping]) -> None:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TASK_TYPES = {"hf_sequence_classification": "text-classification", "hf_clip": "zero-shot-image-classification",
               "hf_causal_lm": "text-generation"}
+# what merged/ itself is, for the hub's pipeline_tag and the card's "Use" line (a sequence classifier's is its bare encoder)
+PIPELINE_TAGS = {"hf_sequence_classification": "feature-extraction", "hf_clip": "zero-shot-image-classification",
+                 "hf_causal_lm": "text-generation"}
+USAGE = {
+    "hf_sequence_classification": "`AutoModel.from_pretrained(\"merged\")` (the merged encoder); each task's classifier, where written: "
+                                  "`AutoModelForSequenceClassification.from_pretrained(\"merged/tasks/<task>\")`",
+    "hf_clip": "`CLIPModel.from_pretrained(\"merged\")`, or `pipeline(\"zero-shot-image-classification\", model=\"merged\")`",
+    "hf_causal_lm": "`AutoModelForCausalLM.from_pretrained(\"merged\")`",
+}
+HF_USAGE = "`AutoModel.from_pretrained(\"merged\")`"
+PLAIN_USAGE = ("`huggingface_hub.load_torch_model(model, \"merged\", strict=False)` into the architecture "
+               "(tied parameters are stored once; the file metadata names each alias)")
 
 
 def hub_id(source) -> str | None:
@@ -127,14 +154,19 @@ def model_card(
                    metric_type="accuracy", metric_value=r["accuracy"])
         for task, r in (results or {}).items() if "accuracy" in r
     ]
+    hf = kind.startswith("hf_")
     data = ModelCardData(
         model_name=recipe.name,
         base_model=hub_id(base),
-        tags=["merge", "adamerge", "model-merging"],
-        library_name="transformers" if kind.startswith("hf_") else "pytorch",
+        tags=["merge", "adamerge", "model-merging", "safetensors"] + ([] if hf else ["pytorch"]),
+        library_name="transformers" if hf else None,  # the hub knows no library for a plain nn.Module
+        pipeline_tag=PIPELINE_TAGS.get(kind),
         eval_results=evals or None,
     )
-    lines = [f"# {recipe.name}", "", f"Merged with adamerge: {how}.", "", f"- **Base model:** `{hub_id(base) or base}`"]
+    lines = [f"# {recipe.name}", "", f"Merged with adamerge: {how}."]
+    lines += ["", f"Open it with {USAGE.get(kind, HF_USAGE if hf else PLAIN_USAGE)}."]
+    lines += ["", description["note"] + "."] if "note" in description else []
+    lines += ["", f"- **Base model:** `{hub_id(base) or base}`"]
     lines += ["- **Experts:**"] + [f"  - `{name}`: `{hub_id(path) or path}`" for name, path in experts.items()]
     if coefficients is not None:
         means = coefficients.summary().mean(dim=1).tolist()
@@ -167,7 +199,7 @@ def write_common(
         if isinstance(module, Path):
             save_streamed_model(module, problem, target)
         else:
-            save_merged_model(module, problem, target)
+            save_merged_model(module, problem, target, recipe.export.max_shard_size)
         write_text(target / "README.md", model_card(recipe, problem, how, results, coefficients))
 
 

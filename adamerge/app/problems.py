@@ -369,9 +369,35 @@ def clip_problem(config: ProblemConfig) -> MergeProblem:
         evaluation=evaluation,
         collate=hf.image_collate(image_processor),
         include=[r"^(vision_model|visual_projection)\."],
-        save_model=_save_hf(processor),
-        description={"kind": config.kind, "base": config.pretrained, "experts": _experts(config)},
+        save_model=_save_clip(config.pretrained, processor),
+        description={"kind": config.kind, "base": config.pretrained, "experts": _experts(config),
+                     "note": "the vision tower and its projection are merged; the text tower, logit scale and "
+                             "processor are the pretrained model's, as in the zero-shot evaluation"},
     )
+
+
+def _save_clip(pretrained: str, processor) -> Exporter:
+    """A complete ``CLIPModel``: the merged vision tower and projection over the pretrained text tower
+    and logit scale, with the processor, so ``CLIPModel.from_pretrained`` and the zero-shot pipeline
+    open the model the evaluation scored (the zero-shot heads are the pretrained text embeddings)."""
+    from transformers import CLIPModel
+
+    from adamerge.tasks.hf import quiet_transformers
+
+    def save(module: nn.Module, folder: Path) -> None:
+        with quiet_transformers():
+            full = CLIPModel.from_pretrained(pretrained)
+        loaded = full.load_state_dict(module.state_dict(), strict=False)
+        if loaded.unexpected_keys:
+            raise KeyError(f"hf_clip: merged tensor {loaded.unexpected_keys[0]!r} is not in the CLIPModel of {pretrained}")
+        unmerged = [key for key in loaded.missing_keys if key.startswith(("vision_model.", "visual_projection."))]
+        if unmerged:
+            raise KeyError(f"hf_clip: vision tensor {unmerged[0]!r} of {pretrained} is missing from the merged model")
+        with quiet_transformers():
+            full.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return save
 
 
 def _images(table, task, with_label: bool = True):
