@@ -211,3 +211,37 @@ def reset_peak_rss() -> None:
 
 def load_average() -> float:
     return os.getloadavg()[0]
+
+
+# ---------------------------------------------------------------------- recipe runs (text and LM benchmarks)
+
+
+def run_recipe(job: str, recipe: str, settings: list[str], target: Path):
+    """Run a built-in recipe (``adamerge <job>``) into ``target``; its wall time and time to the
+    merged model go to ``target/timing.json``. Returns the run's result."""
+    import json
+
+    from adamerge.app import runner
+    from adamerge.app.config import load_recipe, resolve_recipe
+    from adamerge.io.checkpoints import write_text
+
+    started = time.perf_counter()
+    result = getattr(runner, job)(load_recipe(resolve_recipe(recipe), [f"output_dir={target}", *settings]))
+    seconds = time.perf_counter() - started
+    write_text(target / "timing.json", json.dumps({"seconds": seconds, "seconds_to_merge": result.seconds_to_merge}))
+    return result
+
+
+def read_timing(target: Path) -> dict:
+    """``{seconds, seconds_to_merge}`` of an earlier :func:`run_recipe` into ``target`` (empty if none)."""
+    import json
+
+    timing = target / "timing.json"
+    return json.loads(timing.read_text()) if timing.exists() else {}
+
+
+def normalised_accuracy(per_task: Mapping[str, Mapping], experts: Mapping[str, Mapping]) -> float | None:
+    """Each task's accuracy divided by its expert's, averaged over tasks (as the 2025 papers report)."""
+    ratios = [r["accuracy"] / experts[t]["accuracy"] for t, r in per_task.items()
+              if t in experts and r.get("accuracy") is not None and experts[t].get("accuracy")]
+    return sum(ratios) / len(ratios) if ratios else None

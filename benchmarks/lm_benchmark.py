@@ -30,10 +30,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from adamerge.app import runner  # noqa: E402
 from adamerge.io.checkpoints import write_text  # noqa: E402
-from adamerge.app.cli import resolve_recipe  # noqa: E402
-from adamerge.app.config import load_recipe  # noqa: E402
+from common import normalised_accuracy, read_timing, run_recipe  # noqa: E402
 
 # label -> (job, recipe, overrides, run folder)
 METHODS = {
@@ -67,17 +65,13 @@ def score_folder(model_dir: Path, zoo, tasks: list[str], rows: int, batch_size: 
 
 def cached_scores(label: str, out: Path, tasks: list[str], rows: int) -> tuple[dict, float | None] | None:
     """A method's scores from an earlier benchmark run in ``out`` (same tasks and rows), if any."""
-    target = out / METHODS[label][3]
     try:
-        saved = json.loads((target / "lm_scores.json").read_text())
+        saved = json.loads((out / METHODS[label][3] / "lm_scores.json").read_text())
     except (OSError, ValueError):
         return None
     if saved.get("rows") != rows or saved.get("tasks") != tasks:
         return None
-    timing = {}
-    if (target / "timing.json").exists():
-        timing = json.loads((target / "timing.json").read_text())
-    return saved["results"], timing.get("seconds")
+    return saved["results"], read_timing(out / METHODS[label][3]).get("seconds")
 
 
 def run_method(label: str, out: Path, zoo, tasks: list[str], rows: int, batch_size: int,
@@ -86,31 +80,21 @@ def run_method(label: str, out: Path, zoo, tasks: list[str], rows: int, batch_si
     job, name, extra, folder = METHODS[label]
     target = out / folder
     scores_file = target / "lm_scores.json"
-    timing_file = target / "timing.json"
     if scores_file.exists():
         saved = json.loads(scores_file.read_text())
         if saved.get("rows") == rows and saved.get("tasks") == tasks:
-            timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-            return {"results": saved["results"], "seconds": timing.get("seconds"), "score_seconds": saved.get("seconds")}
+            return {"results": saved["results"], "seconds": read_timing(target).get("seconds"),
+                    "score_seconds": saved.get("seconds")}
     if not _is_finished_run(target):
-        settings = [
-            f"output_dir={target}",
-            f"problem.cache_dir={zoo.zoo_dir}",
-            "trainer.progress_bar=false",
-            *extra,
-            *(overrides if job == "fit" else []),
-        ]
-        started = time.perf_counter()
-        result = getattr(runner, job)(load_recipe(resolve_recipe(name), settings))
-        seconds = time.perf_counter() - started
-        write_text(timing_file, json.dumps({"seconds": seconds, "seconds_to_merge": result.seconds_to_merge}))
-    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+        settings = [f"problem.cache_dir={zoo.zoo_dir}", "trainer.progress_bar=false", *extra,
+                    *(overrides if job == "fit" else [])]
+        run_recipe(job, name, settings, target)
     started = time.perf_counter()
     results = score_folder(target / "merged", zoo, tasks, rows, batch_size)
     score_seconds = time.perf_counter() - started
     write_text(scores_file, json.dumps({"rows": rows, "tasks": tasks, "results": results, "seconds": score_seconds},
                                        indent=1))
-    return {"results": results, "seconds": timing.get("seconds"), "score_seconds": score_seconds}
+    return {"results": results, "seconds": read_timing(target).get("seconds"), "score_seconds": score_seconds}
 
 
 def baselines(zoo, tasks: list[str], rows: int, out: Path, batch_size: int) -> dict[str, dict]:
@@ -135,12 +119,6 @@ def baselines(zoo, tasks: list[str], rows: int, out: Path, batch_size: int) -> d
     results = {BASE: base, EXPERTS: experts}
     write_text(saved, json.dumps({"rows": rows, "tasks": tasks, "results": results}, indent=1))
     return results
-
-
-def normalised_accuracy(per_task: dict, experts: dict) -> float | None:
-    ratios = [r["accuracy"] / experts[t]["accuracy"] for t, r in per_task.items()
-              if t in experts and experts[t].get("accuracy")]
-    return sum(ratios) / len(ratios) if ratios else None
 
 
 def _mean(values: list[float]) -> float:

@@ -17,15 +17,15 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
+from common import normalised_accuracy, read_timing, run_recipe
+
 from adamerge.app import runner
-from adamerge.io.checkpoints import write_text
-from adamerge.app.config import resolve_recipe
-from adamerge.app.config import load_recipe
-from adamerge.learning.evaluate import average_accuracy
+from adamerge.app.config import load_recipe, resolve_recipe
 from adamerge.app.export import results_table
+from adamerge.io.checkpoints import write_text
+from adamerge.learning.evaluate import average_accuracy
 
 # label -> (job, recipe, overrides, run folder); "{out}" is the benchmark's output folder.
 STAGE1 = "{out}/expert_merging/coefficients.safetensors"
@@ -47,7 +47,7 @@ METHODS = {
     ),
     "FW hard": ("fit", "text/fw_hard", [], "fw_hard"),
     "FW soft": ("fit", "text/fw_soft", [], "fw_soft"),
-    "expert KL, log balance": ("fit", "text/recommended", ["task_balance=log"], "recommended_log_balance"),
+    "expert KL, log balance": ("fit", "text/expert_kl_guarded", ["task_balance=log"], "expert_kl_log_balance"),
     "TSV-M": ("merge", "text/tsv", [], "tsv"),
     "Iso-C": ("merge", "text/iso_c", [], "iso_c"),
     "Iso-CTS": ("merge", "text/iso_cts", [], "iso_cts"),
@@ -62,30 +62,13 @@ def run_method(label: str, out: Path, data: Path, zoo: Path, overrides: list[str
     """Run one method (or reuse its finished run) and return its results with its wall time."""
     job, name, extra, folder = METHODS[label]
     target = out / folder
-    if (target / "eval.json").exists():
-        timing = target / "timing.json"
-        saved = json.loads(timing.read_text()) if timing.exists() else {}
-        return {"results": json.loads((target / "eval.json").read_text()), "seconds": saved.get("seconds"),
-                "to_merge": saved.get("seconds_to_merge")}
-    settings = [
-        f"output_dir={target}",
-        f"problem.options.data_root={data}",
-        f"problem.options.zoo_dir={zoo}",
-        "trainer.progress_bar=false",
-        *(e.format(out=out) for e in extra),
-        *(overrides if job == "fit" else []),
-    ]
-    started = time.perf_counter()
-    result = getattr(runner, job)(load_recipe(resolve_recipe(name), settings))
-    seconds = time.perf_counter() - started
-    write_text(target / "timing.json", json.dumps({"seconds": seconds, "seconds_to_merge": result.seconds_to_merge}))
-    return {"results": result.results, "seconds": seconds, "to_merge": result.seconds_to_merge}
-
-
-def normalised_accuracy(per_task: dict, experts: dict) -> float | None:
-    """Each task's accuracy divided by its expert's, averaged over tasks (as the 2025 papers report)."""
-    ratios = [r["accuracy"] / experts[t]["accuracy"] for t, r in per_task.items() if t in experts and r.get("accuracy") is not None]
-    return sum(ratios) / len(ratios) if ratios else None
+    if not (target / "eval.json").exists():
+        settings = [f"problem.options.data_root={data}", f"problem.options.zoo_dir={zoo}", "trainer.progress_bar=false",
+                    *(e.format(out=out) for e in extra), *(overrides if job == "fit" else [])]
+        run_recipe(job, name, settings, target)
+    timing = read_timing(target)
+    return {"results": json.loads((target / "eval.json").read_text()), "seconds": timing.get("seconds"),
+            "to_merge": timing.get("seconds_to_merge")}
 
 
 def accuracy_table(results: dict[str, dict], seconds: dict, to_merge: dict) -> str:
