@@ -16,7 +16,7 @@ from adamerge.learning.data import (
     rows_to_batch,
     split_holdout,
 )
-from adamerge.app.problems import load_table
+from adamerge.app.problem import load_table
 
 
 def rows(n: int) -> list[dict]:

@@ -21,9 +21,9 @@ from adamerge.io.checkpoints import save_safetensors, write_text
 from adamerge.app.config import save_recipe, shard_size_bytes
 from adamerge.core.task_vectors import parameter_aliases
 from adamerge.learning.evaluate import average_accuracy
-from adamerge.app.mergekit import Coefficients, mergekit_config, write_mergekit, write_method_mergekit  # noqa: F401 (runner, tests)
+from adamerge.app.mergekit import Coefficients, write_mergekit
 from adamerge.app.plots import coefficient_heatmap
-from adamerge.app.problems import MergeProblem
+from adamerge.app.problem import MergeProblem
 
 
 def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path, max_shard_size: str = "5GB") -> None:

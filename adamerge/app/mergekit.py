@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.app.config import to_plain
-from adamerge.app.problems import MergeProblem
+from adamerge.app.problem import MergeProblem
 from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.element import ElementCoefficients
 from adamerge.core.layouts import block_of
