@@ -23,7 +23,7 @@ from adamerge import MergeCoefficients  # noqa: E402
 from adamerge.app import runner
 from adamerge.io.checkpoints import open_weights  # noqa: E402
 from adamerge.app.config import load_recipe  # noqa: E402
-from adamerge.app.export import mergekit_config  # noqa: E402
+from adamerge.app.mergekit import mergekit_config  # noqa: E402
 from adamerge.core.importance import allocate_chunks, tensor_importance  # noqa: E402
 from adamerge.objectives.entropy import Entropy  # noqa: E402
 from adamerge.app.problems import build_problem  # noqa: E402

@@ -31,7 +31,8 @@ from adamerge.app.config import load_recipe, to_plain
 from adamerge.learning.data import CalibrationData, by_length, ordered_batches
 from adamerge.core.element import ElementCoefficients
 from adamerge.learning.evaluate import check_labels, evaluate
-from adamerge.app.export import write_coefficients, write_common, write_method_mergekit
+from adamerge.app.export import write_coefficients, write_common
+from adamerge.app.mergekit import write_method_mergekit
 from adamerge.learning.frank_wolfe import frank_wolfe_merge
 from adamerge.core.importance import resolve_chunks
 from adamerge.learning.learner import CheckpointFiles, CoefficientLearner, frozen_modules_expected
