@@ -50,7 +50,7 @@ def trainer(max_steps, callbacks=()):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),  # else nothing lands in cwd
         callbacks=list(callbacks),
         num_sanity_val_steps=0,
     )
