@@ -1,6 +1,8 @@
 """A tiny merge problem that a training subprocess can build by dotted path
 (``problem.kind: ddp_problem:build``, with ``tests/`` on ``PYTHONPATH``), and an entropy
-objective that records each process's final coefficients (only rank 0 writes a run directory)."""
+objective that records each process's final coefficients (only rank 0 writes a run directory).
+Task t0 has 21 labelled evaluation rows (two processes share them 11 + 10), t1 has 1 (the
+second process has none of t1's rows and must still join in the sums)."""
 
 from __future__ import annotations
 
@@ -14,20 +16,23 @@ from adamerge.objectives.entropy import Entropy
 from adamerge.app.problems import MergeProblem
 from adamerge.tasks.base import HeadTask
 
-TASKS, ROWS = ("t0", "t1"), 40
+TASKS, ROWS, EVALUATION_ROWS = ("t0", "t1"), 40, (21, 1)
 
 
 def build(config) -> MergeProblem:
-    """Backbone 6 -> 16 -> 8, two experts (seeded noise), a frozen 8 -> 4 head and 40 rows per task."""
+    """Backbone 6 -> 16 -> 8, two experts (seeded noise), a frozen 8 -> 4 head, 40 calibration rows
+    per task and the labelled evaluation rows of EVALUATION_ROWS."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8)).eval()
-    experts, tasks, data = {}, {}, {}
-    for k, name in enumerate(TASKS):
+    experts, tasks, data, evaluation = {}, {}, {}, {}
+    for k, (name, size) in enumerate(zip(TASKS, EVALUATION_ROWS)):
         generator = torch.Generator().manual_seed(10 + k)
         experts[name] = {n: t + 0.5 * torch.randn(t.shape, generator=generator) for n, t in base.state_dict().items()}
         tasks[name] = HeadTask(name, nn.Linear(8, 4))
         data[name] = [{"inputs": torch.randn(6, generator=generator)} for _ in range(ROWS)]
-    return MergeProblem(pretrained=base, experts=experts, tasks=tasks, calibration=data)
+        evaluation[name] = [{"inputs": torch.randn(6, generator=generator), "label": int(torch.randint(4, (), generator=generator))}
+                            for _ in range(size)]
+    return MergeProblem(pretrained=base, experts=experts, tasks=tasks, calibration=data, evaluation=evaluation)
 
 
 class RecordedEntropy(Entropy):

@@ -143,10 +143,12 @@ def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
     )
 
 
-def evaluate_problem(merged: FunctionalModel, problem: MergeProblem, data: CalibrationData, params=None) -> dict:
-    """Evaluate every task that has labelled evaluation data."""
+def evaluate_problem(merged: FunctionalModel, problem: MergeProblem, data: CalibrationData, params=None,
+                     trainer: L.Trainer | None = None) -> dict:
+    """Evaluate every task that has labelled evaluation data, on ``trainer`` (the run's: its loggers
+    and processes) or on one device."""
     names = [t for t in problem.tasks if t in problem.evaluation]
-    return evaluate(merged, problem.tasks, data.evaluation_batches, params=params, names=names)
+    return evaluate(merged, problem.tasks, data, params=params, names=names, trainer=trainer)
 
 
 def evaluate_baselines(merged: MergedModel, problem: MergeProblem, data: CalibrationData) -> dict[str, dict]:
@@ -268,11 +270,12 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
         trainer.callbacks.insert(0, selection)  # before the checkpoint callback: a checkpoint holds its latest check
     with frozen_modules_expected():
         trainer.fit(learner, datamodule=data, ckpt_path=resume)
-    if trainer.global_rank != 0:
-        return RunResult(run_dir, {}, merged)
-    restore_log(work_dir)
     seconds = time.perf_counter() - started
-    results = evaluate_problem(merged, problem, data) if recipe.evaluation.enabled else {}
+    # every process evaluates its share of the rows (and logs through the run's loggers) ...
+    results = evaluate_problem(merged, problem, data, trainer=trainer) if recipe.evaluation.enabled else {}
+    if trainer.global_rank != 0:  # ... and only the first writes the run
+        return RunResult(run_dir, results, merged)
+    restore_log(work_dir)
     how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_coefficients(staging, merged.coefficients, recipe, problem)
