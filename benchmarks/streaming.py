@@ -2,7 +2,7 @@
 model gets deeper: Llama-style models of fixed width (``LlamaConfig``, hidden 384, 4 to 32
 layers), K = 8 experts, every checkpoint saved as sharded safetensors.
 
-    python benchmarks/streaming.py [--layers 4 8 16 32] [--experts 8] [--out runs/streaming]
+    python benchmarks/streaming.py [--layers 4 8 16 32] [--experts 8] [--out runs/streaming] [--streamed-only]
 
 Each configuration runs in a fresh process. "peak +" is the growth of its peak RSS
 (``VmHWM``) over its RSS once the libraries, the calibration batches and the model's structure
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("runs/streaming"))
+    parser.add_argument("--streamed-only", action="store_true", help="skip the all-at-once runs (minutes and GBs each)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     activations = in_fresh_process("activations", ".", str(args.experts))["peak_mb"]
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"from streaming import make_models; from pathlib import Path; "
                             f"make_models(Path({folder!r}), {layers}, {args.experts})"], check=True, capture_output=True)
             streamed = in_fresh_process("streamed", folder, str(args.experts))
-            at_once = in_fresh_process("all_at_once", folder, str(args.experts))
+            at_once = {"peak_mb": float("nan"), "seconds": float("nan")} if args.streamed_only else in_fresh_process("all_at_once", folder, str(args.experts))
         rows.append({"layers": layers, "streamed_mb": streamed["peak_mb"], "all_at_once_mb": at_once["peak_mb"],
                      "streamed_s": streamed["seconds"], "all_at_once_s": at_once["seconds"], "predicted_streamed_mb": predicted})
         print(json.dumps(rows[-1]), flush=True)

@@ -18,7 +18,8 @@ from adamerge.io.checkpoints import open_weights  # noqa: E402
 from adamerge.core.merged import module_with_tensors  # noqa: E402
 from adamerge.learning.progressive import ProgressiveDistiller  # noqa: E402
 from adamerge.io.shards import INDEX, ShardWriter  # noqa: E402
-from adamerge.core.skeleton import StreamedModel, parameters_on_meta
+from adamerge.core import skeleton as skeleton_module  # noqa: E402
+from adamerge.core.skeleton import StreamedModel, parameters_on_meta  # noqa: E402
 from test_progressive import bert_setup, coefficients_for, decoder_setup  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -91,6 +92,35 @@ def test_only_the_current_stages_tensors_are_ever_resident(tmp_path, monkeypatch
         assert real == set(stage.needs), stage.name
     assert seen[1][1] and all(k.startswith(f"{prefix}.0.") for k in seen[1][1])
     assert seen[-1][1] == {"model.norm.weight", "model.embed_tokens.weight"}  # the tied head reads the embedding
+
+
+def test_every_stage_hands_its_freed_memory_back_once_its_tensors_are_dropped(tmp_path, monkeypatch):
+    pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
+    skeleton = skeleton_of(pretrained)
+    resident_at_trim = []
+    monkeypatch.setattr(skeleton_module, "return_freed_memory",
+                        lambda: resident_at_trim.append([n for n, p in skeleton.named_parameters() if not p.is_meta]))
+    distiller, _ = distill(skeleton, experts, tasks, batches, keys, weights=open_weights(str(tmp_path / "base")))
+    assert len(resident_at_trim) == 1 + len(distiller.stages)  # the stage-finding probe, then each stage
+    assert resident_at_trim == [[]] * len(resident_at_trim)
+
+
+def _rss_mib() -> float:
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    return int(status["VmRSS"].split()[0]) / 1024
+
+
+@pytest.mark.skipif(skeleton_module._malloc_trim() is None, reason="no glibc malloc_trim here")
+def test_freed_heap_holes_stay_resident_until_returned():
+    pieces = [bytearray(16 * 1024) for _ in range(4096)]  # 64 MiB of heap chunks, every page touched
+    for piece in pieces:
+        piece[::4096] = b"x" * len(piece[::4096])
+    before = _rss_mib()
+    del pieces[:-1:2]  # free every other chunk: holes between live ones, none at the heap's top
+    assert _rss_mib() > before - 8  # glibc keeps the holes resident
+    assert skeleton_module.return_freed_memory()
+    assert _rss_mib() < before - 24  # ~32 MiB of holes handed back
+    del pieces
 
 
 def test_skeleton_buffers_are_real_and_equal_a_built_models(tmp_path):

@@ -10,6 +10,9 @@ lazily) when it starts and dropped when it ends.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -102,13 +105,15 @@ class StreamedModel:
             self._set(key, torch.zeros((), dtype=current.dtype).expand(current.shape))
 
     def release(self, keys: Iterable[str]) -> None:
-        """Drop these tensors back to ``meta`` (buffers are small and kept), and unmap the checkpoint."""
+        """Drop these tensors back to ``meta`` (buffers are small and kept), unmap the checkpoint
+        and hand the memory the stage freed back to the system (:func:`return_freed_memory`)."""
         for key in keys:
             module, attr, is_param = self._owner[key]
             if is_param:
                 self._set(key, torch.empty_like(module._parameters[attr], device="meta"))
         if hasattr(self.weights, "close"):
             self.weights.close()
+        return_freed_memory()
 
     def _set(self, key: str, tensor: Tensor) -> None:
         module, attr, is_param = self._owner[key]
@@ -121,6 +126,28 @@ class StreamedModel:
             if canonical == key:
                 alias_module, alias_attr, _ = self._alias_slots[alias]
                 alias_module._parameters[alias_attr] = param
+
+
+def return_freed_memory() -> bool:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim(0)``); True if any
+    were (False also where there is no such call, e.g. macOS or musl).
+
+    Why: glibc keeps freed heap memory for reuse, and a stage's mix of large tensors (its
+    weights and task vectors) with small ones (features, activations) leaves that free
+    memory in pieces the next stage's allocations do not fit. Measured on a 16-block Llama
+    (K = 8): at every stage boundary the live heap was the same 176 MiB while the free but
+    still resident part grew 64 -> 156 MiB, so the peak grew with depth. Trimming after
+    each stage keeps the resident set to what is in use.
+    """
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0))
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)
 
 
 def _candidates(key: str, prefix: str) -> list[str]:
