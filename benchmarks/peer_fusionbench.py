@@ -109,6 +109,7 @@ def main() -> int:
     from importlib.metadata import version
 
     from adamerge.app import runner
+    from adamerge.app.builders import build_data
 
     torch.set_num_threads(args.threads)
     print(f"fusion-bench {version('fusion-bench')}, torch {torch.__version__}, {args.threads} threads, "
@@ -135,7 +136,7 @@ def main() -> int:
     ours_values = ours.learner.merged.coefficients().detach()
     theirs_values = theirs.module.merge_weight.detach()
     print(f"largest coefficient difference after {args.steps} steps: {(ours_values - theirs_values).abs().max():.2e}")
-    data = runner.build_data(minilm_recipe(args.data, args.zoo), problem)
+    data = build_data(minilm_recipe(args.data, args.zoo), problem)
     merged = ours.learner.merged
     results = {
         "adamerge": runner.evaluate_problem(merged, problem, data),

@@ -22,6 +22,8 @@ from pathlib import Path
 from common import normalised_accuracy, read_timing, run_recipe
 
 from adamerge.app import runner
+from adamerge.app.builders import build_data, build_merged, build_task_vectors
+from adamerge.app.problems import build_problem
 from adamerge.app.config import load_recipe, resolve_recipe
 from adamerge.app.export import results_table
 from adamerge.io.checkpoints import write_text
@@ -93,9 +95,9 @@ def baselines(data: Path, zoo: Path, out: Path) -> dict[str, dict]:
     recipe = load_recipe(
         resolve_recipe("text/task_arithmetic"), [f"problem.options.data_root={data}", f"problem.options.zoo_dir={zoo}"]
     )
-    problem = runner.build_problem(recipe.problem)
-    merged = runner.build_merged(recipe, problem, runner.build_task_vectors(recipe, problem))
-    results = runner.evaluate_baselines(merged, problem, runner.build_data(recipe, problem))
+    problem = build_problem(recipe.problem)
+    merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
+    results = runner.evaluate_baselines(merged, problem, build_data(recipe, problem))
     write_text(saved, json.dumps(results))
     return results
 

@@ -31,8 +31,8 @@ def test_loggers_callbacks_and_trainer_arguments_reach_lightning(tmp_path, tmp_p
 
     zoo = build_text_zoo(tmp_path_factory)
     trainers = []
-    original = runner._trainer
-    monkeypatch.setattr(runner, "_trainer", lambda recipe, work: trainers.append(original(recipe, work)) or trainers[-1])
+    original = runner.build_trainer
+    monkeypatch.setattr(runner, "build_trainer", lambda recipe, work: trainers.append(original(recipe, work)) or trainers[-1])
     trainer = recipe_dict(zoo, tmp_path)["trainer"]
     trainer.update(
         loggers=[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "mine")}}],
@@ -55,7 +55,7 @@ def test_loggers_callbacks_and_trainer_arguments_reach_lightning(tmp_path, tmp_p
 def test_bad_lightning_settings_are_named(tmp_path, trainer, message):
     recipe = load_recipe({"problem": {"kind": "digits"}, "trainer": trainer})
     with pytest.raises(ValueError, match=message):
-        runner._trainer(recipe, tmp_path)
+        runner.build_trainer(recipe, tmp_path)
 
 
 def test_the_progress_bar_counts_steps_not_epochs(tmp_path, tmp_path_factory, monkeypatch):
@@ -65,14 +65,14 @@ def test_the_progress_bar_counts_steps_not_epochs(tmp_path, tmp_path_factory, mo
 
     zoo = build_text_zoo(tmp_path_factory)
     bars = []
-    original = runner._trainer
+    original = runner.build_trainer
 
     def keep_bar(recipe, work):
         trainer = original(recipe, work)
         bars.extend(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
         return trainer
 
-    monkeypatch.setattr(runner, "_trainer", keep_bar)
+    monkeypatch.setattr(runner, "build_trainer", keep_bar)
     trainer = {**recipe_dict(zoo, tmp_path)["trainer"], "progress_bar": True, "max_steps": 5}
     runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="bar", trainer=trainer)))
     bar = bars[0].train_progress_bar

@@ -187,6 +187,7 @@ def test_a_mergekit_yaml_merges_to_what_mergekit_makes_and_writes_one_mergekit_a
 def test_a_learned_run_starts_from_the_yamls_per_tensor_weights_and_writes_them_back(llama, tmp_path):
     """Gradients and filters become layer-wise init values (checked by hand: mergekit's t is 0 outside
     the layers, i/(n−1) in layer i); the learned run's mergekit.yaml, run by mergekit, is its merged model."""
+    from adamerge.app.builders import build_coefficients
     from adamerge.app.from_mergekit import fit_recipe
 
     config = write_yaml(tmp_path / "merge.yml", {
@@ -203,7 +204,7 @@ def test_a_learned_run_starts_from_the_yamls_per_tensor_weights_and_writes_them_
     })
     recipe, _ = fit_recipe(config, str(tmp_path / "recipe.yaml"))
     assert recipe.problem.pretrained == str(llama / "base")
-    initial = runner.build_coefficients(recipe, build_problem(recipe.problem))[0].as_dict()
+    initial = build_coefficients(recipe, build_problem(recipe.problem))[0].as_dict()
     expected_a = {"model.embed_tokens.weight": 0.2, "model.layers.0.mlp.up_proj.weight": 0.2,
                   "model.layers.1.self_attn.q_proj.weight": 0.6, "lm_head.weight": 0.2}
     for key, value in expected_a.items():

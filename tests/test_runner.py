@@ -187,12 +187,8 @@ def test_memory_options_reach_the_run_and_keep_the_result(fitted, zoo, tmp_path,
     and when activations are freed: the learned coefficients are the default run's."""
     learners = []
 
-    class Recording(runner.CoefficientLearner):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            learners.append(self)
-
-    monkeypatch.setattr(runner, "CoefficientLearner", Recording)
+    build_learner = runner.build_learner
+    monkeypatch.setattr(runner, "build_learner", lambda *args: learners.append(build_learner(*args)) or learners[-1])
     recipe = load_recipe(
         recipe_dict(zoo, tmp_path, name="lean"), ["task_vectors.offload=true", "trainer.per_task_backward=true"]
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from adamerge.app import runner
+from adamerge.app.builders import build_data, build_merged, build_task_vectors
+from adamerge.app.problems import build_problem
 from adamerge.io.checkpoints import write_text
 from adamerge.app.config import load_recipe, resolve_recipe
 from adamerge.app.export import results_table
@@ -29,9 +31,9 @@ def run_quickstart(out: Path = Path("runs/quickstart")) -> dict[str, dict]:
     print("Building the digits zoo (cached after the first run) and evaluating the baselines ...")
     first = load_recipe(resolve_recipe(RECIPES["task arithmetic (0.3)"][1]))
     runner.setup_process(first)
-    problem = runner.build_problem(first.problem)
-    merged = runner.build_merged(first, problem, runner.build_task_vectors(first, problem))
-    results = runner.evaluate_baselines(merged, problem, runner.build_data(first, problem))
+    problem = build_problem(first.problem)
+    merged = build_merged(first, problem, build_task_vectors(first, problem))
+    results = runner.evaluate_baselines(merged, problem, build_data(first, problem))
     for label, (job, name) in RECIPES.items():
         target = out / Path(name).name
         print(f"{label}: adamerge {job} {name} -> {target}")

@@ -1,5 +1,6 @@
 """The jobs a recipe describes, read top to bottom: ``fit`` (learn coefficients), ``merge``
-(a data-free method) and ``evaluate_run`` (re-evaluate a finished run).
+(a data-free method) and ``evaluate_run`` (re-evaluate a finished run). Each job validates,
+sets up (one builder per recipe section, :mod:`adamerge.app.builders`), trains, then saves.
 
 ``fit`` trains in ``<output_dir>.partial`` (checkpoints and live logs) and resumes from
 there when interrupted; only a complete run is renamed to ``<output_dir>``.
@@ -7,7 +8,6 @@ there when interrupted; only a complete run is renamed to ``<output_dir>``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import shutil
@@ -18,35 +18,38 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
-from adamerge.tasks.blocks import stage_count
-from adamerge.io.checkpoints import atomic_directory, open_weights, record_inputs, write_text
-from adamerge.core.coefficients import MergeCoefficients
-from adamerge.core.layouts import build_layout
-from adamerge.core.constraints import make_constraint
+from adamerge.app.builders import (
+    build_coefficients,
+    build_data,
+    build_learner,
+    build_merged,
+    build_objectives,
+    build_selection,
+    build_task_vectors,
+    build_trainer,
+    merge_scope,
+    progressive_batches,
+    task_weights,
+)
 from adamerge.app.config import load_recipe, to_plain
-from adamerge.learning.data import CalibrationData, by_length, ordered_batches
-from adamerge.core.element import ElementCoefficients
-from adamerge.learning.evaluate import check_labels, evaluate
 from adamerge.app.export import write_coefficients, write_common
 from adamerge.app.mergekit import write_method_mergekit
-from adamerge.learning.frank_wolfe import frank_wolfe_merge
-from adamerge.core.importance import resolve_chunks
-from adamerge.learning.learner import CheckpointFiles, CoefficientLearner, frozen_modules_expected
-from adamerge.core.merged import FunctionalModel, MergedModel, module_with_tensors
-from adamerge.methods import get_method
-from adamerge.objectives import Objective, WeightedObjectives, build_objective
 from adamerge.app.plots import training_curves
-from adamerge.app.problems import MergeProblem, build_problem
-from adamerge.learning.progress import StepProgressBar
-from adamerge.learning.progressive import ProgressiveDistiller
-from adamerge.learning.selection import LabelFreeSelection
+from adamerge.app.problem import MergeProblem
+from adamerge.app.problems import build_problem
 from adamerge.app.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
+from adamerge.core.merged import FunctionalModel, MergedModel, module_with_tensors
+from adamerge.io.checkpoints import atomic_directory, open_weights, record_inputs, write_text
 from adamerge.io.shards import ShardWriter
-from adamerge.core.task_vectors import TaskVectors, in_scope
+from adamerge.learning.data import CalibrationData
+from adamerge.learning.evaluate import check_labels, evaluate
+from adamerge.learning.frank_wolfe import frank_wolfe_merge
+from adamerge.learning.learner import frozen_modules_expected
+from adamerge.learning.progressive import ProgressiveDistiller
+from adamerge.methods import get_method
+from adamerge.tasks.blocks import stage_count
 
 
 def setup_process(recipe: DictConfig) -> None:
@@ -75,74 +78,6 @@ class RunResult:
     seconds_to_merge: float | None = None  # from the job's start to the merged model (evaluation and export excluded)
 
 
-# ---------------------------------------------------------------------- building blocks
-
-
-def merge_scope(recipe: DictConfig, problem: MergeProblem) -> dict:
-    """The recipe's include/exclude regexes, falling back to the problem's default scope."""
-    cfg = recipe.task_vectors
-    return {
-        "include": to_plain(cfg.include) if cfg.include is not None else problem.include,
-        "exclude": to_plain(cfg.exclude) if cfg.exclude is not None else problem.exclude,
-    }
-
-
-def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors:
-    cfg = recipe.task_vectors
-    tv = TaskVectors.from_models(problem.pretrained, problem.experts, dtype=cfg.dtype, **merge_scope(recipe, problem))
-    if cfg.ties is not None:
-        tv = tv.ties(cfg.ties.density, cfg.ties.scope, cfg.ties.sign_method)
-    if cfg.dare is not None:
-        tv = tv.dare(cfg.dare.density, cfg.dare.seed, cfg.dare.rescale)
-    return tv
-
-
-def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVectors) -> MergedModel:
-    cfg = recipe.coefficients
-    return MergedModel(
-        problem.pretrained,
-        task_vectors,
-        granularity=cfg.granularity,
-        init=to_plain(cfg.init),
-        constraint=make_constraint(to_plain(cfg.constraint)),
-        groups=to_plain(cfg.groups),
-        chunks=resolve_chunks(to_plain(cfg.chunks), task_vectors),
-        freeze=to_plain(cfg.freeze),
-        offload_vectors=recipe.task_vectors.offload,
-    )
-
-
-def build_objectives(recipe: DictConfig) -> Objective:
-    if not recipe.objectives:
-        raise ValueError("the recipe lists no objectives")
-    parts = [(o.weight, build_objective(o.name, **to_plain(o.args))) for o in recipe.objectives]
-    if len(parts) == 1 and parts[0][0] == 1.0:
-        return parts[0][1]
-    return WeightedObjectives(parts, names=[o.name for o in recipe.objectives])
-
-
-def _selection(recipe: DictConfig) -> LabelFreeSelection | None:
-    if recipe.selection is None:
-        return None
-    objective = build_objective(recipe.selection.objective.name, **to_plain(recipe.selection.objective.args))
-    return LabelFreeSelection(objective, recipe.selection.every_n_steps)
-
-
-def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
-    missing = [t for t in problem.tasks if t not in problem.calibration]
-    if missing and recipe.method is None:  # learning on the other tasks alone would ignore these silently
-        raise ValueError(f"task(s) {missing} have no calibration data (problem.tasks.<task>.calibration); only `adamerge merge` runs without")
-    return CalibrationData(
-        problem.calibration,
-        problem.collate,
-        batch_size=recipe.trainer.batch_size,
-        seed=recipe.seed,
-        evaluation=problem.evaluation,
-        eval_batch_size=recipe.evaluation.batch_size,
-        holdout=recipe.selection.holdout if recipe.selection is not None else 0.0,
-    )
-
-
 def evaluate_problem(merged: FunctionalModel, problem: MergeProblem, data: CalibrationData, params=None,
                      trainer: L.Trainer | None = None) -> dict:
     """Evaluate every task that has labelled evaluation data, on ``trainer`` (the run's: its loggers
@@ -157,61 +92,6 @@ def evaluate_baselines(merged: MergedModel, problem: MergeProblem, data: Calibra
     if all(t in merged.expert_names for t in problem.tasks if t in problem.evaluation):
         results = {"experts": evaluate_problem(merged, problem, data, params=merged.expert_parameters), **results}
     return results
-
-
-def _strategy(name: str):
-    """DDP without re-broadcasting buffers every step: the task vectors are buffers, identical
-    on every rank, and would otherwise be sent each step."""
-    if name in ("ddp", "ddp_spawn"):
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", broadcast_buffers=False)
-    return name
-
-
-def _instantiate(spec: DictConfig, key: str):
-    """``{class_path, init_args}`` (as Lightning's CLI writes them) → an object; errors name the key."""
-    spec = to_plain(spec)
-    if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
-        raise ValueError(f"{key}: expected {{class_path: package.Class, init_args: {{...}}}}, got {spec!r}")
-    module, _, name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"{key}: cannot import {spec['class_path']!r} ({error})") from error
-    return cls(**spec.get("init_args", {}))
-
-
-def _trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
-    cfg = recipe.trainer
-    checkpoint = ModelCheckpoint(
-        dirpath=work_dir / "checkpoints",
-        filename="step{step}",
-        every_n_train_steps=cfg.checkpoint_every_n_steps,
-        save_last=True,
-        save_top_k=0,
-    )
-    managed = dict(
-        max_steps=cfg.max_steps,
-        accelerator=cfg.accelerator,
-        devices=to_plain(cfg.devices),
-        strategy=_strategy(cfg.strategy),
-        precision=to_plain(cfg.precision),
-        logger=[CSVLogger(work_dir, name="", version=""),  # the run's own log (metrics.csv, resume)
-                *(_instantiate(spec, f"trainer.loggers[{i}]") for i, spec in enumerate(cfg.loggers))],
-        callbacks=[checkpoint, *([StepProgressBar()] if cfg.progress_bar else []),
-                   *(_instantiate(spec, f"trainer.callbacks[{i}]") for i, spec in enumerate(cfg.callbacks))],
-        plugins=[CheckpointFiles()],
-        log_every_n_steps=cfg.log_every_n_steps,
-        enable_progress_bar=cfg.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=work_dir,
-    )
-    clash = sorted(set(cfg.extra) & set(managed))
-    if clash:
-        raise ValueError(f"trainer.extra.{clash[0]}: set by adamerge itself (use the trainer section's own field or leave it)")
-    return L.Trainer(**managed, **to_plain(cfg.extra))
 
 
 def _prepare_output(recipe: DictConfig) -> tuple[Path, Path]:
@@ -250,24 +130,11 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
     merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
     data = build_data(recipe, problem)
     check_labels(merged, problem.tasks, data)
-    learner = CoefficientLearner(
-        merged,
-        problem.tasks,
-        build_objectives(recipe),
-        lr=recipe.optimizer.lr,
-        optimizer=recipe.optimizer.name,
-        weight_decay=recipe.optimizer.weight_decay,
-        task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
-        task_balance=recipe.task_balance,
-        guard_weight=recipe.guard_weight,
-        per_task_backward=recipe.trainer.per_task_backward,
-    )
-    selection = _selection(recipe)
-    if resume is not None:
-        print(f"resuming the interrupted run from {resume}")
-    trainer = _trainer(recipe, work_dir)
+    learner, selection, trainer = build_learner(recipe, problem, merged), build_selection(recipe), build_trainer(recipe, work_dir)
     if selection is not None:
         trainer.callbacks.insert(0, selection)  # before the checkpoint callback: a checkpoint holds its latest check
+    if resume is not None:
+        print(f"resuming the interrupted run from {resume}")
     with frozen_modules_expected():
         trainer.fit(learner, datamodule=data, ckpt_path=resume)
     seconds = time.perf_counter() - started
@@ -284,39 +151,17 @@ def _learn_coefficients(recipe: DictConfig, run_dir: Path, work_dir: Path, start
             chosen = {"step": selection.best["step"], "criterion": selection.best["value"]}
             write_text(staging / "selection.json", json.dumps(chosen, indent=1))
         write_common(staging, recipe, problem, merged.to_module(), how, results, merged.coefficients)
-        if (work_dir / "metrics.csv").exists():
-            shutil.copy(work_dir / "metrics.csv", staging / "metrics.csv")
-            if recipe.export.plot:
-                training_curves(staging / "metrics.csv", staging / "training.png")
+        _keep_training_log(recipe, work_dir, staging)
     shutil.rmtree(work_dir, ignore_errors=True)
     return RunResult(run_dir, results, merged, seconds)
 
 
-def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[MergeCoefficients | ElementCoefficients, list[str]]:
-    """The recipe's coefficients over the merge scope, laid out from the pretrained shapes alone
-    (no task vector is read), and the merged tensors' names."""
-    scope = merge_scope(recipe, problem)
-    shapes = {
-        name: tuple(p.shape) for name, p in problem.pretrained.named_parameters()
-        if p.is_floating_point() and in_scope(name, **scope)
-    }
-    cfg = recipe.coefficients
-    layout = build_layout(
-        list(problem.experts), shapes, cfg.granularity,
-        groups=to_plain(cfg.groups), chunks=to_plain(cfg.chunks), freeze=to_plain(cfg.freeze),
-    )
-    constraint = make_constraint(to_plain(cfg.constraint))
-    if layout.granularity == "element":
-        return ElementCoefficients(layout, shapes, init=to_plain(cfg.init), constraint=constraint), list(shapes)
-    return MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint), list(shapes)
-
-
-def _first_rows_by_length(problem: MergeProblem, data: CalibrationData, samples: int, batch_size: int) -> dict[str, list]:
-    """The first ``samples`` calibration rows of each task, batched by length (padding costs compute, not accuracy)."""
-    return {
-        name: list(ordered_batches(name, rows, batch_size, data.collate_for(name), by_length(rows, range(min(samples, len(rows))))))
-        for name, rows in problem.calibration.items()
-    }
+def _keep_training_log(recipe: DictConfig, work_dir: Path, staging: Path) -> None:
+    """``metrics.csv`` (the objective per task over training) and its plot into the run directory."""
+    if (work_dir / "metrics.csv").exists():
+        shutil.copy(work_dir / "metrics.csv", staging / "metrics.csv")
+        if recipe.export.plot:
+            training_curves(staging / "metrics.csv", staging / "training.png")
 
 
 def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started: float) -> RunResult:
@@ -330,13 +175,12 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
     data = build_data(recipe, problem)
     model = FunctionalModel(problem.pretrained)
     check_labels(model, problem.tasks, data)
-    batches = _first_rows_by_length(problem, data, recipe.progressive.samples_per_task, recipe.trainer.batch_size)
     shards = work_dir / "merged"
     distiller = ProgressiveDistiller(
-        problem.pretrained, problem.experts, problem.tasks, batches, coefficients,
+        problem.pretrained, problem.experts, problem.tasks, progressive_batches(recipe, problem, data), coefficients,
         keys=keys, dtype=recipe.task_vectors.dtype, epochs=recipe.progressive.epochs,
         lr=recipe.optimizer.lr, optimizer=recipe.optimizer.name, weight_decay=recipe.optimizer.weight_decay,
-        task_weights={name: task.weight for name, task in recipe.problem.tasks.items()}, seed=recipe.seed,
+        task_weights=task_weights(recipe), seed=recipe.seed,
         checkpoint=work_dir / "progress.safetensors", progress=recipe.trainer.progress_bar,
         weights=problem.pretrained_weights if stream else None,
         writer=ShardWriter(shards, stage_count(problem.pretrained)) if stream else None,
@@ -369,16 +213,9 @@ def _fit_frank_wolfe(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
     data = build_data(recipe, problem)
     device = "cuda" if recipe.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     result = frank_wolfe_merge(
-        problem.pretrained,
-        problem.experts,
-        problem.tasks,
-        data,
-        build_objectives(recipe),
-        **to_plain(recipe.frank_wolfe),
-        **merge_scope(recipe, problem),
-        task_weights={name: task.weight for name, task in recipe.problem.tasks.items()},
-        task_balance=recipe.task_balance,
-        guard_weight=recipe.guard_weight,
+        problem.pretrained, problem.experts, problem.tasks, data, build_objectives(recipe),
+        **to_plain(recipe.frank_wolfe), **merge_scope(recipe, problem),
+        task_weights=task_weights(recipe), task_balance=recipe.task_balance, guard_weight=recipe.guard_weight,
         device=device,
     )
     seconds = time.perf_counter() - started

@@ -1,0 +1,201 @@
+"""One builder per recipe section: each reads its own section (and the problem) and returns the
+object the jobs in :mod:`adamerge.app.runner` use, so the runner reads as a short script
+(validate → set up → train → save), as torchtune's recipes do."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+
+from adamerge.app.config import to_plain
+from adamerge.app.problem import MergeProblem
+from adamerge.core.coefficients import MergeCoefficients
+from adamerge.core.constraints import make_constraint
+from adamerge.core.element import ElementCoefficients
+from adamerge.core.importance import resolve_chunks
+from adamerge.core.layouts import build_layout
+from adamerge.core.merged import MergedModel
+from adamerge.core.task_vectors import TaskVectors, in_scope
+from adamerge.learning.data import CalibrationData, by_length, ordered_batches
+from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
+from adamerge.learning.progress import StepProgressBar
+from adamerge.learning.selection import LabelFreeSelection
+from adamerge.objectives import Objective, WeightedObjectives, build_objective
+
+
+def merge_scope(recipe: DictConfig, problem: MergeProblem) -> dict:
+    """``task_vectors.include/exclude`` regexes, falling back to the problem's default scope."""
+    cfg = recipe.task_vectors
+    return {
+        "include": to_plain(cfg.include) if cfg.include is not None else problem.include,
+        "exclude": to_plain(cfg.exclude) if cfg.exclude is not None else problem.exclude,
+    }
+
+
+def task_weights(recipe: DictConfig) -> dict[str, float]:
+    """``problem.tasks.<task>.weight``: each task's weight in the loss."""
+    return {name: task.weight for name, task in recipe.problem.tasks.items()}
+
+
+def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors:
+    """``task_vectors``: τ_k over the scope, in the storage dtype, TIES/DARE-processed if asked."""
+    cfg = recipe.task_vectors
+    tv = TaskVectors.from_models(problem.pretrained, problem.experts, dtype=cfg.dtype, **merge_scope(recipe, problem))
+    if cfg.ties is not None:
+        tv = tv.ties(cfg.ties.density, cfg.ties.scope, cfg.ties.sign_method)
+    if cfg.dare is not None:
+        tv = tv.dare(cfg.dare.density, cfg.dare.seed, cfg.dare.rescale)
+    return tv
+
+
+def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVectors) -> MergedModel:
+    """``coefficients`` over the task vectors: the merged model whose coefficients train."""
+    cfg = recipe.coefficients
+    return MergedModel(
+        problem.pretrained,
+        task_vectors,
+        granularity=cfg.granularity,
+        init=to_plain(cfg.init),
+        constraint=make_constraint(to_plain(cfg.constraint)),
+        groups=to_plain(cfg.groups),
+        chunks=resolve_chunks(to_plain(cfg.chunks), task_vectors),
+        freeze=to_plain(cfg.freeze),
+        offload_vectors=recipe.task_vectors.offload,
+    )
+
+
+def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[MergeCoefficients | ElementCoefficients, list[str]]:
+    """``coefficients`` laid out from the pretrained shapes alone (no task vector is read: progressive
+    learning reads them block by block), and the merged tensors' names."""
+    scope = merge_scope(recipe, problem)
+    shapes = {
+        name: tuple(p.shape) for name, p in problem.pretrained.named_parameters()
+        if p.is_floating_point() and in_scope(name, **scope)
+    }
+    cfg = recipe.coefficients
+    layout = build_layout(
+        list(problem.experts), shapes, cfg.granularity,
+        groups=to_plain(cfg.groups), chunks=to_plain(cfg.chunks), freeze=to_plain(cfg.freeze),
+    )
+    constraint = make_constraint(to_plain(cfg.constraint))
+    if layout.granularity == "element":
+        return ElementCoefficients(layout, shapes, init=to_plain(cfg.init), constraint=constraint), list(shapes)
+    return MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint), list(shapes)
+
+
+def build_objectives(recipe: DictConfig) -> Objective:
+    """``objectives``: one registered (or dotted-path) objective, or a weighted sum of several."""
+    if not recipe.objectives:
+        raise ValueError("the recipe lists no objectives")
+    parts = [(o.weight, build_objective(o.name, **to_plain(o.args))) for o in recipe.objectives]
+    if len(parts) == 1 and parts[0][0] == 1.0:
+        return parts[0][1]
+    return WeightedObjectives(parts, names=[o.name for o in recipe.objectives])
+
+
+def build_selection(recipe: DictConfig) -> LabelFreeSelection | None:
+    """``selection``: the callback keeping the coefficients with the best held-out criterion."""
+    if recipe.selection is None:
+        return None
+    objective = build_objective(recipe.selection.objective.name, **to_plain(recipe.selection.objective.args))
+    return LabelFreeSelection(objective, recipe.selection.every_n_steps)
+
+
+def build_learner(recipe: DictConfig, problem: MergeProblem, merged: MergedModel) -> CoefficientLearner:
+    """``objectives``, ``optimizer``, ``task_balance`` and the tasks' weights around the merged model."""
+    return CoefficientLearner(
+        merged,
+        problem.tasks,
+        build_objectives(recipe),
+        lr=recipe.optimizer.lr,
+        optimizer=recipe.optimizer.name,
+        weight_decay=recipe.optimizer.weight_decay,
+        task_weights=task_weights(recipe),
+        task_balance=recipe.task_balance,
+        guard_weight=recipe.guard_weight,
+        per_task_backward=recipe.trainer.per_task_backward,
+    )
+
+
+def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
+    """The calibration stream (``trainer.batch_size`` rows per task per step), held-out rows for
+    ``selection``, and the evaluation rows."""
+    missing = [t for t in problem.tasks if t not in problem.calibration]
+    if missing and recipe.method is None:  # learning on the other tasks alone would ignore these silently
+        raise ValueError(f"task(s) {missing} have no calibration data (problem.tasks.<task>.calibration); only `adamerge merge` runs without")
+    return CalibrationData(
+        problem.calibration,
+        problem.collate,
+        batch_size=recipe.trainer.batch_size,
+        seed=recipe.seed,
+        evaluation=problem.evaluation,
+        eval_batch_size=recipe.evaluation.batch_size,
+        holdout=recipe.selection.holdout if recipe.selection is not None else 0.0,
+    )
+
+
+def progressive_batches(recipe: DictConfig, problem: MergeProblem, data: CalibrationData) -> dict[str, list]:
+    """``progressive.samples_per_task``: the first rows of each task, batched by length (padding
+    costs compute, not accuracy)."""
+    samples, batch_size = recipe.progressive.samples_per_task, recipe.trainer.batch_size
+    return {
+        name: list(ordered_batches(name, rows, batch_size, data.collate_for(name), by_length(rows, range(min(samples, len(rows))))))
+        for name, rows in problem.calibration.items()
+    }
+
+
+def build_trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
+    """``trainer``: Lightning's Trainer with the run's checkpoints (atomic, tiny), its CSV log beside
+    the recipe's loggers and callbacks, and any other Trainer argument from ``trainer.extra``."""
+    cfg = recipe.trainer
+    checkpoint = ModelCheckpoint(dirpath=work_dir / "checkpoints", filename="step{step}",
+                                 every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True, save_top_k=0)
+    managed = dict(
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=to_plain(cfg.devices),
+        strategy=_strategy(cfg.strategy),
+        precision=to_plain(cfg.precision),
+        logger=[CSVLogger(work_dir, name="", version=""),  # the run's own log (metrics.csv, resume)
+                *(_instantiate(spec, f"trainer.loggers[{i}]") for i, spec in enumerate(cfg.loggers))],
+        callbacks=[checkpoint, *([StepProgressBar()] if cfg.progress_bar else []),
+                   *(_instantiate(spec, f"trainer.callbacks[{i}]") for i, spec in enumerate(cfg.callbacks))],
+        plugins=[CheckpointFiles()],
+        log_every_n_steps=cfg.log_every_n_steps,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=work_dir,
+    )
+    clash = sorted(set(cfg.extra) & set(managed))
+    if clash:
+        raise ValueError(f"trainer.extra.{clash[0]}: set by adamerge itself (use the trainer section's own field or leave it)")
+    return L.Trainer(**managed, **to_plain(cfg.extra))
+
+
+def _strategy(name: str):
+    """DDP without re-broadcasting buffers every step: the task vectors are buffers, identical
+    on every rank, and would otherwise be sent each step."""
+    if name in ("ddp", "ddp_spawn"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", broadcast_buffers=False)
+    return name
+
+
+def _instantiate(spec: DictConfig, key: str):
+    """``{class_path, init_args}`` (as Lightning's CLI writes them) → an object; errors name the key."""
+    spec = to_plain(spec)
+    if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
+        raise ValueError(f"{key}: expected {{class_path: package.Class, init_args: {{...}}}}, got {spec!r}")
+    module, _, name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{key}: cannot import {spec['class_path']!r} ({error})") from error
+    return cls(**spec.get("init_args", {}))
