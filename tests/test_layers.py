@@ -103,3 +103,13 @@ def test_the_check_would_see_an_upward_import(tmp_path, bad, good):
     found = imported(module, "adamerge.core.probe")
     assert bad in found and good in found
     assert RANK[layer(bad)] > RANK[layer("adamerge.core.probe")]
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists packages explicitly (recipes/ ships as adamerge.recipes): a new
+    subpackage missing there would be absent from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()
