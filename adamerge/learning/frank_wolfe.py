@@ -38,6 +38,7 @@ from adamerge.core.constraints import Clamp
 from adamerge.core.layouts import build_layout
 from adamerge.core.merged import FunctionalModel, MergedModel
 from adamerge.core.task_vectors import Patterns, TaskVectors, expert_tensors, name_experts, scope_keys
+from adamerge.io.terminal import progress
 from adamerge.io.checkpoints import WeightsSource, open_weights
 from adamerge.learning.data import CalibrationData
 from adamerge.learning.learner import CoefficientLearner, frozen_modules_expected
@@ -340,7 +341,7 @@ def frank_wolfe_merge(
     batches_of = iter(stream)
 
     history = []
-    for t in range(iterations):
+    for t in progress(range(iterations), f"FW-Merging ({mode})", unit="iteration"):
         batches = [move_data_to_device(next(batches_of), device) for _ in range(batches_per_iteration)]
         before, gradient = objective_gradient(model, keys, loss, batches)
         ranking, scores = _rank(gradient, params, pool, keys, lmo)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.io.checkpoints import WeightsSource, open_weights
+from adamerge.io.terminal import progress
 from adamerge.core.task_vectors import Experts, Patterns, TaskVectors, parameter_aliases
 
 MergeResult = nn.Module | dict[str, Tensor]
@@ -96,5 +97,6 @@ def merge_matrices(
     """The SVD methods' shared rule: ``matrix_delta(τ)`` for every 2-D weight, ``α × mean_k τ_k``
     for every other tensor (biases, norms), as TSV-M's and Iso-C's code do."""
     tv = task_vectors(pretrained, experts, include, exclude)
-    deltas = {key: matrix_delta(t) if is_matrix(t) else alpha * t.float().mean(dim=0) for key, t in tv.items()}
+    deltas = {key: matrix_delta(t) if is_matrix(t) else alpha * t.float().mean(dim=0)
+              for key, t in progress(tv.items(), "merging tensors", total=len(tv), unit="tensor")}
     return apply_deltas(pretrained, deltas)

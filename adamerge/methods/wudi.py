@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.io.checkpoints import WeightsSource
+from adamerge.io.terminal import progress
 from adamerge.methods.base import (
     MergeResult,
     apply_deltas,
@@ -141,7 +142,7 @@ def wudi(
     tv = task_vectors(pretrained, experts, include, exclude)
     tables = embedding_keys(pretrained, tv.keys)
     deltas = {}
-    for key, t in tv.items():
+    for key, t in progress(tv.items(), "WUDI: optimising layers", total=len(tv), unit="tensor"):
         if is_matrix(t) and key not in tables:
             deltas[key] = scaling * wudi_delta(t, iterations, lr, device)
         elif others == "mean":
