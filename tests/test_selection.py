@@ -124,13 +124,8 @@ def test_a_recipe_with_selection_exports_the_selected_step(tmp_path, tmp_path_fa
     from test_runner import build_text_zoo, recipe_dict  # the tiny BERT zoo of the runner's tests
 
     made = []
-
-    class Recording(LabelFreeSelection):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(runner, "LabelFreeSelection", Recording)
+    build_selection = runner.build_selection
+    monkeypatch.setattr(runner, "build_selection", lambda recipe: made.append(build_selection(recipe)) or made[-1])
     zoo = build_text_zoo(tmp_path_factory)
     selection = {"objective": {"name": "entropy"}, "holdout": 4, "every_n_steps": 2}
     result = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, selection=selection, export={"plot": False, "mergekit": False})))
