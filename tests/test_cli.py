@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from adamerge.app import cli  # noqa: E402
 from adamerge.io.checkpoints import open_weights  # noqa: E402
-from adamerge.core.layouts import GRANULARITIES  # noqa: E402
+from adamerge.core.granularities import GRANULARITIES  # noqa: E402
 from adamerge.app.config import RecipeError, load_recipe  # noqa: E402
 from adamerge.methods import get_method  # noqa: E402
 from adamerge.objectives import resolve_objective  # noqa: E402

@@ -11,7 +11,8 @@ import torch
 
 from adamerge import Clamp, MergeCoefficients, MergedModel, Sigmoid, TaskVectors, build_layout
 from adamerge.io.checkpoints import save_safetensors
-from adamerge.core.layouts import CoefficientLayout, block_of, chunk_sizes, module_of
+from adamerge.core.granularities import block_of, module_of
+from adamerge.core.layouts import CoefficientLayout, chunk_sizes
 from adamerge.core.constraints import Constraint, make_constraint
 
 EXPERTS = ("a", "b")

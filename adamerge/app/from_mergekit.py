@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from adamerge.app.config import load_recipe, resolve_recipe, to_plain
 from adamerge.app.mergekit import DARE_NOTE, trim_note
 from adamerge.core.coefficients import MergeCoefficients
-from adamerge.core.layouts import block_of, build_layout
+from adamerge.core.granularities import block_of
+from adamerge.core.layouts import build_layout
 from adamerge.io.checkpoints import LazySafetensors, open_weights
 
 

@@ -15,15 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from adamerge.core.granularities import (  # noqa: F401  (block_of, module_of, the specs: re-exported)
-    GRANULARITIES,
-    ChunkSpec,
-    GroupSpec,
-    block_of,
-    get_granularity,
-    misplaced_options,
-    module_of,
-)
+from adamerge.core.granularities import get_granularity, misplaced_options
 
 Granularity = str  # the name of a registered granularity
 

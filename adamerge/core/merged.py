@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.core.layouts import ChunkSpec, Granularity, GroupSpec, build_layout, chunk_sizes
+from adamerge.core.granularities import ChunkSpec, GroupSpec
+from adamerge.core.layouts import Granularity, build_layout, chunk_sizes
 from adamerge.core.constraints import ConstraintSpec
 from adamerge.core.coefficients import InitSpec, MergeCoefficients
 from adamerge.core.element import ElementCoefficients

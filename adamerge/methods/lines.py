@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.core.layouts import block_of, module_of
+from adamerge.core.granularities import block_of, module_of
 from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
 from adamerge.core.task_vectors import Experts, Patterns
 

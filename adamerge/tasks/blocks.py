@@ -26,7 +26,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.core.layouts import module_of
+from adamerge.core.granularities import module_of
 
 
 class StopForward(Exception):
