@@ -95,7 +95,8 @@ def write_start(
         coefficients = MergeCoefficients(build_layout(list(pool), shapes, "task"), init=scaling)
     else:
         coefficients = _start_coefficients(start, pool, keys)
-    experts = {name: pool[name] for name in coefficients.layout.expert_names}
+    # opened once, read one tensor at a time below (not re-opened, or re-listed, for every tensor)
+    experts = {name: open_weights(pool[name], f"pool member {name!r}") for name in coefficients.layout.expert_names}
     device = next(backbone.parameters()).device
     params = dict(backbone.named_parameters())
     for key in keys:
