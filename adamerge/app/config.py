@@ -203,7 +203,7 @@ class ExportConfig:
     merged_model: bool = True  # the merged model (HF directory or safetensors)
     plot: bool = True
     mergekit: bool = True  # a mergekit YAML reproducing the merge, where one can
-    max_shard_size: str = "5GB"  # a plain module's safetensors shards: bytes, or a number of KB/MB/GB/TB
+    max_shard_size: str = "5GB"  # the merged model's safetensors shards (plain or Hugging Face): bytes, or KB/MB/GB/TB
 
 
 _SHARD_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]B)?", re.IGNORECASE)

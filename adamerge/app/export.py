@@ -28,10 +28,11 @@ from adamerge.app.problem import MergeProblem
 
 def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path, max_shard_size: str = "5GB") -> None:
     """The merged model in the format its users open directly: the problem's own (a Hugging Face
-    folder), else the module's weights as safetensors shards (:func:`save_state_dict`)."""
+    folder), else the module's weights as safetensors shards (:func:`save_state_dict`); both split
+    into shards of at most ``max_shard_size`` with an index, as Hugging Face does."""
     folder.mkdir(parents=True, exist_ok=True)
     if problem.save_model is not None:
-        problem.save_model(module, folder)
+        problem.save_model(module, folder, shard_size_bytes(max_shard_size))
     else:
         save_state_dict(module, folder, shard_size_bytes(max_shard_size))
     if problem.save_extras is not None:

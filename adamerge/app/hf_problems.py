@@ -22,9 +22,9 @@ from adamerge.io.checkpoints import open_weights
 def _save_hf(tokenizer_or_processor) -> Exporter:
     from adamerge.tasks.hf import quiet_transformers
 
-    def save(module: nn.Module, folder: Path) -> None:
+    def save(module: nn.Module, folder: Path, max_shard_size: int) -> None:
         with quiet_transformers():
-            module.save_pretrained(folder)
+            module.save_pretrained(folder, max_shard_size=max_shard_size)
         if tokenizer_or_processor is not None:
             tokenizer_or_processor.save_pretrained(folder)
 
@@ -67,9 +67,9 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
             )
     encoder_prefix = backbone.base_model_prefix
 
-    def save_model(module: nn.Module, folder: Path) -> None:
+    def save_model(module: nn.Module, folder: Path, max_shard_size: int) -> None:
         with hf.quiet_transformers():
-            getattr(module, encoder_prefix).save_pretrained(folder)
+            getattr(module, encoder_prefix).save_pretrained(folder, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(folder)
         encoder = {k: v for k, v in module.state_dict().items() if k.startswith(encoder_prefix + ".")}
         for name, task in tasks.items():
@@ -77,7 +77,7 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
             if not (Path(experts[name]) / "config.json").is_file():
                 warnings.warn(f"task {name!r}: expert {experts[name]} has no config.json, so no {target} (its head is in heads/)")
                 continue
-            hf.save_task_classifier(encoder, task.head.as_dict(), experts[name], tokenizer, target)
+            hf.save_task_classifier(encoder, task.head.as_dict(), experts[name], tokenizer, target, max_shard_size)
 
     def save_heads(folder: Path) -> None:
         from adamerge.io.checkpoints import save_safetensors
@@ -201,7 +201,7 @@ def _save_clip(pretrained: str, processor) -> Exporter:
 
     from adamerge.tasks.hf import quiet_transformers
 
-    def save(module: nn.Module, folder: Path) -> None:
+    def save(module: nn.Module, folder: Path, max_shard_size: int) -> None:
         with quiet_transformers():
             full = CLIPModel.from_pretrained(pretrained)
         loaded = full.load_state_dict(module.state_dict(), strict=False)
@@ -211,7 +211,7 @@ def _save_clip(pretrained: str, processor) -> Exporter:
         if unmerged:
             raise KeyError(f"hf_clip: vision tensor {unmerged[0]!r} of {pretrained} is missing from the merged model")
         with quiet_transformers():
-            full.save_pretrained(folder)
+            full.save_pretrained(folder, max_shard_size=max_shard_size)
         processor.save_pretrained(folder)
 
     return save

@@ -18,7 +18,7 @@ from adamerge.io.checkpoints import UnreadableInput, WeightsSource, reading
 from adamerge.learning.data import Collate, rows_to_batch
 from adamerge.tasks.base import Task
 
-Exporter = Callable[[nn.Module, Path], None]
+Exporter = Callable[[nn.Module, Path, int], None]  # (merged module, folder, export.max_shard_size in bytes)
 
 
 @dataclass

@@ -127,7 +127,9 @@ def sequence_classification_tasks(
     return tasks, f"^{backbone.base_model_prefix}\\."
 
 
-def save_task_classifier(encoder: Mapping[str, Tensor], head: Mapping[str, Tensor], expert: str, tokenizer, folder) -> None:
+def save_task_classifier(
+    encoder: Mapping[str, Tensor], head: Mapping[str, Tensor], expert: str, tokenizer, folder, max_shard_size: int | str = "5GB"
+) -> None:
     """One task as a complete ``XForSequenceClassification`` folder (the merged encoder, the task's
     head, its expert's config with ``num_labels``/``id2label``, the tokenizer), so that
     ``from_pretrained`` and ``pipeline`` open what was merged, not the encoder alone."""
@@ -137,7 +139,7 @@ def save_task_classifier(encoder: Mapping[str, Tensor], head: Mapping[str, Tenso
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(expert))
     model.load_state_dict({**encoder, **head}, strict=True)
     with quiet_transformers():
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
 
 
