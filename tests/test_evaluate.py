@@ -180,3 +180,46 @@ def test_the_results_reach_the_trainers_loggers(tmp_path):
 def test_a_task_without_evaluation_rows_is_named():
     with pytest.raises(ValueError, match=r"task 't': no evaluation rows"):
         evaluate(FunctionalModel(nn.Identity()), {"t": HeadTask("t", input_key="x")}, evaluation_data({"t": []}), params={})
+
+
+# ---------------------------------------------------------------------- the progress bar
+
+
+def test_the_evaluation_bar_description_names_the_task():
+    from adamerge.learning.progress import TaskProgressBar
+
+    names = ["sst2", "rte"]
+    assert [TaskProgressBar.task_description(names, i) for i in range(2)] == ["evaluating sst2 (1/2)", "evaluating rte (2/2)"]
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("trainer", ["one-device on a terminal", "the fit trainer's step bar"])
+def test_the_evaluation_bar_shows_task_names_not_dataloader_indices(monkeypatch, capsys, trainer):
+    from adamerge.learning.progress import StepProgressBar
+
+    merged, tasks, data = tiny_merge()
+    if trainer == "one-device on a terminal":
+        monkeypatch.setattr("sys.stderr", _Terminal())  # evaluation_trainer shows a bar on a terminal only
+        given = None
+    else:
+        given = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[StepProgressBar()],
+                          enable_model_summary=False, enable_checkpointing=False)
+    evaluate(merged, tasks, data, trainer=given)
+    screen = capsys.readouterr().out  # Lightning's bars write to stdout
+    assert "evaluating a (1/2)" in screen and "evaluating b (2/2)" in screen and "DataLoader" not in screen
+
+
+def test_no_evaluation_bar_without_a_terminal(capsys):
+    merged, tasks, data = tiny_merge()
+    evaluate(merged, tasks, data)
+    assert "evaluating" not in capsys.readouterr().out

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from adamerge.core.merged import FunctionalModel
 from adamerge.learning.evaluation import ParamsFor, TaskEvaluation, take_results
+from adamerge.learning.progress import TaskProgressBar
 from adamerge.tasks.base import Task
 
 
@@ -38,18 +39,20 @@ def evaluate(
 
 def evaluation_trainer(model: FunctionalModel, params=None) -> L.Trainer:
     """One device, the one the weights are on (``params``', else the model's); no logs or checkpoints
-    of its own; a progress bar on a terminal."""
+    of its own; on a terminal, a progress bar naming the task it evaluates."""
     tensors = list(params.values()) if isinstance(params, Mapping) else []
     tensors += [p for p in model.parameters() if not p.is_meta]
     device = tensors[0].device if tensors else torch.device("cpu")
     accelerator = {"cuda": "gpu"}.get(device.type, device.type)
+    terminal = sys.stderr.isatty()
     return L.Trainer(
         accelerator=accelerator,
         devices=[device.index or 0] if device.type == "cuda" else 1,
         logger=False,
+        callbacks=[TaskProgressBar()] if terminal else [],
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=sys.stderr.isatty(),
+        enable_progress_bar=terminal,
     )
 
 
