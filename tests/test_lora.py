@@ -236,8 +236,9 @@ def test_lora_key_matching_no_base_parameter_is_refused_naming_it(tmp_path):
 
 
 def test_adapter_without_its_base_is_refused_where_weights_are_read(tmp_path):
-    """open_weights cannot read an adapter alone, so Frank-Wolfe (which reads its pool through it)
-    refuses an adapter folder by name, and scores one opened over its base as θ_0 + ΔW."""
+    """open_weights cannot read an adapter alone, so FW's member_scores (which reads a member through it)
+    refuses an adapter folder by name, and scores one opened over its base as θ_0 + ΔW (frank_wolfe_merge
+    opens adapter folders over θ_0 itself: test_lora_fw.py)."""
     from adamerge.learning.frank_wolfe import member_scores
 
     base = tiny_llama()

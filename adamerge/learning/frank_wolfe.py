@@ -26,6 +26,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 
 import lightning as L
@@ -40,6 +41,7 @@ from adamerge.core.merged import FunctionalModel, MergedModel
 from adamerge.core.task_vectors import Patterns, TaskVectors, expert_tensors, name_experts, scope_keys
 from adamerge.io.terminal import progress
 from adamerge.io.checkpoints import WeightsSource, open_weights
+from adamerge.io.lora import is_adapter, open_adapter
 from adamerge.learning.data import CalibrationData
 from adamerge.learning.learner import CoefficientLearner, frozen_modules_expected
 from adamerge.learning.loss import TaskLoss
@@ -77,6 +79,17 @@ def scope(backbone: nn.Module, pool: Mapping[str, WeightsSource], include: Patte
         for _ in expert_tensors(name, source, backbone, base, keys, include, exclude, role="pool member"):
             pass
     return keys
+
+
+def _open_adapters(backbone: nn.Module, pool: Mapping[str, WeightsSource]) -> dict[str, WeightsSource]:
+    """Pool members given as PEFT LoRA adapter folders, opened as ``θ_0 + ΔW`` (:mod:`adamerge.io.lora`)
+    over a copy of the pretrained weights: the walk overwrites the backbone's, and ΔW is relative to θ_0."""
+    folders = [name for name, source in pool.items() if isinstance(source, (str, PathLike)) and is_adapter(source)]
+    if not folders:
+        return dict(pool)
+    pretrained = {key: tensor.detach().clone() for key, tensor in backbone.state_dict().items()}
+    return {name: open_adapter(source, pretrained, f"pool member {name!r}") if name in folders else source
+            for name, source in pool.items()}
 
 
 @torch.no_grad()
@@ -206,16 +219,14 @@ def _soft_step(
     backbone = model.backbone
     if lmo == "model":
         chosen = ranking[:directions]
-        experts = {name: pool[name] for name in chosen}
+        choices = {name: dict.fromkeys(keys, name) for name in chosen}
     else:
-        needed = {name for r in ranking.values() if r for name in r[:directions]}
-        members = {name: open_weights(pool[name]) for name in needed}
-        current = dict(backbone.named_parameters())
-        experts = {
-            f"top{j + 1}": _PerTensor({k: r[j] if r else None for k, r in ranking.items()}, members, current)
-            for j in range(directions)
-        }
         chosen = {key: r[:directions] for key, r in ranking.items() if r}
+        choices = {f"top{j + 1}": {k: r[j] if r else None for k, r in ranking.items()} for j in range(directions)}
+    # members as weights θ_k, so each direction is θ_k − θ_t (a LoRA member's own τ would be θ_k − θ_0)
+    members = {name: open_weights(pool[name]) for choice in choices.values() for name in set(choice.values()) - {None}}
+    current = dict(backbone.named_parameters())
+    experts = {label: _PerTensor(choice, members, current) for label, choice in choices.items()}
     device = next(backbone.parameters()).device
     vectors = TaskVectors.from_models(backbone, experts, include=include, exclude=exclude, device=device)
     merged = MergedModel(backbone, vectors, granularity=inner_granularity, init=0.0, constraint=Clamp(0.0, 1.0))
@@ -319,12 +330,13 @@ def frank_wolfe_merge(
 
     The backbone (the pretrained model) is modified in place and ends holding the merged
     weights; pass a copy to keep it. ``pool`` maps names to weights sources (safetensors files
-    and HF directories are read lazily, one tensor at a time). Each iteration draws
+    and HF directories are read lazily, one tensor at a time; PEFT LoRA adapter folders as
+    ``θ_0 + ΔW`` over one copy of the pretrained weights, held while the walk runs). Each iteration draws
     ``batches_per_iteration`` steps (one batch per task each) from ``data``'s calibration stream.
     The objective is the coefficient learner's :class:`TaskLoss` (``task_weights``, ``task_balance``;
     the balances that need a starting loss measure it at ``θ_0`` over the calibration rows).
     """
-    pool = name_experts(pool)
+    pool = _open_adapters(backbone, name_experts(pool))
     _check_options(mode, lmo, iterations, step_size, batches_per_iteration, inner_steps, directions, len(pool))
     _check_objective(objective)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
