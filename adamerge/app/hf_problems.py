@@ -17,6 +17,7 @@ from adamerge.app.config import DataSourceConfig, ProblemConfig, TaskConfig
 from adamerge.app.problem import Exporter, MergeProblem, experts_of, has_data, load_table, require
 from adamerge.app.rundir import inside
 from adamerge.io.checkpoints import open_weights
+from adamerge.io.lora import is_adapter, open_adapter
 
 
 def _save_hf(tokenizer_or_processor) -> Exporter:
@@ -51,7 +52,8 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
     backbone = hf.load_sequence_classifier(config.pretrained, empty=streamed)
     tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
     experts = experts_of(config)
-    tasks, scope = hf.sequence_classification_tasks(backbone, {n: config.tasks[n].expert for n in config.tasks})
+    heads = {n: _classifier_of(backbone, n, config.tasks[n].expert) for n in config.tasks}
+    tasks, scope = hf.sequence_classification_tasks(backbone, heads)
     calibration, evaluation = {}, {}
     for name, task in config.tasks.items():
         label_ids = _label_ids(task, experts[name])
@@ -98,6 +100,24 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
         description={"kind": config.kind, "base": config.pretrained, "experts": {k: str(v) for k, v in experts.items()}},
         **(_streamed_encoder(backbone, config.pretrained, tokenizer) if streamed else {}),
     )
+
+
+def _classifier_of(backbone: nn.Module, name: str, expert):
+    """Where task ``name``'s head is read: its expert, or for a PEFT LoRA adapter (whose encoder's τ is
+    ΔW) the adapter over the pretrained weights, whose head is the classifier PEFT saved whole
+    (``modules_to_save``, as ``task_type='SEQ_CLS'`` sets); the backbone's placeholder head is no head."""
+    from adamerge.tasks.hf import head_keys
+
+    if not is_adapter(expert):
+        return expert
+    opened = open_adapter(expert, open_weights(backbone), f"expert {name!r}")
+    missing = [key for key in head_keys(backbone, opened) if key not in opened.adapter.full]
+    if missing:
+        raise KeyError(
+            f"expert {name!r} {opened.adapter.file}: the adapter saves no classifier head {missing[0]!r} "
+            "(train it with task_type='SEQ_CLS' or modules_to_save=[<the head>])"
+        )
+    return opened
 
 
 def _streamed_encoder(backbone: nn.Module, pretrained: str, tokenizer) -> dict[str, Any]:
