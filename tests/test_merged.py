@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from adamerge import MergedModel, TaskVectors, build_layout
-from adamerge.core.task_vectors import parameter_aliases
+from adamerge.core.scope import parameter_aliases
 from conftest import BERT_ALIASES, Family, bert_config, make_mlp, perturbed
 
 # ---------------------------------------------------------------------- independent reference

@@ -12,7 +12,7 @@ from torch import nn
 
 from adamerge import TaskVectors
 from adamerge.core import tensor_ops
-from adamerge.core.task_vectors import in_scope, name_experts
+from adamerge.core.scope import in_scope, name_experts
 from conftest import make_bert, make_mlp, perturbed
 
 # ---------------------------------------------------------------------- building

@@ -20,7 +20,8 @@ from adamerge.core.element import ElementCoefficients
 from adamerge.core.importance import resolve_chunks
 from adamerge.core.layouts import build_layout
 from adamerge.core.merged import MergedModel
-from adamerge.core.task_vectors import TaskVectors, in_scope
+from adamerge.core.scope import in_scope
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.learning.data import CalibrationData, by_length, ordered_batches
 from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
 from adamerge.learning.progress import StepProgressBar
@@ -45,7 +46,9 @@ def task_weights(recipe: DictConfig) -> dict[str, float]:
 def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors:
     """``task_vectors``: τ_k over the scope, in the storage dtype, TIES/DARE-processed if asked."""
     cfg = recipe.task_vectors
-    tv = TaskVectors.from_models(problem.pretrained, problem.experts, dtype=cfg.dtype, **merge_scope(recipe, problem))
+    tv = TaskVectors.from_models(
+        problem.pretrained, problem.experts, dtype=cfg.dtype, low_rank=cfg.low_rank, **merge_scope(recipe, problem)
+    )
     if cfg.ties is not None:
         tv = tv.ties(cfg.ties.density, cfg.ties.scope, cfg.ties.sign_method)
     if cfg.dare is not None:

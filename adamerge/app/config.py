@@ -87,6 +87,7 @@ class TaskVectorConfig:
     ties: Optional[TiesConfig] = None  # AdaMerging++: learn on TIES-processed vectors
     dare: Optional[DareConfig] = None
     offload: bool = False  # keep task vectors in host memory while the model runs on the accelerator
+    low_rank: bool = True  # all experts LoRA adapters: keep τ as their factors, Σr(m+n) not K·m·n numbers
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import nn
 
 from adamerge.io.checkpoints import save_safetensors, write_text
 from adamerge.app.config import save_recipe, shard_size_bytes
-from adamerge.core.task_vectors import parameter_aliases
+from adamerge.core.scope import parameter_aliases
 from adamerge.learning.evaluate import average_accuracy
 from adamerge.app.mergekit import Coefficients, write_mergekit
 from adamerge.app.plots import coefficient_heatmap

@@ -17,7 +17,7 @@ from adamerge.app.config import to_plain
 from adamerge.app.problem import MergeProblem
 from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.element import ElementCoefficients
-from adamerge.core.task_vectors import in_scope
+from adamerge.core.scope import in_scope
 from adamerge.core.tensor_ops import keep_count
 from adamerge.io.checkpoints import open_weights, write_text
 from adamerge.methods import get_method

@@ -20,7 +20,9 @@ from adamerge.core.layouts import Granularity, build_layout, chunk_sizes
 from adamerge.core.constraints import ConstraintSpec
 from adamerge.core.coefficients import InitSpec, MergeCoefficients
 from adamerge.core.element import ElementCoefficients
-from adamerge.core.task_vectors import TaskVectors, parameter_aliases
+from adamerge.core.low_rank import LowRankStack, merge_low_rank
+from adamerge.core.scope import parameter_aliases
+from adamerge.core.task_vectors import TaskVectors
 
 
 BLOCK = 1 << 20
@@ -75,6 +77,11 @@ class _Merge(torch.autograd.Function):
             parts = torch.stack([part.to(device=grad_values.device, dtype=grad_values.dtype) for part in parts])
             grad_values.index_add_(0, index, parts)
         return (grad_values.t(), None, None, *([None] * len(taus)))
+
+
+def row_slots(rows: int, slots: tuple[int, ...]) -> list[int]:
+    """The coefficient slot of every row of a tensor (its row chunks, as ``chunk_sizes``)."""
+    return [slot for slot, size in zip(slots, chunk_sizes(rows, len(slots))) for _ in range(size)]
 
 
 def merge_blocks(rows: int, numel: int, slots: tuple[int, ...], block: int = BLOCK) -> list[tuple[int, int, int]]:
@@ -198,10 +205,18 @@ class MergedModel(FunctionalModel):
         self.expert_names = task_vectors.expert_names
         self.keys = list(task_vectors.keys)
         self._check_scope(task_vectors)
+        shapes = {key: tuple(task_vectors.shape(key)[1:]) for key in self.keys}
+        elementwise = granularity == "element" or isinstance(coefficients, ElementCoefficients)
         self.vectors = _VectorStore(offload_vectors)
+        self._low_rank: set[int] = set()  # indices of the keys merged from LoRA factors
         for index, key in enumerate(self.keys):  # contiguous: the merge reads flat views of them
-            self.vectors.register_buffer(f"t{index}", task_vectors[key].contiguous(), persistent=False)
-        shapes = {key: tuple(task_vectors[key].shape[1:]) for key in self.keys}
+            factors = None if elementwise else task_vectors.low_rank(key)  # element-wise needs them dense
+            if factors is None:
+                self.vectors.register_buffer(f"t{index}", task_vectors[key].contiguous(), persistent=False)
+                continue
+            self._low_rank.add(index)
+            for part in ("left", "right", "owner"):
+                self.vectors.register_buffer(f"t{index}_{part}", getattr(factors, part), persistent=False)
         if coefficients is None:
             layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, freeze=freeze)
             if layout.granularity == "element":
@@ -213,6 +228,10 @@ class MergedModel(FunctionalModel):
         self.coefficients = coefficients
         layout = coefficients.layout
         self._blocks = [merge_blocks(layout.rows[key], layout.numels[key], layout.tensor_slots[key]) for key in self.keys]
+        self._row_slots = {
+            index: torch.tensor(row_slots(layout.rows[self.keys[index]], layout.tensor_slots[self.keys[index]]))
+            for index in self._low_rank
+        }
         self._cache: tuple[tuple, dict[str, Tensor]] | None = None
 
     def _check_scope(self, task_vectors: TaskVectors) -> None:
@@ -223,10 +242,10 @@ class MergedModel(FunctionalModel):
                 raise KeyError(f"{key!r} is tied to {aliases[key]!r} in the backbone: merge the tensor as {aliases[key]!r}")
             if key not in own:
                 raise KeyError(f"task vector {key!r} is not a parameter or buffer of the backbone")
-            if tuple(own[key].shape) != tuple(task_vectors[key].shape[1:]):
+            if tuple(own[key].shape) != tuple(task_vectors.shape(key)[1:]):
                 raise ValueError(
                     f"shape mismatch for {key!r}: backbone {tuple(own[key].shape)}, "
-                    f"task vector {tuple(task_vectors[key].shape[1:])}"
+                    f"task vector {tuple(task_vectors.shape(key)[1:])}"
                 )
 
     def load_coefficients(self, source: MergeCoefficients | str) -> None:
@@ -256,8 +275,15 @@ class MergedModel(FunctionalModel):
         return self.coefficients.layout
 
     def task_vector(self, key: str) -> Tensor:
-        """The stacked ``[K, *shape]`` task vectors of one merged tensor."""
-        return getattr(self.vectors, f"t{self.keys.index(key)}")
+        """The stacked ``[K, *shape]`` task vectors of one merged tensor (a low-rank one materialised)."""
+        index = self.keys.index(key)
+        return self._stack(index).dense() if index in self._low_rank else getattr(self.vectors, f"t{index}")
+
+    def _factors(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(getattr(self.vectors, f"t{index}_{part}") for part in ("left", "right", "owner"))
+
+    def _stack(self, index: int) -> LowRankStack:
+        return LowRankStack(*self._factors(index), len(self.expert_names))
 
     # ------------------------------------------------------------------ merging
     def merged_parameters(self) -> dict[str, Tensor]:
@@ -279,9 +305,17 @@ class MergedModel(FunctionalModel):
         base = self.base_tensors()
         if isinstance(self.coefficients, ElementCoefficients):
             return {key: self._merge_elementwise(key, base[key], i) for i, key in enumerate(self.keys)}
-        taus = [getattr(self.vectors, f"t{index}") for index in range(len(self.keys))]
-        merged = _Merge.apply(self.coefficients(), [base[key] for key in self.keys], self._blocks, *taus)
-        return dict(zip(self.keys, merged))
+        values = self.coefficients()
+        dense = [index for index in range(len(self.keys)) if index not in self._low_rank]
+        taus = [getattr(self.vectors, f"t{index}") for index in dense]
+        bases = [base[self.keys[index]] for index in dense]
+        merged = {}
+        if dense:
+            merged.update(zip([self.keys[i] for i in dense], _Merge.apply(values, bases, [self._blocks[i] for i in dense], *taus)))
+        for index in self._low_rank:  # LoRA experts' factors: one product per tensor, τ never formed
+            key, slots = self.keys[index], self._row_slots[index].to(values.device)
+            merged[key] = merge_low_rank(base[key], *self._factors(index), values[:, slots].t())
+        return {key: merged[key] for key in self.keys}
 
     def _merge_elementwise(self, key: str, base: Tensor, index: int) -> Tensor:
         """``θ_0 + Σ_k C_k ⊙ τ_k`` for one tensor (autograd gives ``∂L/∂C_k = ∂L/∂θ ⊙ τ_k``)."""
@@ -299,10 +333,11 @@ class MergedModel(FunctionalModel):
         """``θ_0 + τ_k`` over the merge scope: expert ``k``'s own weights, rebuilt from its task vector."""
         index = self.expert_names.index(expert) if isinstance(expert, str) else int(expert)
         base = self.base_tensors()
-        return {
-            key: base[key] + getattr(self.vectors, f"t{i}")[index].to(device=base[key].device, dtype=base[key].dtype)
-            for i, key in enumerate(self.keys)
-        }
+        out = {}
+        for i, key in enumerate(self.keys):
+            tau = self._stack(i).expert(index) if i in self._low_rank else getattr(self.vectors, f"t{i}")[index]
+            out[key] = base[key] + tau.to(device=base[key].device, dtype=base[key].dtype)
+        return out
 
     def forward(self, *args, **kwargs):
         return self.forward_with(self.merged_parameters(), *args, **kwargs)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from adamerge.core.task_vectors import parameter_aliases
+from adamerge.core.scope import parameter_aliases
 
 
 @contextlib.contextmanager

@@ -2,78 +2,42 @@
 
 Stored experts-first (``[K, *shape]`` per parameter) in a storage dtype of your choice,
 so a merge is one weighted sum over dim 0 and TIES/DARE are per-expert transforms that
-keep one vector per expert (which is what AdaMerging++ learns on).
+keep one vector per expert (which is what AdaMerging++ learns on). Matrices that only LoRA
+experts changed stay as their factors (:class:`~adamerge.core.low_rank.LowRankStack`,
+``Σ r_k (m + n)`` numbers instead of ``K m n``); indexing materialises them, the merged model
+merges them factored.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from adamerge.core import tensor_ops
-from adamerge.io.checkpoints import WeightsSource, describe, open_weights, save_safetensors
-from adamerge.io.lora import is_adapter, open_adapter
+from adamerge.core.low_rank import LowRankStack
+from adamerge.core.scope import Experts, Patterns, check_finite, expert_tensors, name_experts, scope_keys
+from adamerge.io.checkpoints import WeightsSource, open_weights, save_safetensors
+from adamerge.io.lora import LoraExpert, is_adapter, open_adapter
 
-Patterns = Union[str, Sequence[str], None]
-Experts = Union[Mapping[str, WeightsSource], Sequence[WeightsSource]]
 TrimScope = Literal["tensor", "model"]
 
 
-def _compile(patterns: Patterns) -> list[re.Pattern]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return [re.compile(p) for p in patterns]
-
-
-def in_scope(name: str, include: Patterns = None, exclude: Patterns = None) -> bool:
-    """A name is in scope if it matches any ``include`` regex (all do when None) and no ``exclude``."""
-    includes, excludes = _compile(include), _compile(exclude)
-    if includes and not any(p.search(name) for p in includes):
-        return False
-    return not any(p.search(name) for p in excludes)
-
-
-def name_experts(experts: Experts) -> dict[str, WeightsSource]:
-    """Experts as an ordered ``name -> source`` mapping (a list is named ``expert_0, expert_1, ...``)."""
-    if isinstance(experts, Mapping):
-        if any(isinstance(v, Tensor) for v in experts.values()):
-            raise TypeError("experts must be a list or a name -> model mapping, not a single state dict")
-        named = dict(experts)
-    elif isinstance(experts, (nn.Module, str, Path)):
-        raise TypeError("experts must be a list or a name -> model mapping, not a single model")
-    else:
-        named = {f"expert_{i}": source for i, source in enumerate(experts)}
-    if not named:
-        raise ValueError("no experts given: a merge needs at least one expert")
-    return named
-
-
-def parameter_aliases(module: nn.Module) -> dict[str, str]:
-    """``alias -> canonical name`` for tied parameters (e.g. an LM head sharing the embedding)."""
-    canonical: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in canonical:
-            aliases[name] = canonical[id(param)]
-        else:
-            canonical[id(param)] = name
-    return aliases
-
-
 class TaskVectors:
-    """Per-expert task vectors over a merge scope: ``key -> Tensor[K, *shape]``."""
+    """Per-expert task vectors over a merge scope: ``key -> Tensor[K, *shape]``.
 
-    def __init__(self, vectors: Mapping[str, Tensor], expert_names: Sequence[str]):
+    A value may be a :class:`LowRankStack` (LoRA experts' factors): ``tv[key]`` and ``items()``
+    materialise it, ``tv.low_rank(key)`` gives the factors, ``shape``/``numel``/``nbytes`` read
+    them without materialising."""
+
+    def __init__(self, vectors: Mapping[str, Tensor | LowRankStack], expert_names: Sequence[str]):
         self.expert_names = tuple(expert_names)
         if len(set(self.expert_names)) != len(self.expert_names):
             raise ValueError(f"expert names must be unique, got {list(self.expert_names)}")
@@ -96,32 +60,46 @@ class TaskVectors:
         exclude: Patterns = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        low_rank: bool = True,
     ) -> "TaskVectors":
         """Compute ``τ_k = θ_k − θ_0`` for every expert over the merge scope.
 
         The default scope is every floating-point parameter of ``pretrained`` (all floating
         tensors when it is given as a file or state dict). Each expert is read once, one
         tensor at a time; differences are taken in float32 and stored in ``dtype``
-        (float32 by default). Bad input raises an error naming the expert and the key.
+        (float32 by default). When every expert is a LoRA adapter, the matrices none of them
+        saves whole are kept as factors (``low_rank=False`` stores them dense). Bad input
+        raises an error naming the expert and the key.
         """
         storage = _as_dtype(dtype) if dtype is not None else torch.float32
-        named = name_experts(experts)
         base = open_weights(pretrained, "pretrained")
         keys = scope_keys(pretrained, base, include, exclude)
-        vectors = {
-            key: torch.empty((len(named), *base[key].shape), dtype=storage, device=device) for key in keys
+        # a LoRA adapter is θ_0 + ΔW lazily; its τ is ΔW itself, in float32 (io/lora.py)
+        named = {
+            name: open_adapter(source, base, f"expert {name!r}") if is_adapter(source) else source
+            for name, source in name_experts(experts).items()
         }
-        _check_finite(base, keys, "the pretrained model")
+        # τ is ΔW only for adapters over these pretrained weights; one opened over other weights is θ_k like any model
+        deltas = {name for name, source in named.items() if _is_lora_over(source, base, keys)}
+        factored = _low_rank_keys([named[name] for name in deltas], keys, base) if low_rank and len(deltas) == len(named) else set()
+        dense_keys = [key for key in keys if key not in factored]
+        vectors: dict[str, Tensor | LowRankStack] = {
+            key: torch.empty((len(named), *base[key].shape), dtype=storage, device=device) for key in dense_keys
+        }
+        factors: dict[str, list] = {key: [] for key in factored}
+        check_finite(base, keys, "the pretrained model")
         for index, (expert_name, source) in enumerate(named.items()):
             changed = False
-            # a LoRA adapter is θ_0 + ΔW lazily; its τ is ΔW itself, in float32 (io/lora.py)
-            lora = open_adapter(source, base, f"expert {expert_name!r}") if is_adapter(source) else None
-            for key, tensor in expert_tensors(expert_name, source if lora is None else lora, pretrained, base, keys, include, exclude):
-                reference = base[key]
-                if lora is not None:
-                    diff = lora.delta(key).to(vectors[key].device)
+            for key in factors:
+                pair = source.low_rank(key)
+                _check_factors(expert_name, key, pair)
+                factors[key].append(pair)
+                changed = changed or (pair is not None and bool(pair[0].any()) and bool(pair[1].any()))
+            for key, tensor in expert_tensors(expert_name, source, pretrained, base, dense_keys, include, exclude):
+                if expert_name in deltas:
+                    diff = source.delta(key).to(vectors[key].device)
                 else:
-                    diff = tensor.to(device=vectors[key].device, dtype=torch.float32) - reference.to(
+                    diff = tensor.to(device=vectors[key].device, dtype=torch.float32) - base[key].to(
                         device=vectors[key].device, dtype=torch.float32
                     )
                 changed = changed or bool(diff.any())
@@ -132,7 +110,9 @@ class TaskVectors:
                     "its task vector is zero",
                     stacklevel=2,
                 )
-        return cls(vectors, list(named))
+        for key, pairs in factors.items():
+            vectors[key] = LowRankStack.from_factors(pairs, base[key].shape, storage).to(device=device)
+        return cls({key: vectors[key] for key in keys}, list(named))
 
     # ------------------------------------------------------------------ access
     @property
@@ -152,7 +132,18 @@ class TaskVectors:
         return next(iter(self._vectors.values())).device
 
     def __getitem__(self, key: str) -> Tensor:
-        return self._vectors[key]
+        """``[K, *shape]``; a low-rank key is materialised (a new tensor on every access)."""
+        value = self._vectors[key]
+        return value.dense() if isinstance(value, LowRankStack) else value
+
+    def low_rank(self, key: str) -> LowRankStack | None:
+        """The factors of a key kept low-rank, ``None`` for a dense one."""
+        value = self._vectors[key]
+        return value if isinstance(value, LowRankStack) else None
+
+    def shape(self, key: str) -> torch.Size:
+        """``[K, *shape]`` of a key without materialising it."""
+        return self._vectors[key].shape
 
     def __contains__(self, key: object) -> bool:
         return key in self._vectors
@@ -164,26 +155,30 @@ class TaskVectors:
         return iter(self._vectors)
 
     def items(self) -> Iterable[tuple[str, Tensor]]:
-        return self._vectors.items()
+        """``(key, [K, *shape])`` pairs, low-rank keys materialised one at a time."""
+        return ((key, self[key]) for key in self._vectors)
 
     def numel(self) -> int:
-        """Number of entries per expert."""
-        return sum(t[0].numel() for t in self._vectors.values())
+        """Number of entries per expert (of the dense tensors they stand for)."""
+        return sum(math.prod(t.shape[1:]) for t in self._vectors.values())
 
     def nbytes(self) -> int:
-        """Bytes held by all experts' vectors in their storage dtype."""
-        return sum(t.numel() * t.element_size() for t in self._vectors.values())
+        """Bytes held by all experts' vectors in their storage dtype (factors for low-rank keys)."""
+        return sum(
+            t.nbytes() if isinstance(t, LowRankStack) else t.numel() * t.element_size() for t in self._vectors.values()
+        )
 
     def __repr__(self) -> str:
+        low_rank = sum(isinstance(t, LowRankStack) for t in self._vectors.values())
         return (
-            f"TaskVectors(experts={list(self.expert_names)}, tensors={len(self)}, "
-            f"numel_per_expert={self.numel()}, dtype={self.dtype})"
+            f"TaskVectors(experts={list(self.expert_names)}, tensors={len(self)}"
+            f"{f' ({low_rank} low-rank)' if low_rank else ''}, numel_per_expert={self.numel()}, dtype={self.dtype})"
         )
 
     def to(self, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> "TaskVectors":
-        """A copy in another storage dtype and/or device (bf16/fp16 halve the memory)."""
+        """A copy in another storage dtype and/or device (bf16/fp16 halve the memory); low-rank keys stay low-rank."""
         dtype = _as_dtype(dtype) if dtype is not None else None
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
+        return TaskVectors({k: t.to(device=device, dtype=dtype) for k, t in self._vectors.items()}, self.expert_names)
 
     def select(self, keys: Iterable[str]) -> "TaskVectors":
         """Only the given parameter keys."""
@@ -195,10 +190,11 @@ class TaskVectors:
 
     def l1_norms(self) -> dict[str, Tensor]:
         """``key -> [K]`` L1 norm of each expert's vector for that tensor (float32)."""
-        return {k: t.flatten(1).float().abs().sum(dim=1) for k, t in self._vectors.items()}
+        return {k: t.flatten(1).float().abs().sum(dim=1) for k, t in self.items()}
 
     def _map(self, fn) -> "TaskVectors":
-        return TaskVectors({k: fn(t) for k, t in self._vectors.items()}, self.expert_names)
+        """``fn`` on every ``[K, *shape]`` tensor (low-rank keys materialised: the result is dense)."""
+        return TaskVectors({k: fn(t) for k, t in self.items()}, self.expert_names)
 
     # ------------------------------------------------------------------ transforms
     def trim(self, density: float, scope: TrimScope = "tensor") -> "TaskVectors":
@@ -217,9 +213,10 @@ class TaskVectors:
 
     def model_thresholds(self, density: float) -> Tensor:
         """Per expert, the smallest magnitude among its top-``density`` entries over the whole scope."""
+        vectors = [t for _, t in self.items()]
         return torch.stack(
             [
-                tensor_ops.magnitude_threshold(torch.cat([t[k].flatten() for t in self._vectors.values()]), density)
+                tensor_ops.magnitude_threshold(torch.cat([t[k].flatten() for t in vectors]), density)
                 for k in range(self.num_experts)
             ]
         )
@@ -245,9 +242,21 @@ class TaskVectors:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
-        """Save to one safetensors file (expert names in the metadata)."""
-        metadata = {"format": "adamerge.core.task_vectors", "expert_names": json.dumps(list(self.expert_names))}
-        save_safetensors(self._vectors, path, metadata=metadata)
+        """Save to one safetensors file (expert names in the metadata; low-rank keys as their
+        factors ``<key>@left``, ``<key>@right``, ``<key>@owner``)."""
+        tensors, low_rank = {}, []
+        for key, value in self._vectors.items():
+            if isinstance(value, LowRankStack):
+                low_rank.append(key)
+                tensors.update({f"{key}@left": value.left, f"{key}@right": value.right, f"{key}@owner": value.owner})
+            else:
+                tensors[key] = value
+        metadata = {
+            "format": "adamerge.core.task_vectors",
+            "expert_names": json.dumps(list(self.expert_names)),
+            "low_rank": json.dumps(low_rank),
+        }
+        save_safetensors(tensors, path, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "TaskVectors":
@@ -255,49 +264,30 @@ class TaskVectors:
             metadata = handle.metadata() or {}
             if metadata.get("format") != "adamerge.core.task_vectors":
                 raise ValueError(f"{path} is not an adamerge task-vector file")
-            vectors = {key: handle.get_tensor(key) for key in handle.keys()}
-        return cls(vectors, json.loads(metadata["expert_names"]))
+            names, low_rank = json.loads(metadata["expert_names"]), json.loads(metadata.get("low_rank", "[]"))
+            factors = {f"{key}@{part}" for key in low_rank for part in ("left", "right", "owner")}
+            vectors = {key: handle.get_tensor(key) for key in handle.keys() if key not in factors}
+            for key in low_rank:
+                left, right, owner = (handle.get_tensor(f"{key}@{part}") for part in ("left", "right", "owner"))
+                vectors[key] = LowRankStack(left, right, owner, len(names))
+        return cls(vectors, names)
 
 
-def scope_keys(pretrained: WeightsSource, base: Mapping[str, Tensor], include: Patterns = None, exclude: Patterns = None) -> list[str]:
-    """The merge scope: the floating-point parameters of ``pretrained`` (every floating tensor
-    when it is a file or state dict) that ``include``/``exclude`` select; an empty scope is an error."""
-    if isinstance(pretrained, nn.Module):
-        candidates = [n for n, p in pretrained.named_parameters() if p.is_floating_point()]
-    else:
-        candidates = [n for n, t in base.items() if t.is_floating_point()]
-    keys = [n for n in candidates if in_scope(n, include, exclude)]
-    if not keys:
-        raise ValueError(
-            f"the merge scope is empty: include={include!r} exclude={exclude!r} match no floating-point "
-            f"parameter of the pretrained model {describe(pretrained)}"
-        )
-    return keys
+def _is_lora_over(source: WeightsSource, base: Mapping[str, Tensor], keys: Sequence[str]) -> bool:
+    """A LoRA expert whose own base is ``base`` over the scope (so that ``θ_k − θ_0 = ΔW``)."""
+    if not isinstance(source, LoraExpert):
+        return False
+    return source.base is base or all(torch.equal(source.base[key], base[key]) for key in keys)
 
 
-def expert_tensors(
-    name: str,
-    source: WeightsSource,
-    pretrained: WeightsSource,
-    base: Mapping[str, Tensor],
-    keys: Sequence[str],
-    include: Patterns = None,
-    exclude: Patterns = None,
-    role: str = "expert",
-) -> Iterator[tuple[str, Tensor]]:
-    """An expert's ``(key, tensor)`` over the scope, read one tensor at a time, each checked
-    against the pretrained one (keys, shape, dtype, finite values); errors name the expert and the key."""
-    who = f"{role} {name!r}"
-    weights = open_weights(source, who)
-    # an expert module's own tied aliases are not extra keys, even when the pretrained
-    # model comes from a file that saved only the canonical names
-    aliases = parameter_aliases(pretrained) if isinstance(pretrained, nn.Module) else {}
-    own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
-    check_keys(name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
-    for key in keys:
-        tensor = weights[key]
-        check_tensor(who, key, tensor, base[key])
-        yield key, tensor
+def _low_rank_keys(experts: Sequence[LoraExpert], keys: Sequence[str], base: Mapping[str, Tensor]) -> set[str]:
+    """The matrices whose τ can stay factored: saved whole by none of the (LoRA) experts."""
+    return {key for key in keys if base[key].dim() == 2 and not any(key in expert.adapter.full for expert in experts)}
+
+
+def _check_factors(expert_name: str, key: str, pair: tuple[Tensor, Tensor] | None) -> None:
+    if pair is not None and not all(torch.isfinite(factor).all() for factor in pair):
+        raise ValueError(f"expert {expert_name!r} has non-finite values (NaN/inf) in the LoRA factors of {key!r}")
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -308,54 +298,3 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
     return resolved
 
-
-def check_tensor(who: str, key: str, tensor: Tensor, reference: Tensor) -> None:
-    """One tensor of a model against the pretrained one: same shape and dtype, finite values."""
-    if tensor.shape != reference.shape:
-        raise ValueError(
-            f"shape mismatch for {key!r}: {who} has {tuple(tensor.shape)}, "
-            f"the pretrained model has {tuple(reference.shape)}"
-        )
-    if tensor.dtype != reference.dtype:
-        raise ValueError(
-            f"dtype mismatch for {key!r}: {who} is {tensor.dtype}, the pretrained "
-            f"model is {reference.dtype}; load both in the same dtype"
-        )
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{who} has non-finite values (NaN/inf) in {key!r}")
-
-
-def _check_finite(weights: Mapping[str, Tensor], keys: Sequence[str], who: str) -> None:
-    for key in keys:
-        if not torch.isfinite(weights[key]).all():
-            raise ValueError(f"{who} has non-finite values (NaN/inf) in {key!r}")
-
-
-def check_keys(
-    expert_name: str,
-    weights: Mapping[str, Tensor],
-    base: Mapping[str, Tensor],
-    keys: Sequence[str],
-    aliases: Mapping[str, str],
-    include: Patterns,
-    exclude: Patterns,
-) -> None:
-    missing = [k for k in keys if k not in weights]
-    if missing:
-        hint = ""
-        prefixed = [w for w in weights if w.endswith("." + missing[0])]
-        if prefixed:
-            prefix = prefixed[0][: -len(missing[0])]
-            hint = (
-                f" (the expert has {prefixed[0]!r}: pass its inner model, e.g. model.base_model, "
-                f"or strip the prefix {prefix!r})"
-            )
-        raise KeyError(
-            f"expert {expert_name!r} is missing {len(missing)} key(s) of the merge scope, first {missing[0]!r}{hint}"
-        )
-    extra = [k for k in weights if k not in base and k not in aliases and in_scope(k, include, exclude)]
-    if extra:
-        raise KeyError(
-            f"expert {expert_name!r} has key {extra[0]!r} (and {len(extra) - 1} more) that the pretrained model "
-            f"lacks: exclude it (e.g. exclude=[{extra[0].split('.')[0]!r}]) or check that the models share an architecture"
-        )

@@ -87,17 +87,29 @@ class LoraAdapter(Mapping):
         alpha = _by_pattern(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"])
         return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
 
-    def __getitem__(self, name: str) -> Tensor:
+    def _pair(self, name: str) -> tuple[Tensor, Tensor]:
         pair = self.factors[name]
         a, b = self.tensors[pair["A"]].float(), self.tensors[pair["B"]].float()
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"{self.who}: LoRA factors of {name!r} are {tuple(a.shape)} and {tuple(b.shape)}, not B [m, r] · A [r, n]"
             )
+        return b, a
+
+    def _is_transposed(self, name: str) -> bool:
+        return self.transposed[name] or bool(self.config.get("fan_in_fan_out"))  # Conv1D stores W as [in, out]
+
+    def __getitem__(self, name: str) -> Tensor:
+        b, a = self._pair(name)
         delta = b @ a
-        if self.transposed[name] or self.config.get("fan_in_fan_out"):  # Conv1D stores W as [in, out]
-            delta = delta.T
-        return delta * self.scaling(name)
+        return (delta.T if self._is_transposed(name) else delta) * self.scaling(name)
+
+    def low_rank(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(left [m, r], right [r, n])`` with ``left @ right`` equal to ``self[name]`` (float32,
+        the scaling folded into ``left``): ΔW without ever forming the ``m × n`` matrix."""
+        b, a = self._pair(name)
+        b = b * self.scaling(name)
+        return (a.T, b.T) if self._is_transposed(name) else (b, a)
 
     def saved(self, name: str) -> Tensor:
         return self.tensors[self.full[name]]
@@ -132,16 +144,30 @@ class LoraExpert(LazyWeights):
 
     def _lora(self, key: str) -> Tensor:
         if self._last is None or self._last[0] != key:
-            delta, shape = self.adapter[key], self.base[key].shape
-            if len(shape) == 2 and shape[0] != shape[1] and delta.shape == shape[::-1]:
-                # PEFT orients ΔW by the module's type (Conv1D or Linear) whatever fan_in_fan_out says
-                delta = delta.T
-            if delta.shape != shape:
-                raise ValueError(
-                    f"{self.adapter.who}: ΔW of {key!r} is {tuple(delta.shape)}, the pretrained tensor is {tuple(self.base[key].shape)}"
-                )
-            self._last = (key, delta)
+            delta = self.adapter[key]
+            self._last = (key, delta.T if self._flipped(key, delta.shape) else delta)
         return self._last[1]
+
+    def _flipped(self, key: str, shape: tuple[int, ...]) -> bool:
+        """ΔW comes out as ``[n, m]`` for an ``[m, n]`` tensor: PEFT orients ΔW by the module's type
+        (Conv1D or Linear) whatever fan_in_fan_out says. Any other mismatch is an error."""
+        expected = tuple(self.base[key].shape)
+        if tuple(shape) == expected:
+            return False
+        if len(expected) == 2 and tuple(shape) == expected[::-1]:
+            return True
+        raise ValueError(f"{self.adapter.who}: ΔW of {key!r} is {tuple(shape)}, the pretrained tensor is {expected}")
+
+    def low_rank(self, key: str) -> tuple[Tensor, Tensor] | None:
+        """``(left [m, r], right [r, n])`` with ``left @ right == delta(key)`` (float32), for a
+        tensor the adapter adapts and does not also save whole; ``None`` where τ is zero."""
+        if key in self.adapter.full:
+            raise KeyError(f"{self.adapter.who}: {key!r} is saved whole, its τ is not low-rank")
+        if key not in self.adapter:
+            return None
+        left, right = self.adapter.low_rank(key)
+        shape = (left.shape[0], right.shape[1])
+        return (right.T, left.T) if self._flipped(key, shape) else (left, right)
 
     def __getitem__(self, key: str) -> Tensor:
         start = self.adapter.saved(key) if key in self.adapter.full else self.base[key]

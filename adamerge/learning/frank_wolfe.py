@@ -38,7 +38,8 @@ from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.constraints import Clamp
 from adamerge.core.layouts import build_layout
 from adamerge.core.merged import FunctionalModel, MergedModel
-from adamerge.core.task_vectors import Patterns, TaskVectors, expert_tensors, name_experts, scope_keys
+from adamerge.core.scope import Patterns, expert_tensors, name_experts, scope_keys
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.io.terminal import progress
 from adamerge.io.checkpoints import WeightsSource, open_weights
 from adamerge.io.lora import is_adapter, open_adapter

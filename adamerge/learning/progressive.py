@@ -47,7 +47,8 @@ from adamerge.core.element import ElementCoefficients
 from adamerge.core.merged import FunctionalModel, MergedModel
 from adamerge.io.shards import FeatureFiles, ShardWriter
 from adamerge.core.skeleton import StreamedModel
-from adamerge.core.task_vectors import TaskVectors, parameter_aliases
+from adamerge.core.scope import parameter_aliases
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.tasks.base import Task
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}

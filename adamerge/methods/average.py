@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
-from adamerge.core.task_vectors import Experts, Patterns
+from adamerge.core.scope import Experts, Patterns
 
 
 @register_method("average")

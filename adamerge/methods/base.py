@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from adamerge.io.checkpoints import WeightsSource, open_weights
 from adamerge.io.terminal import progress
-from adamerge.core.task_vectors import Experts, Patterns, TaskVectors, parameter_aliases
+from adamerge.core.scope import Experts, Patterns, parameter_aliases
+from adamerge.core.task_vectors import TaskVectors
 
 MergeResult = nn.Module | dict[str, Tensor]
 MERGE_METHODS: dict[str, Callable[..., MergeResult]] = {}

@@ -25,7 +25,7 @@ from torch import Tensor
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, merge_matrices, register_method
 from adamerge.methods.svd import nonzero, top_components
-from adamerge.core.task_vectors import Experts, Patterns
+from adamerge.core.scope import Experts, Patterns
 
 
 def iso_c_delta(taus: Tensor, alpha: float = 1.0) -> Tensor:

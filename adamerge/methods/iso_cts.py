@@ -28,7 +28,7 @@ from torch import Tensor
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, merge_matrices, register_method
 from adamerge.methods.svd import nonzero, orthogonalize, top_components
-from adamerge.core.task_vectors import Experts, Patterns
+from adamerge.core.scope import Experts, Patterns
 
 
 def iso_cts_sizes(rank: int, num_tasks: int, common_fraction: float = 0.8) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.core.granularities import block_of, module_of
 from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
-from adamerge.core.task_vectors import Experts, Patterns
+from adamerge.core.scope import Experts, Patterns
 
 
 def layer_depths(keys: Sequence[str]) -> dict[str, int]:

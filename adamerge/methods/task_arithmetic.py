@@ -8,7 +8,7 @@ import torch
 
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, apply_deltas, per_expert, register_method, task_vectors
-from adamerge.core.task_vectors import Experts, Patterns
+from adamerge.core.scope import Experts, Patterns
 
 
 @register_method("task_arithmetic")

@@ -33,7 +33,7 @@ from torch import Tensor
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.methods.base import MergeResult, merge_matrices, register_method
 from adamerge.methods.svd import nonzero, top_components, whitened_merge
-from adamerge.core.task_vectors import Experts, Patterns
+from adamerge.core.scope import Experts, Patterns
 
 
 def tsv_components(taus: Tensor) -> tuple[Tensor, Tensor, Tensor]:

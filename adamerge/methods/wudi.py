@@ -47,7 +47,7 @@ from adamerge.methods.base import (
     register_method,
     task_vectors,
 )
-from adamerge.core.task_vectors import Experts, Patterns
+from adamerge.core.scope import Experts, Patterns
 
 Others = Literal["pretrained", "mean"]
 
