@@ -24,11 +24,11 @@ the settings. Experts are written in a hidden staging folder (``.<task>.partial-
 place only when complete; a rerun skips finished experts with the same settings.
 
 Build: ``python -m adamerge.zoo.lm --data ../shared/data/text [--out DIR]``. The defaults
-(:data:`DEFAULTS`: 20 AdamW steps of 4 rows at lr 1e-4, texts cut to 32 tokens, 64 held-out rows
-scored) are sized for 2 CPU cores shared with other jobs: a step took 35-50 s there (about 15 s
-for 8 rows of 64 tokens on 2 free cores), so an expert takes 12-15 minutes and the four about
-an hour. So few examples teach the answer format (answer perplexity falls from 11-65 to about
-1.3) more than the task itself; more steps (``--steps``, ``--batch-size``) give stronger experts.
+(:data:`DEFAULTS`: 60 AdamW steps of 8 rows at lr 1e-4, texts cut to 32 tokens, 128 held-out rows
+scored) are sized for 2 CPU cores: a step takes 4.5-9 s there, an expert 5-9 minutes, the four
+about 25 minutes. 480 rows per task teach the task, not only the answer format: held-out
+accuracy goes from 54.7 / 69.5 / 23.4 to 89.8 / 85.2 / 80.5 on subj / sst2 / agnews (20 steps
+of 4 rows, the previous default, reached only 59 / 72 on subj / sst2).
 """
 
 from __future__ import annotations
@@ -85,15 +85,15 @@ INSTRUCTIONS = {
 
 DEFAULTS = dict(
     seed=0,
-    steps=20,
-    batch_size=4,
+    steps=60,
+    batch_size=8,
     lr=1e-4,
     weight_decay=0.0,
-    warmup_steps=3,
+    warmup_steps=6,
     max_text_tokens=32,
 )
 _SETTING_KEYS = tuple(DEFAULTS)
-DEFAULT_TEST_ROWS = 64
+DEFAULT_TEST_ROWS = 128
 
 
 # ---------------------------------------------------------------------- paths
