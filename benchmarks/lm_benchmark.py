@@ -43,6 +43,8 @@ METHODS = {
     "WUDI": ("merge", "lm/wudi", [], "wudi"),
     "expert KL, layer-wise": ("fit", "lm/expert_kl", [], "expert_kl"),
     "streamed progressive": ("fit", "lm/streamed", [], "streamed"),
+    "progressive, element-wise": ("fit", "lm/progressive", [], "progressive"),
+    "expert KL on TSV-M components": ("fit", "lm/tsv_expert_kl", [], "tsv_expert_kl"),
 }
 BASE = "pretrained (SmolLM2-135M-Instruct)"
 EXPERTS = "experts (each on its own task)"

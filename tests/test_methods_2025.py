@@ -24,6 +24,7 @@ from adamerge.methods import (
     wudi_loss,
 )
 from adamerge.methods.svd import orthogonalize
+from adamerge.methods.tsv import tsv_split, tsv_task_vectors
 from adamerge.methods.wudi import wudi_gradient
 
 ATOL = 1e-4  # float32 SVDs of matrices with entries ~1
@@ -161,6 +162,35 @@ def test_tsv_of_mutually_orthogonal_tasks_is_the_sum_of_their_truncations(ranks)
     stacked = torch.stack(taus).float()
     close(tsv_delta(stacked), expected)
     assert not torch.allclose(expected.float(), stacked.sum(0), atol=1e-3)  # the truncation bites
+
+
+def test_tsv_split_sums_to_tsv_m_and_splits_orthogonal_tasks_into_their_truncations():
+    taus = randn(3, 8, 6, seed=11)
+    close(tsv_split(taus, alpha=0.7).sum(0), tsv_delta(taus, alpha=0.7))
+    # mutually orthogonal tasks (as above): whitening changes nothing, each part is its task's truncation
+    left, right = orthonormal(12, 12, seed=6), orthonormal(12, 12, seed=7)
+    sigma = torch.linspace(3.0, 1.0, 6, dtype=torch.float64)
+    blocks = [slice(0, 6), slice(6, 12)]
+    stacked = torch.stack([(left[:, b] * sigma) @ right[:, b].T for b in blocks]).float()
+    parts = tsv_split(stacked)
+    for k, b in enumerate(blocks):
+        close(parts[k], (left[:, b][:, :6] * sigma) @ right[:, b][:, :6].T)
+
+
+def test_learned_coefficients_on_tsv_task_vectors_start_at_tsv_m():
+    """Every coefficient 1 over :func:`tsv_task_vectors` is the TSV-M method's merge, the bias
+    (not a matrix) included: a learned merge on them starts where TSV-M ends."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    experts = []
+    for seed in range(3):
+        expert = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+        expert.load_state_dict({k: v + 0.1 * randn(*v.shape, seed=seed) for k, v in base.state_dict().items()})
+        experts.append(expert)
+    merged = am.MergedModel(base, tsv_task_vectors(am.TaskVectors.from_models(base, experts), alpha=0.8), "layer", init=1.0)
+    reference = get_method("tsv")(base, experts, alpha=0.8).state_dict()
+    for key, tensor in merged.merged_parameters().items():
+        close(tensor, reference[key], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- Iso-CTS

@@ -229,6 +229,15 @@ def test_mergekit_absent_when_checkpoint_names_differ(fitted, zoo):
     assert mergekit_config(result.merged.coefficients, problem)[0] is None
 
 
+def test_mergekit_absent_for_coefficients_on_processed_task_vectors(fitted, zoo):
+    """Weights learned on TIES/DARE/TSV-processed vectors are not mergekit task_arithmetic weights."""
+    _, result = fitted
+    problem = SimpleNamespace(description={"base": str(zoo / "base"), "experts": {"a": str(zoo / "zoo" / "a"), "b": str(zoo / "zoo" / "b")}})
+    assert mergekit_config(result.merged.coefficients, problem)[0] is not None
+    config, reason = mergekit_config(result.merged.coefficients, problem, processed="TSV")
+    assert config is None and "TSV-processed task vectors" in reason
+
+
 def test_evaluate_run_reproduces_the_fit_exactly(fitted):
     _, result = fitted
     assert runner.evaluate_run(result.run_dir) == result.results

@@ -26,6 +26,7 @@ from adamerge.learning.data import CalibrationData, by_length, ordered_batches
 from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
 from adamerge.learning.progress import StepProgressBar
 from adamerge.learning.selection import LabelFreeSelection
+from adamerge.methods.tsv import tsv_task_vectors
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
 
 
@@ -44,7 +45,7 @@ def task_weights(recipe: DictConfig) -> dict[str, float]:
 
 
 def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors:
-    """``task_vectors``: τ_k over the scope, in the storage dtype, TIES/DARE-processed if asked."""
+    """``task_vectors``: τ_k over the scope, in the storage dtype, TIES/DARE/TSV-processed if asked."""
     cfg = recipe.task_vectors
     tv = TaskVectors.from_models(
         problem.pretrained, problem.experts, dtype=cfg.dtype, low_rank=cfg.low_rank, **merge_scope(recipe, problem)
@@ -53,6 +54,8 @@ def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors
         tv = tv.ties(cfg.ties.density, cfg.ties.scope, cfg.ties.sign_method)
     if cfg.dare is not None:
         tv = tv.dare(cfg.dare.density, cfg.dare.seed, cfg.dare.rescale)
+    if cfg.tsv is not None:
+        tv = tsv_task_vectors(tv, cfg.tsv.alpha)
     return tv
 
 

@@ -63,8 +63,8 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     if recipe.progressive is not None:
         if recipe.selection is not None or recipe.task_balance != "sum":
             problems.append("progressive learning has no `selection` or `task_balance` (every block matches its experts directly)")
-        if recipe.task_vectors.ties is not None or recipe.task_vectors.dare is not None:
-            problems.append("progressive learning reads one block's task vectors at a time: task_vectors.ties/dare are not supported")
+        if any(recipe.task_vectors[name] is not None for name in ("ties", "dare", "tsv")):
+            problems.append("progressive learning reads one block's task vectors at a time: task_vectors.ties/dare/tsv are not supported")
         chunks = recipe.coefficients.chunks
         if isinstance(chunks, DictConfig) and "importance_from" in chunks:
             problems.append("progressive learning takes explicit coefficients.chunks, not importance_from (it needs every task vector)")

@@ -80,12 +80,18 @@ class DareConfig:
 
 
 @dataclass
+class TsvConfig:
+    alpha: float = 1.0
+
+
+@dataclass
 class TaskVectorConfig:
     include: Optional[list[str]] = None  # regexes on parameter names (default: the setting's scope)
     exclude: Optional[list[str]] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype
     ties: Optional[TiesConfig] = None  # AdaMerging++: learn on TIES-processed vectors
     dare: Optional[DareConfig] = None
+    tsv: Optional[TsvConfig] = None  # learn on TSV-M's per-task components: coefficients at 1 are TSV-M
     offload: bool = False  # keep task vectors in host memory while the model runs on the accelerator
     low_rank: bool = True  # all experts LoRA adapters: keep τ as their factors, Σr(m+n) not K·m·n numbers
 

@@ -67,11 +67,16 @@ def _weights(keys: list[str], value_of, default: float) -> list[dict]:
     return filters + [{"value": default}]
 
 
-def mergekit_config(coefficients: Coefficients, problem: MergeProblem) -> tuple[dict | None, str]:
+def mergekit_config(coefficients: Coefficients, problem: MergeProblem, processed: str | None = None) -> tuple[dict | None, str]:
     """A mergekit ``task_arithmetic`` config reproducing a task/layer/group-wise merge and a note on
-    what it leaves out, or None and why there is none."""
+    what it leaves out, or None and why there is none (``processed``: the transform the task
+    vectors went through, which weights on the experts' raw deltas would not reproduce)."""
     layout = coefficients.layout
     try:
+        if processed:
+            raise _NoMergekit(
+                f"the coefficients weight {processed}-processed task vectors; mergekit's task_arithmetic would weight the raw ones"
+            )
         if layout.granularity == "element":
             raise _NoMergekit("element-wise coefficients have no mergekit equivalent")
         if any(len(slots) > 1 for slots in layout.tensor_slots.values()):
@@ -163,8 +168,8 @@ def _write_mergekit(folder: Path, config: dict | None, note: str) -> None:
         write_text(folder / "mergekit.txt", note + "\n")
 
 
-def write_mergekit(folder: Path, coefficients: Coefficients, problem: MergeProblem) -> None:
-    _write_mergekit(folder, *mergekit_config(coefficients, problem))
+def write_mergekit(folder: Path, coefficients: Coefficients, problem: MergeProblem, processed: str | None = None) -> None:
+    _write_mergekit(folder, *mergekit_config(coefficients, problem, processed))
 
 
 def write_method_mergekit(folder: Path, recipe: DictConfig, problem: MergeProblem, scope: Mapping) -> None:

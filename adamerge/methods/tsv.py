@@ -30,23 +30,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, merge_matrices, register_method
-from adamerge.methods.svd import nonzero, top_components, whitened_merge
 from adamerge.core.scope import Experts, Patterns
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.io.checkpoints import WeightsSource
+from adamerge.methods.base import MergeResult, is_matrix, merge_matrices, register_method
+from adamerge.methods.svd import nonzero, orthogonalize, recombine, top_components, whitened_merge
 
 
 def tsv_components(taus: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1–2: the stacked ``U`` (``m × c``), ``σ`` (``c``) and ``V`` (``n × c``), task by task,
     each task's top ``⌊r/K⌋`` components (``c ≤ K⌊r/K⌋`` after dropping numerical zeros)."""
+    u, s, v, _ = _stacked_components(taus)
+    return u, s, v
+
+
+def _stacked_components(taus: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`tsv_components` and the task each component came from."""
     num_tasks, m, n = taus.shape
     u, s, v = top_components(taus, min(m, n) // num_tasks)
     parts = [nonzero(u[k], s[k], v[k], (m, n)) for k in range(num_tasks)]
+    owner = torch.cat([torch.full((len(p[1]),), k) for k, p in enumerate(parts)])
     return (
         torch.cat([p[0] for p in parts], dim=1),
         torch.cat([p[1] for p in parts]),
         torch.cat([p[2] for p in parts], dim=1),
+        owner,
     )
+
+
+def tsv_split(taus: Tensor, alpha: float = 1.0) -> Tensor:
+    """TSV-M's merged update split by task: ``[K, m, n]``, task ``k``'s whitened components
+    ``α U_⊥[:, k] Σ_k V_⊥[:, k]ᵀ``; their sum is :func:`tsv_delta`."""
+    u, s, v, owner = _stacked_components(taus)
+    u, v = orthogonalize(u), orthogonalize(v)
+    return alpha * torch.stack([recombine(u[:, owner == k], s[owner == k], v[:, owner == k]) for k in range(taus.shape[0])])
+
+
+def tsv_task_vectors(tv: TaskVectors, alpha: float = 1.0) -> TaskVectors:
+    """Task vectors whose plain sum is TSV-M's merge: each matrix split by :func:`tsv_split`, every
+    other tensor ``α τ_k / K``. Coefficients learned on them start, at 1, from TSV-M, as
+    AdaMerging++ (Yang et al., ICLR 2024) starts from TIES by learning on TIES-processed vectors."""
+    split = {
+        key: (tsv_split(t.float(), alpha) if is_matrix(t) else alpha * t.float() / tv.num_experts).to(tv.dtype)
+        for key, t in tv.items()
+    }
+    return TaskVectors(split, tv.expert_names)
 
 
 def tsv_delta(taus: Tensor, alpha: float = 1.0) -> Tensor:
