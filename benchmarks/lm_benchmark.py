@@ -45,6 +45,7 @@ METHODS = {
     "streamed progressive": ("fit", "lm/streamed", [], "streamed"),
     "progressive, element-wise": ("fit", "lm/progressive", [], "progressive"),
     "expert KL on TSV-M components": ("fit", "lm/tsv_expert_kl", [], "tsv_expert_kl"),
+    "expert KL from WUDI": ("fit", "lm/wudi_expert_kl", [], "wudi_expert_kl"),
 }
 BASE = "pretrained (SmolLM2-135M-Instruct)"
 EXPERTS = "experts (each on its own task)"

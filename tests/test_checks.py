@@ -19,6 +19,7 @@ BASE = {"problem": {"kind": "hf_sequence_classification", "pretrained": "/nonexi
     ("task_vectors.dtype=fp8", "task_vectors.dtype", None),
     ("task_vectors.ties.scope=modle", "task_vectors.ties.scope", "model"),
     ("frank_wolfe.lmo=tensr", "frank_wolfe.lmo", "tensor"),
+    ("task_vectors.start.method=wdi", "task_vectors.start.method", "wudi"),
 ])
 def test_a_bad_closed_choice_names_its_key_and_the_closest_value(override, key, hint):
     with pytest.raises(RecipeError) as error:  # not FileNotFoundError: no model was looked for
@@ -34,6 +35,7 @@ def test_a_bad_closed_choice_names_its_key_and_the_closest_value(override, key, 
     ({"frank_wolfe": {}, "progressive": {}}, "not both"),
     ({"progressive": {}, "task_balance": "guarded"}, "no `selection` or `task_balance`"),
     ({"progressive": {}, "task_vectors": {"dare": {}}}, "ties/dare"),
+    ({"progressive": {}, "task_vectors": {"start": {"method": "wudi"}}}, "ties/dare/tsv/start"),
     ({"progressive": {}, "coefficients": {"granularity": "task"}}, "spans every block"),
     ({"progressive": {}, "coefficients": {"granularity": "chunk", "chunks": {"importance_from": "x", "budget": 2}}},
      "not importance_from"),

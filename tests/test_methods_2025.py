@@ -24,6 +24,7 @@ from adamerge.methods import (
     wudi_loss,
 )
 from adamerge.methods.svd import orthogonalize
+from adamerge.methods.base import with_start
 from adamerge.methods.tsv import tsv_split, tsv_task_vectors
 from adamerge.methods.wudi import wudi_gradient
 
@@ -177,9 +178,8 @@ def test_tsv_split_sums_to_tsv_m_and_splits_orthogonal_tasks_into_their_truncati
         close(parts[k], (left[:, b][:, :6] * sigma) @ right[:, b][:, :6].T)
 
 
-def test_learned_coefficients_on_tsv_task_vectors_start_at_tsv_m():
-    """Every coefficient 1 over :func:`tsv_task_vectors` is the TSV-M method's merge, the bias
-    (not a matrix) included: a learned merge on them starts where TSV-M ends."""
+def small_zoo():
+    """A two-layer MLP and three seeded perturbations of it."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
     experts = []
@@ -187,10 +187,34 @@ def test_learned_coefficients_on_tsv_task_vectors_start_at_tsv_m():
         expert = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
         expert.load_state_dict({k: v + 0.1 * randn(*v.shape, seed=seed) for k, v in base.state_dict().items()})
         experts.append(expert)
+    return base, experts
+
+
+def test_learned_coefficients_on_tsv_task_vectors_start_at_tsv_m():
+    """Every coefficient 1 over :func:`tsv_task_vectors` is the TSV-M method's merge, the bias
+    (not a matrix) included: a learned merge on them starts where TSV-M ends."""
+    base, experts = small_zoo()
     merged = am.MergedModel(base, tsv_task_vectors(am.TaskVectors.from_models(base, experts), alpha=0.8), "layer", init=1.0)
     reference = get_method("tsv")(base, experts, alpha=0.8).state_dict()
     for key, tensor in merged.merged_parameters().items():
         close(tensor, reference[key], atol=1e-5)
+
+
+def test_a_start_vector_at_one_is_its_merge_and_the_experts_rows_are_their_task_vectors():
+    """``with_start``: coefficient 1 on the data-free merge's update and 0 on the experts is that
+    merge exactly (here TIES, which no per-expert weighting of raw τ reproduces)."""
+    base, experts = small_zoo()
+    plain = am.TaskVectors.from_models(base, experts)
+    tv = with_start(plain, base, experts, "ties", {"density": 0.5})
+    assert tv.expert_names == ("start", "expert_0", "expert_1", "expert_2")
+    init = {"start": 1.0, "expert_0": 0.0, "expert_1": 0.0, "expert_2": 0.0}
+    merged = am.MergedModel(base, tv, "layer", init=init)
+    reference = get_method("ties")(base, experts, density=0.5).state_dict()
+    for key, tensor in merged.merged_parameters().items():
+        close(tensor, reference[key], atol=1e-6)
+        assert torch.equal(tv[key][1:], plain[key])
+    with pytest.raises(ValueError, match="an expert is named 'start'"):
+        with_start(am.TaskVectors.from_models(base, {"start": experts[0]}), base, {"start": experts[0]}, "ties", {})
 
 
 # ---------------------------------------------------------------------------- Iso-CTS

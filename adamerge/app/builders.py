@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
+from adamerge.app.checks import RecipeError
 from adamerge.app.config import to_plain
 from adamerge.app.problem import MergeProblem
 from adamerge.core.coefficients import MergeCoefficients
@@ -26,6 +27,7 @@ from adamerge.learning.data import CalibrationData, by_length, ordered_batches
 from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
 from adamerge.learning.progress import StepProgressBar
 from adamerge.learning.selection import LabelFreeSelection
+from adamerge.methods.base import START, with_start
 from adamerge.methods.tsv import tsv_task_vectors
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
 
@@ -56,7 +58,23 @@ def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors
         tv = tv.dare(cfg.dare.density, cfg.dare.seed, cfg.dare.rescale)
     if cfg.tsv is not None:
         tv = tsv_task_vectors(tv, cfg.tsv.alpha)
+    if cfg.start is not None:
+        tv = with_start(tv, problem.pretrained, problem.experts, cfg.start.method, to_plain(cfg.start.args),
+                        **merge_scope(recipe, problem))
     return tv
+
+
+def _init(recipe: DictConfig, task_vectors: TaskVectors):
+    """``coefficients.init``; with ``task_vectors.start``, 1 for the start vector and ``init`` for the experts."""
+    init = to_plain(recipe.coefficients.init)
+    if recipe.task_vectors.start is None:
+        return init
+    experts = task_vectors.expert_names[1:]
+    if isinstance(init, (int, float)):
+        return {START: 1.0, **{name: float(init) for name in experts}}
+    if isinstance(init, dict):
+        return {START: 1.0, **init}
+    raise RecipeError(f"coefficients.init: with task_vectors.start, give a number or one per expert, not {init!r}")
 
 
 def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVectors) -> MergedModel:
@@ -66,7 +84,7 @@ def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVe
         problem.pretrained,
         task_vectors,
         granularity=cfg.granularity,
-        init=to_plain(cfg.init),
+        init=_init(recipe, task_vectors),
         constraint=make_constraint(to_plain(cfg.constraint)),
         groups=to_plain(cfg.groups),
         chunks=resolve_chunks(to_plain(cfg.chunks), task_vectors),

@@ -16,6 +16,7 @@ import re
 from omegaconf import DictConfig
 
 from adamerge.core.granularities import GRANULARITIES, misplaced_options, option_names
+from adamerge.methods import MERGE_METHODS
 from adamerge.objectives.balance import BALANCES
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -40,6 +41,8 @@ def _choices(recipe: DictConfig) -> dict[str, tuple[object, tuple]]:
         "coefficients.granularity": (recipe.coefficients.granularity, GRANULARITIES),
         "task_balance": (recipe.task_balance, tuple(BALANCES)),
     }
+    if recipe.task_vectors.start is not None:
+        checks["task_vectors.start.method"] = (recipe.task_vectors.start.method, tuple(MERGE_METHODS))
     if recipe.frank_wolfe is not None:
         checks["frank_wolfe.inner_granularity"] = (
             recipe.frank_wolfe.inner_granularity, tuple(g for g in GRANULARITIES if g != "element"),
@@ -63,8 +66,10 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     if recipe.progressive is not None:
         if recipe.selection is not None or recipe.task_balance != "sum":
             problems.append("progressive learning has no `selection` or `task_balance` (every block matches its experts directly)")
-        if any(recipe.task_vectors[name] is not None for name in ("ties", "dare", "tsv")):
-            problems.append("progressive learning reads one block's task vectors at a time: task_vectors.ties/dare/tsv are not supported")
+        if any(recipe.task_vectors[name] is not None for name in ("ties", "dare", "tsv", "start")):
+            problems.append(
+                "progressive learning reads one block's task vectors at a time: task_vectors.ties/dare/tsv/start are not supported"
+            )
         chunks = recipe.coefficients.chunks
         if isinstance(chunks, DictConfig) and "importance_from" in chunks:
             problems.append("progressive learning takes explicit coefficients.chunks, not importance_from (it needs every task vector)")

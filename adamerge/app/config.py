@@ -85,6 +85,12 @@ class TsvConfig:
 
 
 @dataclass
+class StartConfig:
+    method: str = "task_arithmetic"  # a data-free method (adamerge merge's method.name)
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
 class TaskVectorConfig:
     include: Optional[list[str]] = None  # regexes on parameter names (default: the setting's scope)
     exclude: Optional[list[str]] = None
@@ -92,6 +98,9 @@ class TaskVectorConfig:
     ties: Optional[TiesConfig] = None  # AdaMerging++: learn on TIES-processed vectors
     dare: Optional[DareConfig] = None
     tsv: Optional[TsvConfig] = None  # learn on TSV-M's per-task components: coefficients at 1 are TSV-M
+    # a data-free merge's update as one more vector, "start", at coefficient 1 (the experts' at
+    # coefficients.init; 0 starts at that merge exactly): learn corrections on top of e.g. WUDI
+    start: Optional[StartConfig] = None
     offload: bool = False  # keep task vectors in host memory while the model runs on the accelerator
     low_rank: bool = True  # all experts LoRA adapters: keep τ as their factors, Σr(m+n) not K·m·n numbers
 

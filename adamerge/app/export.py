@@ -209,5 +209,5 @@ def write_coefficients(folder: Path, coefficients: Coefficients, recipe: DictCon
     if recipe.export.plot:
         coefficient_heatmap(coefficients, folder / "coefficients.png", title=recipe.name)
     if recipe.export.mergekit:
-        processed = "/".join(name.upper() for name in ("ties", "dare", "tsv") if recipe.task_vectors[name] is not None)
+        processed = "/".join(name.upper() for name in ("ties", "dare", "tsv", "start") if recipe.task_vectors[name] is not None)
         write_mergekit(folder, coefficients, problem, processed or None)

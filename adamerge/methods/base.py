@@ -56,6 +56,24 @@ def apply_deltas(pretrained: WeightsSource, deltas: Mapping[str, Tensor]) -> Mer
     return merged
 
 
+START = "start"
+"""The name of the data-free merge's update among the vectors of :func:`with_start`."""
+
+
+def with_start(tv: TaskVectors, pretrained: WeightsSource, experts: Experts, method: str, args: Mapping,
+               include: Patterns = None, exclude: Patterns = None) -> TaskVectors:
+    """``tv`` with one more vector first, named ``start``: a data-free merge's whole update
+    ``Δ = θ_method − θ_0``. Its coefficient at 1 and the experts' at 0 is that merge exactly, so a
+    learned merge starts from any data-free method (WUDI, TSV-M, ...) and learns per-task
+    corrections on top, where its own update cannot be split by task."""
+    if START in tv.expert_names:
+        raise ValueError(f"an expert is named {START!r}, the name of the start vector: rename the expert")
+    merged = get_method(method)(pretrained, experts, include=include, exclude=exclude, **args)
+    state, base = open_weights(merged), open_weights(pretrained)
+    vectors = {key: torch.cat([(state[key].float() - base[key].float()).to(tv.dtype)[None], tv[key]]) for key in tv.keys}
+    return TaskVectors(vectors, (START, *tv.expert_names))
+
+
 def task_vectors(pretrained: WeightsSource, experts: Experts, include: Patterns, exclude: Patterns) -> TaskVectors:
     return TaskVectors.from_models(pretrained, experts, include=include, exclude=exclude)
 
