@@ -116,3 +116,37 @@ def test_an_adapter_opened_over_other_weights_is_read_as_the_model_it_makes(lora
             torch.testing.assert_close(tv[key][0], opened[key].float() - tensor.float(), msg=key)
     same = TaskVectors.from_models(base, {"a": open_adapter(experts["a"], base.state_dict())})
     assert same.low_rank(Q) is not None
+
+
+def test_progressive_distillation_learns_the_same_from_factors_as_from_dense_vectors(lora_zoo):
+    """Each stage reads its LoRA task vectors factored unless ``low_rank=False``; both learn the same."""
+    from adamerge.core.coefficients import MergeCoefficients
+    from adamerge.core.layouts import build_layout
+    from adamerge.learning.progressive import ProgressiveDistiller
+    from adamerge.tasks.hf import CausalLMTask
+
+    base, experts = lora_zoo
+    keys = [name for name, _ in base.named_parameters()]
+    shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
+    ids = torch.tensor([[1, 4, 2, 7, 3], [2, 2, 5, 1, 6]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    learned, built = {}, []
+    original = TaskVectors.from_models
+    for low_rank in (True, False):
+        def spy(*args, **kwargs):
+            vectors = original(*args, **kwargs)
+            built.append((kwargs["low_rank"], any(vectors.low_rank(k) is not None for k in vectors.keys)))
+            return vectors
+
+        coefficients = MergeCoefficients(build_layout(list(experts), shapes, "layer"), init=0.3)
+        distiller = ProgressiveDistiller(
+            base, experts, {name: CausalLMTask(name) for name in experts}, {name: [batch] for name in experts},
+            coefficients, keys=keys, epochs=3, lr=0.05, progress=False, low_rank=low_rank,
+        )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(TaskVectors, "from_models", spy)
+            learned[low_rank] = distiller.run().coefficients.raw.detach().clone()
+    assert (True, True) in built
+    assert not any(factored for low_rank, factored in built if not low_rank)
+    assert not torch.allclose(learned[True], torch.full_like(learned[True], 0.3))  # it learned
+    torch.testing.assert_close(learned[True], learned[False], rtol=1e-4, atol=1e-5)

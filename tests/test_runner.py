@@ -234,8 +234,8 @@ def test_mergekit_absent_for_coefficients_on_processed_task_vectors(fitted, zoo)
     _, result = fitted
     problem = SimpleNamespace(description={"base": str(zoo / "base"), "experts": {"a": str(zoo / "zoo" / "a"), "b": str(zoo / "zoo" / "b")}})
     assert mergekit_config(result.merged.coefficients, problem)[0] is not None
-    config, reason = mergekit_config(result.merged.coefficients, problem, processed="TSV")
-    assert config is None and "TSV-processed task vectors" in reason
+    config, reason = mergekit_config(result.merged.coefficients, problem, processed="TSV-M")
+    assert config is None and "task vectors processed by TSV-M" in reason
 
 
 def test_evaluate_run_reproduces_the_fit_exactly(fitted):

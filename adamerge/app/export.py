@@ -209,5 +209,7 @@ def write_coefficients(folder: Path, coefficients: Coefficients, recipe: DictCon
     if recipe.export.plot:
         coefficient_heatmap(coefficients, folder / "coefficients.png", title=recipe.name)
     if recipe.export.mergekit:
-        processed = "/".join(name.upper() for name in ("ties", "dare", "tsv", "start") if recipe.task_vectors[name] is not None)
+        vectors = recipe.task_vectors
+        labels = {"ties": "TIES", "dare": "DARE", "tsv": "TSV-M", "start": f"{vectors.start.method}-start" if vectors.start else ""}
+        processed = "/".join(label for name, label in labels.items() if vectors[name] is not None)
         write_mergekit(folder, coefficients, problem, processed or None)

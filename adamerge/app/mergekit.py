@@ -75,7 +75,7 @@ def mergekit_config(coefficients: Coefficients, problem: MergeProblem, processed
     try:
         if processed:
             raise _NoMergekit(
-                f"the coefficients weight {processed}-processed task vectors; mergekit's task_arithmetic would weight the raw ones"
+                f"the coefficients weight task vectors processed by {processed}; mergekit's task_arithmetic would weight the raw ones"
             )
         if layout.granularity == "element":
             raise _NoMergekit("element-wise coefficients have no mergekit equivalent")

@@ -178,7 +178,7 @@ def _fit_progressive(recipe: DictConfig, run_dir: Path, work_dir: Path, started:
     shards = work_dir / "merged"
     distiller = ProgressiveDistiller(
         problem.pretrained, problem.experts, problem.tasks, progressive_batches(recipe, problem, data), coefficients,
-        keys=keys, dtype=recipe.task_vectors.dtype, epochs=recipe.progressive.epochs,
+        keys=keys, dtype=recipe.task_vectors.dtype, low_rank=recipe.task_vectors.low_rank, epochs=recipe.progressive.epochs,
         lr=recipe.optimizer.lr, optimizer=recipe.optimizer.name, weight_decay=recipe.optimizer.weight_decay,
         task_weights=task_weights(recipe), seed=recipe.seed,
         checkpoint=work_dir / "progress.safetensors", progress=recipe.trainer.progress_bar,

@@ -83,6 +83,7 @@ class ProgressiveDistiller:
     :func:`~adamerge.core.skeleton.parameters_on_meta` and ``weights`` its checkpoint, read lazily.
     ``writer``: every stage's tensors (merged or not) are written to it as the stage ends.
     ``features_dir``: cached features live in memory-mapped files there instead of memory.
+    ``low_rank``: LoRA experts' task vectors stay factored (``TaskVectors.from_models``).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class ProgressiveDistiller:
         *,
         keys: Sequence[str],
         dtype: str = "float32",
+        low_rank: bool = True,
         epochs: int = 50,
         lr: float = 0.01,
         optimizer: str = "adam",
@@ -120,7 +122,7 @@ class ProgressiveDistiller:
             config.use_cache = False  # a KV cache would carry state from one block call to the next
         self.pretrained, self.experts, self.tasks = pretrained, dict(experts), dict(tasks)
         self.batches = {name: list(b) for name, b in batches.items()}
-        self.coefficients, self.keys, self.dtype = coefficients, list(keys), dtype
+        self.coefficients, self.keys, self.dtype, self.low_rank = coefficients, list(keys), dtype, low_rank
         self.epochs, self.lr, self.optimizer, self.weight_decay = epochs, lr, optimizer, weight_decay
         self.task_weights = {t: float((task_weights or {}).get(t, 1.0)) for t in self.tasks}
         self.seed, self.progress = seed, progress
@@ -264,7 +266,9 @@ class ProgressiveDistiller:
         if not stage.reads:
             return _EmptyMerge()
         include = [f"^{re.escape(k)}$" for k in stage.reads]
-        vectors = TaskVectors.from_models(self.pretrained, self.experts, include=include, dtype=self.dtype)
+        vectors = TaskVectors.from_models(
+            self.pretrained, self.experts, include=include, dtype=self.dtype, low_rank=self.low_rank
+        )
         return MergedModel(self.pretrained, vectors, coefficients=self.coefficients)
 
     @torch.no_grad()
