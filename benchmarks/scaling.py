@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 

@@ -11,7 +11,6 @@ import torch
 
 from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.layouts import build_layout
-from adamerge.core.element import ElementCoefficients
 from adamerge.core.merged import MergedModel
 from adamerge.core.task_vectors import TaskVectors
 
