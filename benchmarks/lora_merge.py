@@ -83,8 +83,7 @@ def run(folder: Path, experts: int, rank: int, low_rank: bool, steps: int) -> di
     pretrained = LlamaForCausalLM.from_pretrained(folder / "base").eval()
     ids = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(0))
     pretrained(input_ids=ids[:1]).logits.sum()  # warm up the kernels outside the peak
-    baseline = rss_mb()
-    reset_peak_rss()
+    baseline = reset_peak_rss()
     started = time.perf_counter()
     vectors = TaskVectors.from_models(pretrained, {f"e{k}": str(folder / f"e{k}") for k in range(experts)}, low_rank=low_rank)
     merged = MergedModel(pretrained, vectors, "layer", init=0.3)

@@ -110,8 +110,7 @@ def run_streamed(folder: Path, experts: int) -> dict:
     shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters() if n in keys}
     coefficients = MergeCoefficients(build_layout(names, shapes, "layer"), init=0.3)
     tasks = {n: CausalLMTask(n) for n in names}
-    baseline = rss_mb()
-    reset_peak_rss()
+    baseline = reset_peak_rss()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         distiller = ProgressiveDistiller(
@@ -133,8 +132,7 @@ def run_all_at_once(folder: Path, experts: int, steps: int = 3) -> dict:
 
     names = [f"e{k}" for k in range(experts)]
     data = batches(experts)
-    baseline = rss_mb()
-    reset_peak_rss()
+    baseline = reset_peak_rss()
     started = time.perf_counter()
     pretrained = LlamaForCausalLM.from_pretrained(folder / "base").eval()
     vectors = TaskVectors.from_models(pretrained, {n: str(folder / n) for n in names})
@@ -166,8 +164,7 @@ def activations_mb(experts: int) -> float:
     position = torch.arange(TOKENS).unsqueeze(0)
     rotary = model.model.rotary_emb(hidden, position)
     model.requires_grad_(False)
-    baseline = rss_mb()
-    reset_peak_rss()
+    baseline = reset_peak_rss()
     out = model.model.layers[0](hidden, position_embeddings=rotary, attention_mask=None)
     out = out[0] if isinstance(out, tuple) else out
     out.pow(2).mean().backward()

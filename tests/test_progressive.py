@@ -323,3 +323,15 @@ def test_progressive_recipe_refuses_what_it_cannot_honour(tmp_path, tmp_path_fac
     zoo = build_text_zoo(tmp_path_factory)
     with pytest.raises(ValueError, match=message):  # refused when the recipe loads, before any model is read
         load_recipe(recipe_dict(zoo, tmp_path, name="bad", progressive={"epochs": 1}, **section))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_the_block_calls_kept_for_the_run_hold_no_hidden_states(kind):
+    """Each batch's block arguments live the whole run: without their hidden states (each stage
+    supplies its own), else every batch's embeddings would stay in memory beside the features."""
+    pretrained, experts, tasks, batches, keys = bert_setup() if kind == "bert" else decoder_setup(kind)
+    distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches,
+                                     coefficients_for("layer", experts, pretrained, keys), keys=keys, epochs=1, progress=False)
+    distiller.run()
+    calls = [call for per_task in distiller._calls.values() for call in per_task.values()]
+    assert calls and all(call.hidden() is None for call in calls)

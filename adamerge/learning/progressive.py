@@ -211,10 +211,7 @@ class ProgressiveDistiller:
             stand_ins = [k for k in before if k not in stage.needs] if stage.kind == "post" else []
             with self._resident(stage.needs, stand_ins):
                 if number == 0:  # every block's other arguments (masks, rotary tables), from the embeddings
-                    self._calls = {
-                        t: {id(b): B.capture_block_input(self.model.backbone, self.prefix, lambda: self._run_task(t, {}, b)) for b in bs}
-                        for t, bs in self.batches.items()
-                    }
+                    self._calls = {t: {id(b): self._block_call(t, b) for b in bs} for t, bs in self.batches.items()}
                 merged = self._stage_merge(stage)
                 targets = self._expert_outputs(stage, merged, features)
                 if number >= done:
@@ -233,6 +230,11 @@ class ProgressiveDistiller:
                 del merged, params, owned
         bar.close()
         return ProgressiveResult(self.coefficients, merged_tensors, history)
+
+    def _block_call(self, task: str, batch: dict) -> B.BlockCall:
+        """Block 0's arguments on this batch, its hidden states dropped (each stage brings its own)."""
+        call = B.capture_block_input(self.model.backbone, self.prefix, lambda: self._run_task(task, {}, batch))
+        return call.without_hidden()
 
     def _next_features(self, number: int, stage: B.Stage, params, features, targets) -> dict:
         """Both feature sets one stage on (in memory-mapped files when asked)."""

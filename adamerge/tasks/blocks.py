@@ -56,6 +56,13 @@ class BlockCall:
     def hidden(self) -> Tensor:
         return self.kwargs["hidden_states"] if self.hidden_in_kwargs else self.args[0]
 
+    def without_hidden(self) -> "BlockCall":
+        """The same call with its hidden states dropped (``with_hidden`` supplies them): kept for a
+        whole run, it would otherwise hold every batch's embeddings, ``rows·tokens·hidden`` each."""
+        if self.hidden_in_kwargs:
+            return BlockCall(self.args, {**self.kwargs, "hidden_states": None}, True)
+        return BlockCall((None, *self.args[1:]), self.kwargs, False)
+
     def with_hidden(self, hidden: Tensor) -> tuple[tuple, dict]:
         if self.hidden_in_kwargs:
             return self.args, {**self.kwargs, "hidden_states": hidden}
