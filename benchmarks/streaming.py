@@ -3,6 +3,7 @@ model gets deeper: Llama-style models of fixed width (``LlamaConfig``, hidden 38
 layers), K = 8 experts, every checkpoint saved as sharded safetensors.
 
     python benchmarks/streaming.py [--layers 4 8 16 32] [--experts 8] [--out runs/streaming] [--streamed-only]
+                                   [--malloc-mmap-threshold BYTES]
 
 Each configuration runs in a fresh process. "peak +" is the growth of its peak RSS
 (``VmHWM``) over its RSS once the libraries, the calibration batches and the model's structure
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -197,8 +199,9 @@ def child(argv: list[str]) -> int:
 # ---------------------------------------------------------------------- the benchmark
 
 
-def in_fresh_process(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
+def in_fresh_process(*args: str, env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -218,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("runs/streaming"))
     parser.add_argument("--streamed-only", action="store_true", help="skip the all-at-once runs (minutes and GBs each)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run the streamed learners with glibc's MALLOC_MMAP_THRESHOLD_ fixed at BYTES")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    heap = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else None
     activations = in_fresh_process("activations", ".", str(args.experts))["peak_mb"]
     predicted = predicted_mb(args.experts, activations)
     rows = []
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                             f"from streaming import make_models; from pathlib import Path; "
                             f"make_models(Path({folder!r}), {layers}, {args.experts})"], check=True, capture_output=True)
-            streamed = in_fresh_process("streamed", folder, str(args.experts))
+            streamed = in_fresh_process("streamed", folder, str(args.experts), env=heap)
             at_once = {"peak_mb": float("nan"), "seconds": float("nan")} if args.streamed_only else in_fresh_process("all_at_once", folder, str(args.experts))
         rows.append({"layers": layers, "streamed_mb": streamed["peak_mb"], "all_at_once_mb": at_once["peak_mb"],
                      "streamed_s": streamed["seconds"], "all_at_once_s": at_once["seconds"], "predicted_streamed_mb": predicted})
