@@ -132,12 +132,13 @@ def test_progressive_distillation_learns_the_same_from_factors_as_from_dense_vec
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
     learned, built = {}, []
     original = TaskVectors.from_models
-    for low_rank in (True, False):
-        def spy(*args, **kwargs):
-            vectors = original(*args, **kwargs)
-            built.append((kwargs["low_rank"], any(vectors.low_rank(k) is not None for k in vectors.keys)))
-            return vectors
 
+    def spy(*args, **kwargs):
+        vectors = original(*args, **kwargs)
+        built.append((kwargs["low_rank"], any(vectors.low_rank(k) is not None for k in vectors.keys)))
+        return vectors
+
+    for low_rank in (True, False):
         coefficients = MergeCoefficients(build_layout(list(experts), shapes, "layer"), init=0.3)
         distiller = ProgressiveDistiller(
             base, experts, {name: CausalLMTask(name) for name in experts}, {name: [batch] for name in experts},

@@ -23,7 +23,7 @@ from adamerge import MergeCoefficients  # noqa: E402
 from adamerge.app import runner
 from adamerge.io.checkpoints import open_weights  # noqa: E402
 from adamerge.app.config import load_recipe  # noqa: E402
-from adamerge.app.mergekit import mergekit_config  # noqa: E402
+from adamerge.app.mergekit import mergekit_config, task_vector_processing  # noqa: E402
 from adamerge.core.importance import allocate_chunks, tensor_importance  # noqa: E402
 from adamerge.objectives.entropy import Entropy  # noqa: E402
 from adamerge.app.problems import build_problem  # noqa: E402
@@ -236,6 +236,18 @@ def test_mergekit_absent_for_coefficients_on_processed_task_vectors(fitted, zoo)
     assert mergekit_config(result.merged.coefficients, problem)[0] is not None
     config, reason = mergekit_config(result.merged.coefficients, problem, processed="TSV-M")
     assert config is None and "task vectors processed by TSV-M" in reason
+
+
+def test_the_processing_named_for_mergekit_lists_every_transform_of_the_task_vectors():
+    from adamerge.app.config import TaskVectorConfig
+
+    def named(**sections):  # a recipe's task_vectors section, as a recipe file would give it
+        return task_vector_processing(OmegaConf.merge(OmegaConf.structured(TaskVectorConfig), sections))
+
+    assert named() is None
+    assert named(tsv={"alpha": 1.0}) == "TSV-M"
+    assert named(ties={"density": 0.2}, dare={"density": 0.5}) == "TIES/DARE"
+    assert named(ties={"density": 0.2}, start={"method": "wudi"}) == "TIES/wudi-start"
 
 
 def test_evaluate_run_reproduces_the_fit_exactly(fitted):

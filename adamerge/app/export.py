@@ -21,7 +21,7 @@ from adamerge.io.checkpoints import save_safetensors, write_text
 from adamerge.app.config import save_recipe, shard_size_bytes
 from adamerge.core.scope import parameter_aliases
 from adamerge.learning.evaluate import average_accuracy
-from adamerge.app.mergekit import Coefficients, write_mergekit
+from adamerge.app.mergekit import Coefficients, task_vector_processing, write_mergekit
 from adamerge.app.plots import coefficient_heatmap
 from adamerge.app.problem import MergeProblem
 
@@ -209,7 +209,4 @@ def write_coefficients(folder: Path, coefficients: Coefficients, recipe: DictCon
     if recipe.export.plot:
         coefficient_heatmap(coefficients, folder / "coefficients.png", title=recipe.name)
     if recipe.export.mergekit:
-        vectors = recipe.task_vectors
-        labels = {"ties": "TIES", "dare": "DARE", "tsv": "TSV-M", "start": f"{vectors.start.method}-start" if vectors.start else ""}
-        processed = "/".join(label for name, label in labels.items() if vectors[name] is not None)
-        write_mergekit(folder, coefficients, problem, processed or None)
+        write_mergekit(folder, coefficients, problem, task_vector_processing(recipe.task_vectors))

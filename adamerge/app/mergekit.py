@@ -67,6 +67,15 @@ def _weights(keys: list[str], value_of, default: float) -> list[dict]:
     return filters + [{"value": default}]
 
 
+def task_vector_processing(vectors: DictConfig) -> str | None:
+    """The transforms a recipe's ``task_vectors`` section applies before learning ("TIES",
+    "TSV-M", "wudi-start", ...), joined by "/", or None for plain task vectors."""
+    steps = [label for name, label in (("ties", "TIES"), ("dare", "DARE"), ("tsv", "TSV-M")) if vectors[name] is not None]
+    if vectors.start is not None:
+        steps.append(f"{vectors.start.method}-start")
+    return "/".join(steps) or None
+
+
 def mergekit_config(coefficients: Coefficients, problem: MergeProblem, processed: str | None = None) -> tuple[dict | None, str]:
     """A mergekit ``task_arithmetic`` config reproducing a task/layer/group-wise merge and a note on
     what it leaves out, or None and why there is none (``processed``: the transform the task
