@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from adamerge.app.config import RecipeError, built_in_recipes, load_recipe
+from adamerge.app.config import RecipeError, built_in_recipes, load_recipe, resolve_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,3 +56,14 @@ def test_the_text_recipes_share_one_problem_block():
     assert load_recipe(REPO / "recipes" / "text" / "recommended.yaml").problem.options.calibration.max_samples == 64
     assert load_recipe(REPO / "recipes" / "text" / "ties.yaml").problem.options.calibration.max_samples == 512
     assert not any(Path(name).name.startswith("_") for name in built_in_recipes())
+
+
+@pytest.mark.parametrize("override, key, fields", [
+    ("coefficients.constraint=clamp", "coefficients.constraint", "['name', 'lo', 'hi']"),
+    ("trainer=3", "trainer", "['max_steps'"),
+])
+def test_a_scalar_given_to_a_section_names_the_key_and_its_fields(override, key, fields):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(resolve_recipe("quickstart/adamerging_layerwise"), [override])
+    message = str(caught.value)
+    assert f": {key} is a section, not a value" in message and fields in message and "\n" not in message

@@ -308,6 +308,8 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
                 if "=" not in item:
                     raise RecipeError(f"override {item!r} must look like key=value")
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers[1:]:
+            _check_sections(schema, layer, origin)
         recipe = OmegaConf.merge(*layers)
         OmegaConf.resolve(recipe)
     except OmegaConfBaseException as error:
@@ -321,13 +323,30 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
     return recipe
 
 
+def _check_sections(schema: DictConfig, layer: DictConfig, origin: str, prefix: str = "") -> None:
+    """A scalar given where the recipe has a section (``coefficients.constraint=clamp``) is refused
+    naming the key and the section's fields; omegaconf would only say which type it expected."""
+    for key in layer.keys() if isinstance(layer, DictConfig) else ():
+        if key not in schema or not isinstance(schema[key], DictConfig) or OmegaConf.get_type(schema[key]) is dict:
+            continue
+        value = layer._get_node(key)
+        if isinstance(value, DictConfig):
+            _check_sections(schema[key], value, origin, f"{prefix}{key}.")
+        elif value is not None and value._value() is not None:
+            fields = list(schema[key].keys())
+            raise RecipeError(
+                f"{origin}: {prefix}{key} is a section, not a value (got {value._value()!r}); "
+                f"set one of its fields {fields}, e.g. {prefix}{key}.{fields[0]}={value._value()}"
+            )
+
+
 _NOT_ALLOWED = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<allowed>.*)\]")
 
 
 def _explain(error: OmegaConfBaseException, origin: str) -> str:
     """One line naming the key; for a closed choice (a ``Literal`` field) the allowed values and the closest one."""
     key = getattr(error, "full_key", None)
-    message = str(error.msg if hasattr(error, "msg") else error)
+    message = str(getattr(error, "msg", None) or error)
     choice = _NOT_ALLOWED.search(message)
     if key and choice:
         allowed = [a.strip().strip("'") for a in choice["allowed"].split(",")]
