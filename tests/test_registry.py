@@ -13,6 +13,9 @@ def test_register_and_get():
         return x * x
 
     assert things.get("square") is square and "square" in things and things.names() == ["square"]
+    assert things.unregister("square") is square and "square" not in things
+    with pytest.raises(UnknownNameError, match="unknown thing 'square'; use one of \\[\\]"):
+        things.unregister("square")
 
 
 def test_unknown_name_names_the_kind_the_closest_and_the_known():

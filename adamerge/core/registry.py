@@ -48,6 +48,12 @@ class Registry(Generic[T]):
             decorate(entry)
         return decorate
 
+    def unregister(self, name: str) -> T:
+        """Remove and return the component registered as ``name`` (a test's own, say)."""
+        if name not in self._entries:
+            raise UnknownNameError(self.unknown_message(name))
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         """The component registered as ``name``, or (with ``dotted_paths``) the one it imports."""
         if name in self._entries:
