@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adamerge.app.cli import main
+from adamerge.app.export import results_table
 from adamerge.learning.evaluate import average_accuracy
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("runs") / "quickstart"
@@ -33,6 +36,21 @@ def test_layerwise_adamerging_beats_task_arithmetic(quickstart):
         assert (out / run / "recipe.yaml").is_file() and (out / run / "eval.json").is_file()
     assert (out / "adamerging_layerwise" / "coefficients.png").is_file()
     assert (out / "summary.md").read_text().count("|") > 20 and (out / "accuracy.png").is_file()
+
+
+def readme_table() -> str:
+    """The quickstart table as the README shows it: its lines from the header row to the first non-row."""
+    lines = (Path(__file__).resolve().parent.parent / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | upright"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return "\n".join(lines[start:end])
+
+
+def test_the_readme_shows_exactly_what_the_quickstart_prints(quickstart):
+    """With the pinned versions (constraints.txt) the digits zoo and every run are reproducible:
+    the README's table is the quickstart's own output, digit for digit."""
+    _, results = quickstart
+    assert results_table(results).strip() == readme_table()
 
 
 def test_cli_runs_a_built_in_quickstart_recipe(tmp_path, monkeypatch, capsys):
