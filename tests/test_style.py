@@ -13,7 +13,6 @@ MODULE_LINES, FUNCTION_LINES = 400, 60
 LONG_MODULES = {
     "zoo/lm.py": "benchmark scaffolding: the SmolLM2 zoo's instruction rows, label-word scoring and build, one workflow",
     "zoo/text.py": "benchmark scaffolding: the MiniLM zoo's data reading, shared start and build, one workflow",
-    "zoo/digits.py": "the quickstart's self-contained digits zoo: data domains, MLP, pretraining and experts",
 }
 # "module:function" -> why it is longer
 LONG_FUNCTIONS: dict[str, str] = {}
