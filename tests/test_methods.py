@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from adamerge import methods
-from adamerge.methods import get_method, layer_depths
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.methods import METHODS, layer_depths
+from adamerge.methods.base import with_start
 
 # θ_0, and two experts whose task vectors are
 #   τ_1: w = [ 1, -2, 3, 0], b = [1, 0]
@@ -170,7 +172,7 @@ def test_module_in_module_out_with_tied_aliases(name):
     model = TiedLM()
     experts = _experts_of(model, [0.2, 0.4])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = get_method(name)(model, experts)
+    merged = METHODS.get(name)(model, experts)
     assert isinstance(merged, TiedLM) and merged is not model
     assert merged.head.weight is merged.embedding.weight  # still tied
     assert torch.equal(merged.scale, before["scale"])  # buffers are untouched
@@ -190,8 +192,8 @@ def test_state_dict_in_state_dict_out(name):
     torch.manual_seed(0)
     model = TiedLM()
     experts = _experts_of(model, [0.2, 0.4])
-    merged = get_method(name)(model, experts)
-    as_dict = get_method(name)(model.state_dict(), [e.state_dict() for e in experts])
+    merged = METHODS.get(name)(model, experts)
+    as_dict = METHODS.get(name)(model.state_dict(), [e.state_dict() for e in experts])
     assert isinstance(as_dict, dict) and not isinstance(as_dict, nn.Module)
     assert set(as_dict) == set(model.state_dict())
     for key, value in merged.state_dict().items():
@@ -209,7 +211,20 @@ def test_lines_on_module_matches_hand_computation():
     torch.testing.assert_close(merged.head.weight, merged.embedding.weight)
 
 
-def test_get_method_lists_known_methods():
-    assert get_method("ties") is methods.ties
-    with pytest.raises(KeyError, match=r"unknown merge method 'magic'; known: \[.*'average'.*'dare'.*'lines'.*'task_arithmetic'.*'ties'"):
-        get_method("magic")
+def test_an_unknown_method_name_gets_the_closest_one():
+    assert METHODS.get("ties") is methods.ties
+    with pytest.raises(KeyError, match=r"^unknown merge method 'tise' \(did you mean 'ties'\?\); use one of \[.*'average'.*'dare'.*'lines'.*'task_arithmetic'.*'ties'.*\]$"):
+        METHODS.get("tise")
+
+
+def test_a_registered_method_is_found_by_name_where_a_start_merge_is_named():
+    @METHODS.register("_test_first_expert")
+    def first_expert(pretrained, experts, include=None, exclude=None):
+        return methods.apply_deltas(pretrained, {k: THETA1[k] - THETA0[k] for k in ("w", "b")})
+
+    try:
+        tv = with_start(TaskVectors.from_models(THETA0, EXPERTS), THETA0, EXPERTS, "_test_first_expert", {})
+        torch.testing.assert_close(tv["w"][0], THETA1["w"] - THETA0["w"])
+    finally:
+        METHODS.unregister("_test_first_expert")
+    assert "_test_first_expert" not in METHODS

@@ -12,8 +12,8 @@ from torch import nn
 
 import adamerge as am
 from adamerge.methods import (
+    METHODS,
     embedding_keys,
-    get_method,
     iso_c_delta,
     iso_cts_components,
     iso_cts_delta,
@@ -195,7 +195,7 @@ def test_learned_coefficients_on_tsv_task_vectors_start_at_tsv_m():
     (not a matrix) included: a learned merge on them starts where TSV-M ends."""
     base, experts = small_zoo()
     merged = am.MergedModel(base, tsv_task_vectors(am.TaskVectors.from_models(base, experts), alpha=0.8), "layer", init=1.0)
-    reference = get_method("tsv")(base, experts, alpha=0.8).state_dict()
+    reference = METHODS.get("tsv")(base, experts, alpha=0.8).state_dict()
     for key, tensor in merged.merged_parameters().items():
         close(tensor, reference[key], atol=1e-5)
 
@@ -209,7 +209,7 @@ def test_a_start_vector_at_one_is_its_merge_and_the_experts_rows_are_their_task_
     assert tv.expert_names == ("start", "expert_0", "expert_1", "expert_2")
     init = {"start": 1.0, "expert_0": 0.0, "expert_1": 0.0, "expert_2": 0.0}
     merged = am.MergedModel(base, tv, "layer", init=init)
-    reference = get_method("ties")(base, experts, density=0.5).state_dict()
+    reference = METHODS.get("ties")(base, experts, density=0.5).state_dict()
     for key, tensor in merged.merged_parameters().items():
         close(tensor, reference[key], atol=1e-6)
         assert torch.equal(tv[key][1:], plain[key])
@@ -363,7 +363,7 @@ def test_svd_methods_on_a_module_and_a_state_dict(name):
     model, experts = tiny_zoo()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args, delta_of = SVD_METHODS[name]
-    method = get_method(name)
+    method = METHODS.get(name)
     assert method is getattr(am.methods, name)
     merged = method(model, experts, **args)
     assert isinstance(merged, Tiny) and merged is not model
@@ -387,7 +387,7 @@ def test_wudi_on_a_module_optimises_linear_weights_only():
     before = model.state_dict()
     taus = stacks(model, experts)
     merged = am.methods.wudi(model, experts, iterations=20, lr=1e-3)
-    assert get_method("wudi") is am.methods.wudi
+    assert METHODS.get("wudi") is am.methods.wudi
     state = merged.state_dict()
     for key in ("lin1.weight", "lin2.weight"):
         close(state[key], before[key] + wudi_delta(taus[key], iterations=20, lr=1e-3), atol=1e-6)

@@ -16,7 +16,7 @@ import re
 from omegaconf import DictConfig
 
 from adamerge.core.granularities import GRANULARITIES, misplaced_options, option_names
-from adamerge.methods import MERGE_METHODS
+from adamerge.methods import METHODS
 from adamerge.objectives.balance import BALANCES
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -42,7 +42,7 @@ def _choices(recipe: DictConfig) -> dict[str, tuple[object, tuple]]:
         "task_balance": (recipe.task_balance, tuple(BALANCES)),
     }
     if recipe.task_vectors.start is not None:
-        checks["task_vectors.start.method"] = (recipe.task_vectors.start.method, tuple(MERGE_METHODS))
+        checks["task_vectors.start.method"] = (recipe.task_vectors.start.method, tuple(METHODS))
     if recipe.frank_wolfe is not None:
         checks["frank_wolfe.inner_granularity"] = (
             recipe.frank_wolfe.inner_granularity, tuple(g for g in GRANULARITIES if g != "element"),

@@ -20,7 +20,7 @@ from adamerge.core.element import ElementCoefficients
 from adamerge.core.scope import in_scope
 from adamerge.core.tensor_ops import keep_count
 from adamerge.io.checkpoints import open_weights, write_text
-from adamerge.methods import get_method
+from adamerge.methods import METHODS
 
 Coefficients = MergeCoefficients | ElementCoefficients
 
@@ -111,7 +111,7 @@ DARE_NOTE = (
 def _mergekit_method(name: str, args: Mapping, experts: int) -> tuple[str, list[float], dict, dict, str]:
     """mergekit's method for a data-free one: (method, weight per expert, per-model parameters,
     global parameters, a note), from the method's arguments with its own defaults."""
-    defaults = {p.name: p.default for p in inspect.signature(get_method(name)).parameters.values() if p.default is not p.empty}
+    defaults = {p.name: p.default for p in inspect.signature(METHODS.get(name)).parameters.values() if p.default is not p.empty}
     args = {**defaults, **args}
     if name == "average":
         return "linear", [1.0] * experts, {}, {"normalize": True}, ""

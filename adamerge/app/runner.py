@@ -48,7 +48,7 @@ from adamerge.learning.evaluate import check_labels, evaluate
 from adamerge.learning.frank_wolfe import frank_wolfe_merge
 from adamerge.learning.learner import frozen_modules_expected
 from adamerge.learning.progressive import ProgressiveDistiller
-from adamerge.methods import get_method
+from adamerge.methods import METHODS
 from adamerge.tasks.blocks import stage_count
 
 
@@ -252,7 +252,7 @@ def merge(recipe: DictConfig | str) -> RunResult:
 
 
 def _merge_and_evaluate(recipe: DictConfig, problem: MergeProblem):
-    method = get_method(recipe.method.name)
+    method = METHODS.get(recipe.method.name)
     module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **to_plain(recipe.method.args))
     model = FunctionalModel(problem.pretrained)
     results = {}

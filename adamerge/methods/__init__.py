@@ -17,17 +17,11 @@ outside the merge scope keep their pretrained values. ``τ_k = θ_k − θ_0``, 
 Each method's module (``adamerge/methods/<name>.py``) documents the exact definition, the
 paper's defaults and what happens to non-matrix tensors; the ``*_delta`` functions compute
 one tensor's merged update from stacked task vectors ``[K, m, n]`` (the registered methods
-are thin wrappers over them). ``base`` holds the registry, ``svd`` the shared SVD helpers.
+are thin wrappers over them). ``base`` holds the registry (``METHODS``), ``svd`` the shared
+SVD helpers.
 """
 
-from adamerge.methods.base import (
-    MERGE_METHODS,
-    MergeResult,
-    apply_deltas,
-    embedding_keys,
-    get_method,
-    register_method,
-)
+from adamerge.methods.base import METHODS, MergeResult, apply_deltas, embedding_keys
 from adamerge.methods.average import average
 from adamerge.methods.dare import dare
 from adamerge.methods.iso_c import iso_c, iso_c_delta
@@ -39,13 +33,12 @@ from adamerge.methods.tsv import tsv, tsv_components, tsv_delta
 from adamerge.methods.wudi import wudi, wudi_delta, wudi_loss
 
 __all__ = [
-    "MERGE_METHODS",
+    "METHODS",
     "MergeResult",
     "apply_deltas",
     "average",
     "dare",
     "embedding_keys",
-    "get_method",
     "iso_c",
     "iso_c_delta",
     "iso_cts",
@@ -54,7 +47,6 @@ __all__ = [
     "iso_cts_sizes",
     "layer_depths",
     "lines",
-    "register_method",
     "task_arithmetic",
     "ties",
     "tsv",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, apply_deltas, task_vectors
 from adamerge.core.scope import Experts, Patterns
 
 
-@register_method("average")
+@METHODS.register("average")
 def average(
     pretrained: WeightsSource, experts: Experts, include: Patterns = None, exclude: Patterns = None
 ) -> MergeResult:

@@ -17,27 +17,13 @@ from torch import Tensor, nn
 
 from adamerge.io.checkpoints import WeightsSource, open_weights
 from adamerge.io.terminal import progress
+from adamerge.core.registry import Registry
 from adamerge.core.scope import Experts, Patterns, parameter_aliases
 from adamerge.core.task_vectors import TaskVectors
 
 MergeResult = nn.Module | dict[str, Tensor]
-MERGE_METHODS: dict[str, Callable[..., MergeResult]] = {}
-
-
-def register_method(name: str):
-    """Register a data-free merge under ``name`` (used by ``adamerge merge`` recipes)."""
-
-    def decorate(fn):
-        MERGE_METHODS[name] = fn
-        return fn
-
-    return decorate
-
-
-def get_method(name: str) -> Callable[..., MergeResult]:
-    if name not in MERGE_METHODS:
-        raise KeyError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}")
-    return MERGE_METHODS[name]
+METHODS: Registry[Callable[..., MergeResult]] = Registry("merge method")
+"""The data-free merges by name (a recipe's ``method.name``); ``@METHODS.register("name")`` adds one."""
 
 
 def apply_deltas(pretrained: WeightsSource, deltas: Mapping[str, Tensor]) -> MergeResult:
@@ -68,7 +54,7 @@ def with_start(tv: TaskVectors, pretrained: WeightsSource, experts: Experts, met
     corrections on top, where its own update cannot be split by task."""
     if START in tv.expert_names:
         raise ValueError(f"an expert is named {START!r}, the name of the start vector: rename the expert")
-    merged = get_method(method)(pretrained, experts, include=include, exclude=exclude, **args)
+    merged = METHODS.get(method)(pretrained, experts, include=include, exclude=exclude, **args)
     state, base = open_weights(merged), open_weights(pretrained)
     vectors = {key: torch.cat([(state[key].float() - base[key].float()).to(tv.dtype)[None], tv[key]]) for key in tv.keys}
     return TaskVectors(vectors, (START, *tv.expert_names))

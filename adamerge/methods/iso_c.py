@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, merge_matrices, register_method
+from adamerge.methods.base import METHODS, MergeResult, merge_matrices
 from adamerge.methods.svd import nonzero, top_components
 from adamerge.core.scope import Experts, Patterns
 
@@ -37,7 +37,7 @@ def iso_c_delta(taus: Tensor, alpha: float = 1.0) -> Tensor:
     return (alpha * s.mean()) * (u @ v.T)
 
 
-@register_method("iso_c")
+@METHODS.register("iso_c")
 def iso_c(
     pretrained: WeightsSource,
     experts: Experts,

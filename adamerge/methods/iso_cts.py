@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, merge_matrices, register_method
+from adamerge.methods.base import METHODS, MergeResult, merge_matrices
 from adamerge.methods.svd import nonzero, orthogonalize, top_components
 from adamerge.core.scope import Experts, Patterns
 
@@ -66,7 +66,7 @@ def iso_cts_delta(taus: Tensor, alpha: float = 1.0, common_fraction: float = 0.8
     return (alpha * s.mean()) * (orthogonalize(u) @ orthogonalize(v).T)
 
 
-@register_method("iso_cts")
+@METHODS.register("iso_cts")
 def iso_cts(
     pretrained: WeightsSource,
     experts: Experts,

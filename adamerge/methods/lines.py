@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.core.granularities import block_of, module_of
-from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, apply_deltas, task_vectors
 from adamerge.core.scope import Experts, Patterns
 
 
@@ -35,7 +35,7 @@ def layer_depths(keys: Sequence[str]) -> dict[str, int]:
     return depths
 
 
-@register_method("lines")
+@METHODS.register("lines")
 def lines(
     pretrained: WeightsSource,
     experts: Experts,

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, apply_deltas, per_expert, register_method, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, apply_deltas, per_expert, task_vectors
 from adamerge.core.scope import Experts, Patterns
 
 
-@register_method("task_arithmetic")
+@METHODS.register("task_arithmetic")
 def task_arithmetic(
     pretrained: WeightsSource,
     experts: Experts,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from adamerge.core import tensor_ops
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, apply_deltas, register_method, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, apply_deltas, task_vectors
 from adamerge.core.scope import Experts, Patterns
 from adamerge.core.task_vectors import TrimScope
 
 
-@register_method("ties")
+@METHODS.register("ties")
 def ties(
     pretrained: WeightsSource,
     experts: Experts,

@@ -33,7 +33,7 @@ from torch import Tensor
 from adamerge.core.scope import Experts, Patterns
 from adamerge.core.task_vectors import TaskVectors
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import MergeResult, is_matrix, merge_matrices, register_method
+from adamerge.methods.base import METHODS, MergeResult, is_matrix, merge_matrices
 from adamerge.methods.svd import nonzero, orthogonalize, recombine, top_components, whitened_merge
 
 
@@ -82,7 +82,7 @@ def tsv_delta(taus: Tensor, alpha: float = 1.0) -> Tensor:
     return alpha * whitened_merge(*tsv_components(taus))
 
 
-@register_method("tsv")
+@METHODS.register("tsv")
 def tsv(
     pretrained: WeightsSource,
     experts: Experts,

@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.io.terminal import progress
 from adamerge.methods.base import (
+    METHODS,
     MergeResult,
     apply_deltas,
     embedding_keys,
     is_matrix,
-    register_method,
     task_vectors,
 )
 from adamerge.core.scope import Experts, Patterns
@@ -123,7 +123,7 @@ def wudi_delta(
     return merged.detach().to(taus.device)
 
 
-@register_method("wudi")
+@METHODS.register("wudi")
 def wudi(
     pretrained: WeightsSource,
     experts: Experts,
