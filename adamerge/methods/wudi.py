@@ -26,7 +26,9 @@ The optimiser runs on CUDA when available (``device="auto"``); results come back
 task vectors' device. Adam is fed the exact gradient of :func:`wudi_loss` (what autograd
 gives), ``2 Σ_k w_k (τ_m − τ_k) τ_kᵀτ_k`` with ``w_k = 1/‖τ_k‖_F²``, computed in whichever of
 two equivalent orders is cheaper for the shape: with the ``n × n`` Gram ``Σ_k w_k τ_kᵀτ_k`` a
-step is one ``(m × n)(n × n)`` product instead of autograd's ``2K`` products through ``m × m``.
+step is one ``(m × n)(n × n)`` product instead of autograd's ``2K`` products through ``m × m``,
+and the Gram's constant offset is formed task by task through the smaller of ``m × m`` and
+``n × n`` (an untied LM head never builds vocabulary²: ``benchmarks/wudi_memory.py``).
 """
 
 from __future__ import annotations
@@ -83,8 +85,7 @@ def wudi_gradient(taus: Tensor, anchor: Tensor | None = None) -> Callable[[Tenso
     if n <= 2 * num_tasks * m:  # n × n Gram: one m·n² product per step
         anchor = taus.sum(dim=0) if anchor is None else anchor
         gram = torch.einsum("kin,kio->no", weighted, taus)  # A = Σ_k w_k τ_kᵀ τ_k
-        residual = anchor.unsqueeze(0) - taus
-        offset = torch.einsum("kin,kjn,kjo->io", residual, weighted, taus)  # Σ_k w_k (a − τ_k) τ_kᵀ τ_k
+        offset = gram_offset(anchor, taus, weighted)
 
         def gradient(merged: Tensor) -> Tensor:
             return 2.0 * ((merged - anchor) @ gram + offset)
@@ -96,6 +97,16 @@ def wudi_gradient(taus: Tensor, anchor: Tensor | None = None) -> Callable[[Tenso
             return 2.0 * (residual @ taus).sum(dim=0)
 
     return gradient
+
+
+def gram_offset(anchor: Tensor, taus: Tensor, weighted: Tensor) -> Tensor:
+    """``Σ_k (a − τ_k) (w_k τ_k)ᵀ τ_k`` (``m × n``), one task at a time, through the smaller of the
+    ``m × m`` and ``n × n`` intermediates (an untied LM head's ``m × m`` is vocabulary², far past memory)."""
+    offset = torch.zeros_like(anchor)
+    for tau, left in zip(taus, weighted):
+        residual = anchor - tau
+        offset += (residual @ left.T) @ tau if tau.shape[0] <= tau.shape[1] else residual @ (left.T @ tau)
+    return offset
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
