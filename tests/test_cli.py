@@ -21,7 +21,7 @@ from adamerge.io.checkpoints import open_weights  # noqa: E402
 from adamerge.core.granularities import GRANULARITIES  # noqa: E402
 from adamerge.app.config import RecipeError, load_recipe  # noqa: E402
 from adamerge.methods import METHODS  # noqa: E402
-from adamerge.objectives import resolve_objective  # noqa: E402
+from adamerge.objectives import OBJECTIVES  # noqa: E402
 from adamerge.app.problems import PROBLEM_BUILDERS  # noqa: E402
 from test_runner import build_text_zoo, recipe_dict  # noqa: E402
 
@@ -57,7 +57,7 @@ def test_every_built_in_recipe_loads_and_validates(path):
         METHODS.get(recipe.method.name)
     else:
         for objective in recipe.objectives:
-            resolve_objective(objective.name)
+            OBJECTIVES.get(objective.name)
 
 
 @pytest.mark.parametrize(

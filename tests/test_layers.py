@@ -70,11 +70,25 @@ def test_layers_import_downward_only():
     assert wrong == []
 
 
-def test_no_import_cycles():
-    known = modules()
-    graph = {n: {t for t in imported(p, n) if t in known and t != n} for n, p in known.items()}
-    # a package's __init__ importing its own submodules is how a package is built, not a cycle
-    graph = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in graph.items()}
+def import_graph(known: dict[str, Path]) -> dict[str, set[str]]:
+    """Module → the modules importing it runs. Importing ``a.b.c`` runs the ``__init__`` of every
+    package above it that is not already running (the importer's own packages are: Python starts a
+    package before its submodules), so those packages are edges too. A package's ``__init__``
+    importing its own submodules, and a submodule importing names from its package, are edges
+    like any other."""
+    graph = {}
+    for name, path in known.items():
+        running = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        targets = set()
+        for target in imported(path, name):
+            parts = target.split(".")
+            targets |= {target} | ({".".join(parts[:i]) for i in range(1, len(parts))} - running)
+        graph[name] = {t for t in targets if t in known and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle in ``graph`` (its modules, the first repeated at the end), or ``[]``."""
     state: dict[str, int] = {}
     cycle: list[str] = []
 
@@ -82,7 +96,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle.extend(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+                cycle.extend(stack[stack.index(nxt):] + [nxt])
                 return True
             if state.get(nxt) is None and visit(nxt, stack + [nxt]):
                 return True
@@ -92,7 +106,34 @@ def test_no_import_cycles():
     for start in sorted(graph):
         if state.get(start) is None and visit(start, [start]):
             break
+    return cycle
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph(modules()))
     assert cycle == [], " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_package_init_importing_back(tmp_path):
+    """A package's ``__init__`` importing a submodule that imports from the package is a cycle;
+    the submodule importing a sibling module instead is not, nor is importing its own package's
+    sibling from outside while the ``__init__`` imports only downward."""
+    package = tmp_path / "adamerge" / "objectives"
+    package.mkdir(parents=True)
+    (package / "base.py").write_text("import torch\n")
+    (package / "entropy.py").write_text("from adamerge.objectives import Objective\n")
+    (package / "__init__.py").write_text("from adamerge.objectives.base import Objective\nfrom adamerge.objectives import entropy\n")
+    known = {"adamerge.objectives": package / "__init__.py", "adamerge.objectives.base": package / "base.py",
+             "adamerge.objectives.entropy": package / "entropy.py"}
+    assert find_cycle(import_graph(known)) == ["adamerge.objectives", "adamerge.objectives.entropy", "adamerge.objectives"]
+    (package / "entropy.py").write_text("from adamerge.objectives.base import Objective\n")
+    assert find_cycle(import_graph(known)) == []
+    outside = tmp_path / "adamerge" / "learning.py"
+    outside.write_text("from adamerge.objectives.base import Objective\n")
+    (package / "base.py").write_text("from adamerge.learning import fit\n")
+    known["adamerge.learning"] = outside
+    assert find_cycle(import_graph(known)) == [  # importing base from outside runs the package's __init__ first
+        "adamerge.learning", "adamerge.objectives", "adamerge.objectives.base", "adamerge.learning"]
 
 
 @pytest.mark.parametrize("bad, good", [("adamerge.app.runner", "adamerge.core.merged")])

@@ -20,8 +20,6 @@ from adamerge.objectives import (
     ObjectiveContext,
     WeightedObjectives,
     build_objective,
-    register_objective,
-    resolve_objective,
 )
 from adamerge.objectives.alignment import ExpertAlignment, ExpertKL, L1ToInit, coefficient_drift, kl_to_teacher
 from adamerge.objectives.entropy import Entropy, InfoMax
@@ -344,10 +342,12 @@ def max_logit_loss(output, batch, task, offset: float = 0.0):
     return output.logits.max(dim=-1).values.mean() + offset
 
 
-def test_registry_unknown_name_lists_registered():
+def test_an_unknown_objective_name_gets_the_closest_and_the_registered():
     with pytest.raises(KeyError) as info:
         build_objective("entrophy")
     message = str(info.value)
+    assert message.startswith("unknown objective 'entrophy' (did you mean 'entropy'?); use one of [")
+    assert message.endswith("] or a dotted path package.module:Name")
     for name in ("entropy", "infomax", "alignment", "expert_kl", "l1_to_init", "cross_entropy"):
         assert name in OBJECTIVES and repr(name) in message
 
@@ -365,10 +365,10 @@ def test_registry_dotted_paths_class_and_function():
     assert float(fn(out, {}, "task-a")) == pytest.approx((2.0 + 3.0) / 2 + 0.5)
     assert EXTERNAL_CALLS[-1] == "task-a"
     assert float(build_objective("test_objectives.max_logit_loss")(out, {}, "t")) == pytest.approx(2.5)
-    with pytest.raises(KeyError, match="cannot import"):
-        resolve_objective("no_such_module_xyz:Thing")
-    with pytest.raises(KeyError, match="cannot import"):
-        resolve_objective("test_objectives:NoSuchThing")
+    with pytest.raises(KeyError, match="cannot import objective 'no_such_module_xyz:Thing'"):
+        build_objective("no_such_module_xyz:Thing")
+    with pytest.raises(KeyError, match="cannot import objective 'test_objectives:NoSuchThing'"):
+        build_objective("test_objectives:NoSuchThing")
 
 
 def test_registry_unknown_argument_is_named():
@@ -384,13 +384,13 @@ def test_registry_unknown_argument_is_named():
 def test_register_plain_function():
     name = "_test_mean_logit"
     try:
-        register_objective(name)(max_logit_loss)
+        OBJECTIVES.register(name)(max_logit_loss)
         obj = build_objective(name, offset=1.0)
         assert float(obj(TaskOutput(torch.tensor([[1.0, 4.0]])), {}, "t")) == pytest.approx(5.0)
-        with pytest.raises(ValueError, match="already registered"):
-            register_objective(name)(ScaledEntropy)
+        with pytest.raises(ValueError, match="an objective named '_test_mean_logit' is already registered"):
+            OBJECTIVES.register(name)(ScaledEntropy)
     finally:
-        OBJECTIVES.pop(name, None)
+        OBJECTIVES.unregister(name)
 
 
 def test_weighted_objectives_combine_weights_penalties_and_hidden_layers():

@@ -40,7 +40,8 @@ class Registry(Generic[T]):
         def decorate(component: T) -> T:
             held = self._entries.get(name)
             if held is not None and held is not component and not _same_definition(held, component):
-                raise ValueError(f"a {self.kind} named {name!r} is already registered")
+                article = "an" if self.kind[:1] in "aeiou" else "a"
+                raise ValueError(f"{article} {self.kind} named {name!r} is already registered")
             self._entries[name] = component
             return component
 

@@ -1,167 +1,28 @@
-"""Objectives: what the coefficients are trained to minimise, and the registry that names them.
+"""Objectives: what the coefficients are trained to minimise, by registered name.
 
-An objective is an ``nn.Module`` with three hooks:
-
-- ``forward(output, batch, task) -> loss`` (or ``(loss, logs)``): the loss of one task's batch,
-  given that task's :class:`~adamerge.tasks.base.TaskOutput` from the merged model;
-- ``setup(context)`` (optional): precompute what the loss needs once, e.g. expert targets;
-- ``penalty(merged)`` (optional): a term on the coefficients themselves, added once per step.
-
-``hidden_layers`` lists the hidden layers the objective reads (the task then returns them).
-A plain function ``fn(output, batch, task) -> loss`` works too: register it and it is wrapped.
-Recipes name objectives by registered name or by dotted path (``mypkg.losses:MyLoss``).
+The protocol (:class:`Objective`) and the registry (``OBJECTIVES``) live in :mod:`.base`;
+importing this package registers the built-in objectives (``entropy``, ``infomax``,
+``alignment``, ``expert_kl``, ``l1_to_init``, ``cross_entropy``) and re-exports both.
+Task balances, how tasks' losses add up, are :mod:`.balance`.
 """
 
-from __future__ import annotations
+from adamerge.objectives import alignment, entropy, supervised  # noqa: F401  (registers them)
+from adamerge.objectives.base import (
+    OBJECTIVES,
+    FunctionObjective,
+    Objective,
+    ObjectiveContext,
+    WeightedObjectives,
+    build_objective,
+    split_loss,
+)
 
-import importlib
-import inspect
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import Tensor, nn
-
-from adamerge.core.merged import MergedModel
-from adamerge.tasks.base import Task, TaskOutput
-
-LossAndLogs = tuple[Tensor, Mapping[str, Tensor]]
-
-
-@dataclass
-class ObjectiveContext:
-    """What an objective may use in ``setup``: the merged model, the tasks and their calibration data.
-
-    ``calibration_batches(task)`` yields collated batches of that task's calibration set in order,
-    each with an ``"index"`` entry holding the rows' positions in the set.
-    """
-
-    merged: MergedModel
-    tasks: Mapping[str, Task]
-    calibration_batches: Callable[[str], Any]
-    device: torch.device
-
-
-class Objective(nn.Module):
-    """Base class for objectives; override ``forward`` and, when needed, ``setup``/``penalty``."""
-
-    hidden_layers: tuple[int, ...] = ()
-
-    def setup(self, context: ObjectiveContext) -> None:
-        """Precompute anything the loss needs (called once before training)."""
-
-    def forward(self, output: TaskOutput, batch: Mapping, task: str) -> Tensor | LossAndLogs:
-        raise NotImplementedError
-
-    def penalty(self, merged: MergedModel) -> Tensor | None:
-        """A loss on the coefficients, added once per step (None for none)."""
-        return None
-
-
-class FunctionObjective(Objective):
-    """Wraps a plain ``fn(output, batch, task) -> loss``."""
-
-    def __init__(self, fn: Callable[..., Tensor | LossAndLogs], **kwargs: Any):
-        super().__init__()
-        self.fn, self.kwargs = fn, kwargs
-
-    def forward(self, output, batch, task):
-        return self.fn(output, batch, task, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return getattr(self.fn, "__name__", repr(self.fn))
-
-
-class WeightedObjectives(Objective):
-    """``Σ_i w_i · objective_i``: several objectives combined in one recipe."""
-
-    def __init__(self, objectives: Sequence[tuple[float, Objective]], names: Sequence[str] | None = None):
-        super().__init__()
-        self.weights = [float(w) for w, _ in objectives]
-        self.parts = nn.ModuleList([o for _, o in objectives])
-        self.names = list(names) if names is not None else [type(o).__name__.lower() for o in self.parts]
-        self.hidden_layers = tuple(sorted({i for o in self.parts for i in o.hidden_layers}))
-
-    def setup(self, context):
-        for part in self.parts:
-            part.setup(context)
-
-    def forward(self, output, batch, task):
-        total, logs = 0.0, {}
-        for name, weight, part in zip(self.names, self.weights, self.parts):
-            loss, part_logs = split_loss(part(output, batch, task))
-            total = total + weight * loss
-            logs[name] = loss.detach()
-            logs.update({f"{name}/{k}": v for k, v in part_logs.items()})
-        return total, logs
-
-    def penalty(self, merged):
-        terms = [w * p for w, part in zip(self.weights, self.parts) if (p := part.penalty(merged)) is not None]
-        return sum(terms) if terms else None
-
-
-def split_loss(result: Tensor | LossAndLogs) -> LossAndLogs:
-    """Normalise an objective's return value to ``(loss, logs)``."""
-    if isinstance(result, tuple):
-        loss, logs = result
-        return loss, dict(logs)
-    return result, {}
-
-
-# ---------------------------------------------------------------------- registry
-
-OBJECTIVES: dict[str, Callable[..., Objective]] = {}
-
-
-def register_objective(name: str):
-    """Register an :class:`Objective` subclass or a plain loss function under ``name``."""
-
-    def decorate(obj):
-        if name in OBJECTIVES and OBJECTIVES[name] is not obj:
-            raise ValueError(f"an objective named {name!r} is already registered")
-        OBJECTIVES[name] = obj
-        return obj
-
-    return decorate
-
-
-def resolve_objective(name: str) -> Callable[..., Any]:
-    """A registered name, or a dotted path ``package.module:Name`` / ``package.module.Name``."""
-    if name in OBJECTIVES:
-        return OBJECTIVES[name]
-    if ":" in name or "." in name:
-        module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise KeyError(f"cannot import objective {name!r}: {error}") from error
-    raise KeyError(f"unknown objective {name!r}; registered: {sorted(OBJECTIVES)} (or give a dotted path)")
-
-
-def build_objective(name: str, **args: Any) -> Objective:
-    """Instantiate an objective by name with its arguments; a wrong argument is named in the error."""
-    target = resolve_objective(name)
-    if inspect.isclass(target) and issubclass(target, nn.Module):
-        _check_arguments(name, target.__init__, args, skip=1)
-        return target(**args)
-    if callable(target):
-        _check_arguments(name, target, args, skip=3)
-        return FunctionObjective(target, **args)
-    raise TypeError(f"objective {name!r} is neither an Objective class nor a function")
-
-
-def _check_arguments(name: str, fn: Callable, args: Mapping[str, Any], skip: int) -> None:
-    parameters = list(inspect.signature(fn).parameters.values())[skip:]
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return
-    known = {p.name for p in parameters}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise TypeError(f"objective {name!r} got unknown argument(s) {unknown}; it accepts {sorted(known)}")
-
-
-# Register the built-in objectives.
-from adamerge.objectives import alignment as _alignment  # noqa: E402,F401
-from adamerge.objectives import entropy as _entropy  # noqa: E402,F401
-from adamerge.objectives import supervised as _supervised  # noqa: E402,F401
+__all__ = [
+    "OBJECTIVES",
+    "FunctionObjective",
+    "Objective",
+    "ObjectiveContext",
+    "WeightedObjectives",
+    "build_objective",
+    "split_loss",
+]

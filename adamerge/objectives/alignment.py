@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adamerge.core.merged import MergedModel
-from adamerge.objectives import Objective, ObjectiveContext, register_objective
+from adamerge.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from adamerge.tasks.base import TaskOutput
 
 
@@ -61,7 +61,7 @@ def coefficient_drift(merged: MergedModel) -> Tensor:
     return (coefficients() - coefficients.initial)[:, trainable].abs().mean()
 
 
-@register_objective("alignment")
+@OBJECTIVES.register("alignment")
 class ExpertAlignment(Objective):
     """KL to each task's expert logits + MSE to its hidden states + γ·mean|c − c_init|.
 
@@ -139,7 +139,7 @@ class ExpertAlignment(Objective):
         return self.l1_weight * coefficient_drift(merged) if self.l1_weight else None
 
 
-@register_objective("expert_kl")
+@OBJECTIVES.register("expert_kl")
 class ExpertKL(ExpertAlignment):
     """Logit alignment only: KL to each task's expert predictions (cheap; no hidden states)."""
 
@@ -159,7 +159,7 @@ class ExpertKL(ExpertAlignment):
         )
 
 
-@register_objective("l1_to_init")
+@OBJECTIVES.register("l1_to_init")
 class L1ToInit(Objective):
     """Only a penalty: ``mean|c − c_init|``, to combine with another objective."""
 

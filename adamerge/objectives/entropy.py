@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adamerge.objectives import Objective, register_objective
+from adamerge.objectives.base import OBJECTIVES, Objective
 
 
 def prediction_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -19,7 +19,7 @@ def prediction_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
-@register_objective("entropy")
+@OBJECTIVES.register("entropy")
 class Entropy(Objective):
     """Mean per-sample prediction entropy (AdaMerging)."""
 
@@ -31,7 +31,7 @@ class Entropy(Objective):
         return prediction_entropy(output.logits, self.temperature).mean()
 
 
-@register_objective("infomax")
+@OBJECTIVES.register("infomax")
 class InfoMax(Objective):
     """Entropy with a diversity term: ``mean_i H(p_i) − λ · H(mean_i p_i)``.
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from adamerge.objectives import Objective, register_objective
+from adamerge.objectives.base import OBJECTIVES, Objective
 
 
-@register_objective("cross_entropy")
+@OBJECTIVES.register("cross_entropy")
 class CrossEntropy(Objective):
     """Mean cross-entropy of the merged model's logits against the batch's labels."""
 
