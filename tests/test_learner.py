@@ -176,7 +176,7 @@ def test_log_task_balance_weighs_relative_progress():
     merged.coefficients.raw.grad = None
     balanced.step_loss(batch)[0].backward()
     torch.testing.assert_close(merged.coefficients.raw.grad, grads["t0"] + grads["t1"], rtol=1e-5, atol=1e-8)
-    with pytest.raises(ValueError, match="task_balance"):
+    with pytest.raises(ValueError, match="unknown task balance 'max'; use one of"):
         CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="max")
     with pytest.raises(ValueError, match="non-negative"):
         CoefficientLearner(merged, tasks, build_objective("infomax", diversity_weight=10.0), task_balance="log").step_loss(batch)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from adamerge.objectives import Objective, split_loss
-from adamerge.objectives.balance import get_balance
+from adamerge.objectives.balance import BALANCES
 from adamerge.tasks.base import Task
 
 
@@ -39,7 +39,7 @@ class TaskLoss:
             raise KeyError(f"task_weights names unknown task(s) {unknown}; tasks are {sorted(tasks)}")
         self.tasks, self.objective = tasks, objective
         self.weights = {name: float((task_weights or {}).get(name, 1.0)) for name in tasks}
-        self.balance = get_balance(task_balance)
+        self.balance = BALANCES.get(task_balance)
         self.task_balance, self.guard_weight = task_balance, guard_weight
         self.initial: dict[str, float] | None = None
 

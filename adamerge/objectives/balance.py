@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adamerge.core.registry import Registry
+
 
 @dataclass(frozen=True)
 class Balance:
@@ -29,21 +31,19 @@ class Balance:
     non_negative: bool = True
 
 
-BALANCES: dict[str, Balance] = {}
+BALANCES: Registry[Balance] = Registry("task balance")
+"""The balances by name (a recipe's ``task_balance``)."""
 
 
 def register_balance(name: str, needs_start: bool = False, non_negative: bool = True):
+    """Register ``fn(loss, start, guard_weight)`` under ``name`` with its flags: whether it
+    needs the task's starting loss, and whether it needs a non-negative objective."""
+
     def decorate(fn):
-        BALANCES[name] = Balance(fn, needs_start, non_negative)
+        BALANCES.register(name, Balance(fn, needs_start, non_negative))
         return fn
 
     return decorate
-
-
-def get_balance(name: str) -> Balance:
-    if name not in BALANCES:
-        raise ValueError(f"unknown task_balance {name!r}; use one of {sorted(BALANCES)}")
-    return BALANCES[name]
 
 
 @register_balance("sum", non_negative=False)
