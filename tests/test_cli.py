@@ -23,7 +23,6 @@ from adamerge.app.config import RecipeError, load_recipe  # noqa: E402
 from adamerge.methods import METHODS  # noqa: E402
 from adamerge.objectives import OBJECTIVES  # noqa: E402
 from adamerge.app.problems import PROBLEM_BUILDERS  # noqa: E402
-from test_runner import build_text_zoo, recipe_dict  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -166,7 +165,7 @@ def test_unexpected_errors_exit_1_with_the_traceback(tmp_path, capsys, monkeypat
     assert "Traceback" in err and "invalid literal for int()" in err
 
 
-def test_sigterm_during_fit_exits_non_zero_and_leaves_a_resumable_partial_run(zoo, tmp_path):
+def test_sigterm_during_fit_exits_non_zero_and_leaves_a_resumable_partial_run(zoo, recipe_dict, tmp_path):
     import signal
     import time
 
@@ -196,12 +195,7 @@ def test_sigterm_during_fit_exits_non_zero_and_leaves_a_resumable_partial_run(zo
     assert resume_point(load_recipe(path), work_dir) == last
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_text_zoo(tmp_path_factory)
-
-
-def test_cli_fit_with_overrides_then_eval(zoo, tmp_path, capsys):
+def test_cli_fit_with_overrides_then_eval(zoo, recipe_dict, tmp_path, capsys):
     recipe = recipe_dict(zoo, tmp_path / "runs", name="from-file")
     recipe["export"] = {"plot": False}
     path = tmp_path / "tiny.yaml"

@@ -77,14 +77,13 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     assert_evaluated_as_one_process(tmp_path / "ddp")
 
 
-def test_evaluation_on_two_spawned_processes_equals_one_process():
+def test_evaluation_on_two_spawned_processes_equals_one_process(tiny_merge, assert_same_results):
     """One row per task shared out over two processes: the second has none at all, yet joins in the
     sums (the DDP run above covers a process with some tasks' rows only); the results come back
     from the workers."""
     import lightning as L
 
-    from adamerge.learning.evaluate import evaluate
-    from test_evaluate import assert_same_results, tiny_merge
+    from adamerge.learning.evaluation import evaluate
 
     sizes = (1, 1)
     merged, tasks, data = tiny_merge(sizes)

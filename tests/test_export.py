@@ -17,56 +17,12 @@ from adamerge.app import runner  # noqa: E402
 from adamerge.app.config import load_recipe  # noqa: E402
 from adamerge.tasks.hf import SequenceClassificationTask  # noqa: E402
 from adamerge.app.problems import build_problem  # noqa: E402
-from test_runner import build_text_zoo  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-LABEL_NAMES = {"a": ["neg", "pos"], "b": ["no", "maybe", "yes"]}
-
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_text_zoo(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def named_zoo(zoo, tmp_path_factory):
-    """The tiny text zoo with label names: in each expert's config (id2label/label2id) and in each
-    task's meta.json (label_names)."""
-    root = tmp_path_factory.mktemp("named_zoo")
-    shutil.copytree(zoo / "zoo", root / "zoo")
-    shutil.copytree(zoo / "data", root / "data")
-    for task, names in LABEL_NAMES.items():
-        file = root / "zoo" / task / "config.json"
-        config = json.loads(file.read_text())
-        config["id2label"] = {str(i): name for i, name in enumerate(names)}
-        config["label2id"] = {name: i for i, name in enumerate(names)}
-        file.write_text(json.dumps(config))
-        (root / "data" / task / "meta.json").write_text(json.dumps({"pair": task == "b", "label_names": names}))
-    return root
-
-
-def zoo_recipe(zoo, named_zoo, out, name, **sections):
-    recipe = {
-        "name": name,
-        "output_dir": f"{out}/{name}",
-        "problem": {
-            "kind": "text_zoo",
-            "pretrained": str(zoo / "base"),
-            "max_length": 32,
-            "options": {"data_root": str(named_zoo / "data"), "zoo_dir": str(named_zoo / "zoo")},
-        },
-        "coefficients": {"granularity": "layer", "init": 0.3},
-        "optimizer": {"lr": 0.05},
-        "trainer": {"max_steps": 3, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
-                    "log_every_n_steps": 1, "accelerator": "cpu"},
-    }
-    recipe.update(sections)
-    return load_recipe(recipe)
-
-
-@pytest.fixture(scope="module")
-def fitted(zoo, named_zoo, tmp_path_factory):
+def fitted(zoo, named_zoo, zoo_recipe, tmp_path_factory):
     recipe = zoo_recipe(zoo, named_zoo, tmp_path_factory.mktemp("runs"), "ada")
     return recipe, runner.fit(recipe)
 
@@ -78,7 +34,7 @@ def read_rows(named_zoo, task):
 # ---------------------------------------------------------------------- per-task Hugging Face folders
 
 
-def test_each_task_exports_a_classifier_transformers_opens_with_the_merged_logits(fitted, named_zoo):
+def test_each_task_exports_a_classifier_transformers_opens_with_the_merged_logits(label_names, fitted, named_zoo):
     from transformers import AutoModelForSequenceClassification, pipeline
 
     recipe, result = fitted
@@ -86,7 +42,7 @@ def test_each_task_exports_a_classifier_transformers_opens_with_the_merged_logit
     merged = result.merged.eval()
     params = merged.merged_parameters()
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
-    for task, names in LABEL_NAMES.items():
+    for task, names in label_names.items():
         folder = result.run_dir / "merged" / "tasks" / task
         model, info = AutoModelForSequenceClassification.from_pretrained(str(folder), output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -111,7 +67,7 @@ def test_each_task_exports_a_classifier_transformers_opens_with_the_merged_logit
 # ---------------------------------------------------------------------- model card
 
 
-def test_the_model_card_parses_with_huggingface_hub(fitted):
+def test_the_model_card_parses_with_huggingface_hub(label_names, fitted):
     from huggingface_hub import ModelCard
 
     recipe, result = fitted
@@ -120,7 +76,7 @@ def test_the_model_card_parses_with_huggingface_hub(fitted):
     assert {"merge", "adamerge"} <= set(card.data.tags) and card.data.library_name == "transformers"
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
     parsed = {r.dataset_name: r.metric_value for r in card.data.eval_results}
-    assert parsed == {task: evaluation[task]["accuracy"] for task in LABEL_NAMES}
+    assert parsed == {task: evaluation[task]["accuracy"] for task in label_names}
     means = result.merged.coefficients().detach().mean(dim=1)
     for name, mean in zip(("a", "b"), means.tolist()):
         assert f"| {name} | {mean:.4f} |" in card.text
@@ -180,13 +136,11 @@ def test_a_data_free_merge_runs_with_experts_only(zoo, named_zoo, tmp_path, caps
 
 # ---------------------------------------------------------------------- hf_clip: a complete CLIPModel
 
-from test_hf import clip_zoo, images, tokenizer  # noqa: E402,F401 (fixtures)
-
 CLIP_TASKS = {"shapes": (["circle", "square"], ["{}"]), "colors": (["red", "green", "blue"], ["a photo of {}.", "a {}"])}
 
 
 @pytest.fixture(scope="module")
-def clip_fitted(clip_zoo, tmp_path_factory):
+def clip_fitted(clip_zoo, images, tmp_path_factory):
     """A fit on the tiny CLIP zoo whose base's config.json names a hub id (as a downloaded model's does)."""
     import datasets
 
@@ -253,7 +207,7 @@ def test_hf_clip_exports_a_complete_clip_model_with_the_evaluated_zero_shot_logi
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_zero_shot_pipeline_on_the_clip_export_reproduces_eval_json(clip_fitted):
+def test_the_zero_shot_pipeline_on_the_clip_export_reproduces_eval_json(images, clip_fitted):
     from transformers import pipeline
 
     recipe, result = clip_fitted

@@ -22,13 +22,6 @@ from conftest import perturbed  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gt_minilm.get_model_path()))
-
-
 def random_coefficients(merged: MergedModel, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -133,51 +126,7 @@ def test_sequence_classification_errors(bert_zoo, tokenizer):
 # ---------------------------------------------------------------------- CLIP
 
 
-def clip_config(tokenizer):
-    from transformers import CLIPConfig
-
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=32, projection_dim=8, eos_token_id=tokenizer.sep_token_id,
-        bos_token_id=tokenizer.cls_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2, projection_dim=8)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
-
-
-@pytest.fixture(scope="module")
-def clip_zoo(tmp_path_factory, tokenizer):
-    """A tiny CLIP (MiniLM's BERT tokenizer, a 16-pixel image processor) and two vision experts."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    root = tmp_path_factory.mktemp("clip_zoo")
-    torch.manual_seed(0)
-    base = CLIPModel(clip_config(tokenizer)).eval()
-    base.save_pretrained(root / "base")
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer,
-    )
-    processor.save_pretrained(root / "base")
-    for k in range(2):
-        expert = copy.deepcopy(base)
-        expert.vision_model.load_state_dict(perturbed(base.vision_model, seed=40 + k, scale=0.05).state_dict())
-        with torch.no_grad():
-            expert.visual_projection.weight.add_(0.05 * torch.randn_like(expert.visual_projection.weight))
-        expert.save_pretrained(root / f"e{k}")
-    return root
-
-
-def images(n: int, seed: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def test_clip_zero_shot_logits_match_an_explicit_computation(clip_zoo, tokenizer):
+def test_clip_zero_shot_logits_match_an_explicit_computation(images, clip_zoo, tokenizer):
     from transformers import CLIPModel, CLIPProcessor
 
     vision, full = hf.load_clip(str(clip_zoo / "base"))
@@ -220,7 +169,7 @@ def test_clip_zero_shot_logits_match_an_explicit_computation(clip_zoo, tokenizer
     assert output.labels.tolist() == [0, 1, 2, 0]
 
 
-def test_hf_clip_problem_kind_loads_an_image_table(clip_zoo, tmp_path):
+def test_hf_clip_problem_kind_loads_an_image_table(images, clip_zoo, tmp_path):
     import datasets
 
     from adamerge.app.config import load_recipe

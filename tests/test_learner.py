@@ -11,60 +11,14 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
-from adamerge import Clamp, MergedModel, Sigmoid, TaskVectors
+from adamerge import Clamp, Sigmoid
 from adamerge.learning.data import CalibrationData
 from adamerge.learning.learner import CoefficientLearner, frozen_modules_expected
 from adamerge.objectives import build_objective
 from adamerge.tasks.base import HeadTask
-from conftest import perturbed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-SIZES = {"t0": 24, "t1": 15}
-
-
-def make_problem(width=16, granularity="layer", init=0.3, constraint=None, experts=("t0", "t1"), sizes=SIZES):
-    """Backbone 6 -> width -> 8, experts = backbone + seeded noise, a frozen 8 -> 4 head per task."""
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 8)).eval()
-    named = {name: perturbed(base, seed=10 + k, scale=0.5) for k, name in enumerate(experts)}
-    tasks, data = {}, {}
-    for k, name in enumerate(sizes):
-        torch.manual_seed(100 + k)
-        tasks[name] = HeadTask(name, nn.Linear(8, 4), hidden_modules=["1"])
-        g = torch.Generator().manual_seed(200 + k)
-        data[name] = [{"inputs": torch.randn(6, generator=g)} for _ in range(sizes[name])]
-    tv = TaskVectors.from_models(base, named)
-    merged = MergedModel(copy.deepcopy(base), tv, granularity, init=init, constraint=constraint)
-    return merged, tasks, data
-
-
-def trainer(max_steps, callbacks=()):
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),  # else nothing lands in cwd
-        callbacks=list(callbacks),
-        num_sanity_val_steps=0,
-    )
-
-
-def checkpointing(folder, every):
-    return ModelCheckpoint(dirpath=folder, filename="step{step}", every_n_train_steps=every, save_last=True, save_top_k=0)
-
-
-def fit(learner, data, max_steps, callbacks=(), ckpt_path=None):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer(max_steps, callbacks).fit(learner, datamodule=data, ckpt_path=ckpt_path)
-    return learner
 
 
 def mean_entropy(merged, tasks, data) -> float:
@@ -80,15 +34,15 @@ def mean_entropy(merged, tasks, data) -> float:
 # ---------------------------------------------------------------------- what is trained
 
 
-def test_a_step_updates_only_the_coefficients():
-    merged, tasks, data = make_problem()
+def test_a_step_updates_only_the_coefficients(mlp_problem, lightning_fit):
+    merged, tasks, data = mlp_problem()
     backbone = {k: v.clone() for k, v in merged.backbone.state_dict().items()}
     vectors = {k: v.clone() for k, v in merged.vectors._buffers.items()}
     heads = {n: {k: v.clone() for k, v in t.head.state_dict().items()} for n, t in tasks.items()}
     before = merged.coefficients().detach().clone()
     learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.05)
     assert [p for p in learner.parameters() if p.requires_grad] == [merged.coefficients.raw]
-    fit(learner, CalibrationData(data, batch_size=4), max_steps=1)
+    lightning_fit(learner, CalibrationData(data, batch_size=4), max_steps=1)
     after = merged.coefficients().detach()
     assert (after != before).all()  # every (layer, expert) coefficient moved (Adam: by ~lr)
     torch.testing.assert_close((after - before).abs(), torch.full_like(before, 0.05), rtol=1e-3, atol=1e-4)
@@ -101,11 +55,27 @@ def test_a_step_updates_only_the_coefficients():
             assert torch.equal(v, heads[n][k]), (n, k)
 
 
-def test_entropy_minimisation_lowers_the_entropy():
-    merged, tasks, data = make_problem()
+def test_bf16_true_trains_float32_coefficients(mlp_problem, lightning_fit):
+    """``bf16-true`` casts the model, not the coefficients: a step of ``lr`` moves them by ``lr``
+    (bf16 would round 0.3 ± 1e-3 to its grid, 2^-9 apart there) and Adam's moments are float32."""
+    merged, tasks, data = mlp_problem()
+    before = merged.coefficients().detach().clone()
+    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=1e-3)
+    lightning_fit(learner, CalibrationData(data, batch_size=4), max_steps=1, precision="bf16-true")
+    assert merged.backbone[0].weight.dtype == torch.bfloat16
+    raw = merged.coefficients.raw.detach()
+    assert raw.dtype == torch.float32 and (raw.to(torch.bfloat16).float() != raw).any()
+    after = merged.coefficients().detach()
+    torch.testing.assert_close((after - before).abs(), torch.full_like(before, 1e-3), rtol=1e-3, atol=1e-6)
+    moments = learner.trainer.optimizers[0].state[merged.coefficients.raw]
+    assert moments["exp_avg"].dtype == moments["exp_avg_sq"].dtype == torch.float32
+
+
+def test_entropy_minimisation_lowers_the_entropy(mlp_problem, lightning_fit):
+    merged, tasks, data = mlp_problem()
     before = mean_entropy(merged, tasks, data)
     learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.05)
-    fit(learner, CalibrationData(data, batch_size=8), max_steps=30)
+    lightning_fit(learner, CalibrationData(data, batch_size=8), max_steps=30)
     after = mean_entropy(merged, tasks, data)
     assert after < before - 0.05, (before, after)
 
@@ -121,8 +91,8 @@ class Counting(HeadTask):
 
 
 @pytest.mark.parametrize("objective", ["entropy", "expert_kl"])
-def test_one_merge_per_step_and_expert_targets_only_in_setup(objective):
-    merged, tasks, data = make_problem()
+def test_one_merge_per_step_and_expert_targets_only_in_setup(mlp_problem, lightning_fit, objective):
+    merged, tasks, data = mlp_problem()
     tasks = {n: Counting(t) for n, t in tasks.items()}
     merges = []
     original = merged._merge
@@ -130,14 +100,14 @@ def test_one_merge_per_step_and_expert_targets_only_in_setup(objective):
     steps = 7
     learner = CoefficientLearner(merged, tasks, build_objective(objective), lr=0.01)
     data_module = CalibrationData(data, batch_size=4, eval_batch_size=10)
-    fit(learner, data_module, max_steps=steps)
+    lightning_fit(learner, data_module, max_steps=steps)
     assert len(merges) == steps  # one merge per step, shared by both tasks
     setup_batches = {"t0": 3, "t1": 2} if objective == "expert_kl" else {"t0": 0, "t1": 0}
     assert {n: t.calls for n, t in tasks.items()} == {n: steps + setup_batches[n] for n in tasks}
 
 
-def test_task_weights_scale_task_losses():
-    merged, tasks, data = make_problem()
+def test_task_weights_scale_task_losses(mlp_problem):
+    merged, tasks, data = mlp_problem()
     batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
     plain = CoefficientLearner(merged, tasks, build_objective("entropy"))
     total, logs = plain.step_loss(batch)
@@ -156,8 +126,8 @@ def test_task_weights_scale_task_losses():
     assert float(penalised) == pytest.approx(0.2, rel=1e-5) and float(logs["penalty"]) == pytest.approx(0.2, rel=1e-5)
 
 
-def test_log_task_balance_weighs_relative_progress():
-    merged, tasks, data = make_problem()
+def test_log_task_balance_weighs_relative_progress(mlp_problem):
+    merged, tasks, data = mlp_problem()
     batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
     summed = CoefficientLearner(merged, tasks, build_objective("entropy"))
     total, logs = summed.step_loss(batch)
@@ -182,8 +152,8 @@ def test_log_task_balance_weighs_relative_progress():
         CoefficientLearner(merged, tasks, build_objective("infomax", diversity_weight=10.0), task_balance="log").step_loss(batch)
 
 
-def test_initial_task_balance_divides_by_each_task_starting_loss(tmp_path):
-    merged, tasks, data = make_problem()
+def test_initial_task_balance_divides_by_each_task_starting_loss(mlp_problem, lightning_fit, checkpointing, tmp_path):
+    merged, tasks, data = mlp_problem()
     calibration = CalibrationData(data, batch_size=4)
     learner = CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="initial")
     # the starting losses: each task's mean entropy over its calibration batches, before any step
@@ -193,7 +163,7 @@ def test_initial_task_balance_divides_by_each_task_starting_loss(tmp_path):
             values = [float(learner.objective(task(merged, merged.merged_parameters(), b), b, name))
                       for b in calibration.calibration_batches(name)]
             expected[name] = sum(values) / len(values)
-    fit(learner, calibration, max_steps=1)
+    lightning_fit(learner, calibration, max_steps=1)
     assert learner.loss.initial == pytest.approx(expected, rel=1e-6)
     batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
     total, logs = learner.step_loss(batch)
@@ -201,14 +171,14 @@ def test_initial_task_balance_divides_by_each_task_starting_loss(tmp_path):
     # the references travel with checkpoints, so a resumed run divides by the same numbers
     folder = tmp_path / "ckpt"
     resumed_from = CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="initial")
-    fit(resumed_from, CalibrationData(data, batch_size=4), max_steps=2, callbacks=[checkpointing(folder, 2)])
+    lightning_fit(resumed_from, CalibrationData(data, batch_size=4), max_steps=2, callbacks=[checkpointing(folder, 2)])
     fresh = CoefficientLearner(copy.deepcopy(merged), tasks, build_objective("entropy"), task_balance="initial")
     fresh.on_load_checkpoint(torch.load(folder / "last.ckpt", weights_only=False))
     assert fresh.loss.initial == resumed_from.loss.initial
 
 
-def test_guarded_task_balance_pulls_harder_on_tasks_behind_their_start():
-    merged, tasks, data = make_problem()
+def test_guarded_task_balance_pulls_harder_on_tasks_behind_their_start(mlp_problem):
+    merged, tasks, data = mlp_problem()
     learner = CoefficientLearner(merged, tasks, build_objective("entropy"), task_balance="guarded", guard_weight=3.0)
     batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
     _, logs = CoefficientLearner(merged, tasks, build_objective("entropy")).step_loss(batch)
@@ -219,10 +189,10 @@ def test_guarded_task_balance_pulls_harder_on_tasks_behind_their_start():
 
 
 @pytest.mark.parametrize("constraint", [Clamp(0.2, 0.4), Sigmoid(0.1, 0.5)], ids=["clamp", "sigmoid"])
-def test_constraints_hold_after_steps(constraint):
-    merged, tasks, data = make_problem(constraint=constraint)
+def test_constraints_hold_after_steps(mlp_problem, lightning_fit, constraint):
+    merged, tasks, data = mlp_problem(constraint=constraint)
     learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.5)
-    fit(learner, CalibrationData(data, batch_size=4), max_steps=6)
+    lightning_fit(learner, CalibrationData(data, batch_size=4), max_steps=6)
     values = merged.coefficients().detach()
     assert (values >= constraint.lo).all() and (values <= constraint.hi).all()
     if isinstance(constraint, Clamp):
@@ -236,10 +206,10 @@ def test_constraints_hold_after_steps(constraint):
 # ---------------------------------------------------------------------- checkpoints and resume
 
 
-def test_checkpoints_hold_only_coefficients(tmp_path):
-    merged, tasks, data = make_problem(width=2048)
+def test_checkpoints_hold_only_coefficients(mlp_problem, lightning_fit, checkpointing, tmp_path):
+    merged, tasks, data = mlp_problem(width=2048)
     learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.01)
-    fit(learner, CalibrationData(data, batch_size=4), 4, [checkpointing(tmp_path, 2)])
+    lightning_fit(learner, CalibrationData(data, batch_size=4), 4, [checkpointing(tmp_path, 2)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # save_top_k=0, as the runner's
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     keys = set(checkpoint["state_dict"])
@@ -255,26 +225,25 @@ def test_checkpoints_hold_only_coefficients(tmp_path):
     # a checkpoint without the coefficients (another recipe's) is refused
     del checkpoint["state_dict"]["merged.coefficients.raw"]
     torch.save(checkpoint, tmp_path / "broken.ckpt")
-    merged, tasks, data = make_problem(width=2048)
+    merged, tasks, data = mlp_problem(width=2048)
     with pytest.raises(KeyError, match="lacks coefficient"):
-        fit(CoefficientLearner(merged, tasks, build_objective("entropy")), CalibrationData(data, batch_size=4), 6,
+        lightning_fit(CoefficientLearner(merged, tasks, build_objective("entropy")), CalibrationData(data, batch_size=4), 6,
             ckpt_path=tmp_path / "broken.ckpt")
 
 
-def _entropy_run(steps, callbacks=(), ckpt_path=None):
-    merged, tasks, data = make_problem()
-    L.seed_everything(0, verbose=False)
-    learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.05)
-    fit(learner, CalibrationData(data, batch_size=4, seed=3), steps, callbacks, ckpt_path)
-    return merged.coefficients.raw.detach().clone()
-
-
 @pytest.mark.parametrize("interrupt_at", [5, 6])  # mid-epoch, and at the epoch boundary (24 rows / 4)
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, interrupt_at):
-    uninterrupted = _entropy_run(14)
-    partial = _entropy_run(interrupt_at, [checkpointing(tmp_path, interrupt_at)])
+def test_interrupted_and_resumed_run_is_bit_identical(mlp_problem, lightning_fit, checkpointing, tmp_path, interrupt_at):
+    def entropy_run(steps, callbacks=(), ckpt_path=None):
+        merged, tasks, data = mlp_problem()
+        L.seed_everything(0, verbose=False)
+        learner = CoefficientLearner(merged, tasks, build_objective("entropy"), lr=0.05)
+        lightning_fit(learner, CalibrationData(data, batch_size=4, seed=3), steps, callbacks, ckpt_path)
+        return merged.coefficients.raw.detach().clone()
+
+    uninterrupted = entropy_run(14)
+    partial = entropy_run(interrupt_at, [checkpointing(tmp_path, interrupt_at)])
     assert not torch.equal(partial, uninterrupted)
-    resumed = _entropy_run(14, ckpt_path=tmp_path / "last.ckpt")  # everything rebuilt from scratch
+    resumed = entropy_run(14, ckpt_path=tmp_path / "last.ckpt")  # everything rebuilt from scratch
     assert torch.equal(resumed, uninterrupted)
 
 

@@ -26,10 +26,7 @@ class CountSteps(L.Callback):
         self.steps += 1
 
 
-def test_loggers_callbacks_and_trainer_arguments_reach_lightning(tmp_path, tmp_path_factory, monkeypatch):
-    from test_runner import build_text_zoo, recipe_dict
-
-    zoo = build_text_zoo(tmp_path_factory)
+def test_loggers_callbacks_and_trainer_arguments_reach_lightning(zoo, recipe_dict, tmp_path, monkeypatch):
     trainers = []
     original = runner.build_trainer
     monkeypatch.setattr(runner, "build_trainer", lambda recipe, work: trainers.append(original(recipe, work)) or trainers[-1])
@@ -58,12 +55,9 @@ def test_bad_lightning_settings_are_named(tmp_path, trainer, message):
         runner.build_trainer(recipe, tmp_path)
 
 
-def test_the_progress_bar_counts_steps_not_epochs(tmp_path, tmp_path_factory, monkeypatch):
-    from test_runner import build_text_zoo, recipe_dict
-
+def test_the_progress_bar_counts_steps_not_epochs(zoo, recipe_dict, tmp_path, monkeypatch):
     from adamerge.learning.progress import StepProgressBar
 
-    zoo = build_text_zoo(tmp_path_factory)
     bars = []
     original = runner.build_trainer
 

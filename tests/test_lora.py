@@ -1,18 +1,17 @@
 """Experts as PEFT LoRA adapters: τ is ΔW = s·B·A, checked against peft's own merge_and_unload.
 
-peft is used only here, to write adapters and merge them; adamerge reads the folders itself.
+peft writes the adapters (the ``write_adapter`` fixture) and merges them; adamerge reads the folders itself.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import adamerge as am  # noqa: E402
@@ -20,36 +19,12 @@ from adamerge import TaskVectors  # noqa: E402
 from adamerge.io.checkpoints import UnreadableInput, open_weights  # noqa: E402
 from adamerge.io.lora import LoraAdapter, LoraExpert, open_adapter  # noqa: E402
 
-WORDS = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
-
 
 def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=16, n_layer=2, n_head=2, n_positions=32)).eval()
-
-
-def write_adapter(base, folder, seed: int = 1, safe: bool = True, **lora):
-    """``base`` wrapped by peft with ``lora``, every factor set to seeded noise (peft starts B at 0,
-    which would make ΔW zero), saved as peft saves it; returns peft's merged state dict."""
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.copy_(0.3 * torch.randn_like(param))
-    model.save_pretrained(folder, safe_serialization=safe)
-    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
 def factors(folder) -> dict[str, torch.Tensor]:
@@ -82,7 +57,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_lora_task_vector_is_peft_merge_minus_base(tmp_path, case):
+def test_lora_task_vector_is_peft_merge_minus_base(tiny_llama, write_adapter, tmp_path, case):
     base = tiny_llama()
     merged = write_adapter(base, tmp_path / "a", **CONFIGS[case])
     tv = TaskVectors.from_models(base, {"a": str(tmp_path / "a")})
@@ -93,7 +68,7 @@ def test_lora_task_vector_is_peft_merge_minus_base(tmp_path, case):
         assert torch.equal(expert[key], merged[key]), key
 
 
-def test_scaling_is_alpha_over_rank_with_patterns_by_hand(tmp_path):
+def test_scaling_is_alpha_over_rank_with_patterns_by_hand(tiny_llama, write_adapter, tmp_path):
     base = tiny_llama()
     write_adapter(base, tmp_path / "a", **CONFIGS["patterns"])
     saved = factors(tmp_path / "a")
@@ -108,7 +83,7 @@ def test_scaling_is_alpha_over_rank_with_patterns_by_hand(tmp_path):
         torch.testing.assert_close(tv[f"{module}.weight"][0], (alpha / rank) * (b @ a), rtol=1e-5, atol=1e-7)
 
 
-def test_rslora_scales_by_alpha_over_root_rank(tmp_path):
+def test_rslora_scales_by_alpha_over_root_rank(tiny_llama, write_adapter, tmp_path):
     base = tiny_llama()
     write_adapter(base, tmp_path / "a", **CONFIGS["rslora"])
     saved = factors(tmp_path / "a")
@@ -118,7 +93,7 @@ def test_rslora_scales_by_alpha_over_root_rank(tmp_path):
     torch.testing.assert_close(tv[f"{module}.weight"][0], (6 / math.sqrt(4)) * (b @ a), rtol=1e-5, atol=1e-7)
 
 
-def test_gpt2_conv1d_fan_in_fan_out_is_transposed(tmp_path):
+def test_gpt2_conv1d_fan_in_fan_out_is_transposed(write_adapter, tmp_path):
     base = tiny_gpt2()
     merged = write_adapter(base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
@@ -128,21 +103,21 @@ def test_gpt2_conv1d_fan_in_fan_out_is_transposed(tmp_path):
     assert tv["transformer.h.0.attn.c_attn.weight"][0].abs().sum() > 0
 
 
-def test_pickled_adapter_is_read_with_weights_only(tmp_path):
+def test_pickled_adapter_is_read_with_weights_only(tiny_llama, write_adapter, tmp_path):
     base = tiny_llama()
     merged = write_adapter(base, tmp_path / "a", safe=False, **CONFIGS["plain"])
     assert (tmp_path / "a" / "adapter_model.bin").is_file() and not (tmp_path / "a" / "adapter_model.safetensors").exists()
     assert_tau_is_peft_merge(base, merged, TaskVectors.from_models(base, {"a": str(tmp_path / "a")}))
 
 
-def test_membership_does_not_compute_delta_w(tmp_path):
+def test_membership_does_not_compute_delta_w(tiny_llama, write_adapter, tmp_path):
     write_adapter(tiny_llama(), tmp_path / "a", **CONFIGS["plain"])
     adapter = LoraAdapter(tmp_path / "a")
     adapter.tensors = {}  # computing any ΔW now fails
     assert "model.layers.0.self_attn.q_proj.weight" in adapter and "model.norm.weight" not in adapter
 
 
-def test_bf16_base_keeps_delta_w_unrounded(tmp_path):
+def test_bf16_base_keeps_delta_w_unrounded(tiny_llama, write_adapter, tmp_path):
     """τ of a LoRA expert is ΔW in float32, not (θ_0 + ΔW in bf16) − θ_0."""
     base = tiny_llama()
     write_adapter(base, tmp_path / "a", **CONFIGS["plain"])
@@ -155,7 +130,7 @@ def test_bf16_base_keeps_delta_w_unrounded(tmp_path):
     assert open_adapter(tmp_path / "a", bf16)[f"{module}.weight"].dtype == torch.bfloat16
 
 
-def test_task_arithmetic_of_two_adapters_is_base_plus_scaled_deltas(tmp_path):
+def test_task_arithmetic_of_two_adapters_is_base_plus_scaled_deltas(tiny_llama, write_adapter, tmp_path):
     base = tiny_llama()
     merged = {
         "a": write_adapter(base, tmp_path / "a", seed=1, **CONFIGS["plain"]),
@@ -168,7 +143,7 @@ def test_task_arithmetic_of_two_adapters_is_base_plus_scaled_deltas(tmp_path):
         torch.testing.assert_close(out[key], expected, rtol=0, atol=2e-6, msg=key)
 
 
-def test_layer_wise_learned_recipe_runs_with_adapter_experts(tmp_path):
+def test_layer_wise_learned_recipe_runs_with_adapter_experts(tiny_llama, write_adapter, lora_words, tmp_path):
     from transformers import BertTokenizer
 
     from adamerge.app import runner
@@ -176,10 +151,10 @@ def test_layer_wise_learned_recipe_runs_with_adapter_experts(tmp_path):
 
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
-    BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}).save_pretrained(tmp_path / "base")
+    BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *lora_words])}).save_pretrained(tmp_path / "base")
     write_adapter(base, tmp_path / "a", seed=1, **CONFIGS["plain"])
     write_adapter(base, tmp_path / "b", seed=2, **CONFIGS["modules_to_save"])
-    rows = "\n".join(json.dumps({"q": " ".join(WORDS[i:i + 3]), "a": WORDS[(i + 5) % len(WORDS)]}) for i in range(6))
+    rows = "\n".join(json.dumps({"q": " ".join(lora_words[i:i + 3]), "a": lora_words[(i + 5) % len(lora_words)]}) for i in range(6))
     (tmp_path / "rows.jsonl").write_text(rows)
     tasks = {n: {"expert": str(tmp_path / n), "text": "q", "response": "a", "calibration": {"path": str(tmp_path / "rows.jsonl")}}
              for n in ("a", "b")}
@@ -218,7 +193,7 @@ def edit_config(folder, **changes):
     ({"lora_bias": True}, r"adapter_config.json: lora_bias=True is not plain LoRA"),
     ({"r": 0}, r"adapter_config.json: r must be a positive number"),
 ])
-def test_unsupported_adapters_are_refused_naming_the_field(tmp_path, change, message):
+def test_unsupported_adapters_are_refused_naming_the_field(tiny_llama, write_adapter, tmp_path, change, message):
     base = tiny_llama()
     write_adapter(base, tmp_path / "a", **CONFIGS["plain"])
     edit_config(tmp_path / "a", **change)
@@ -226,7 +201,7 @@ def test_unsupported_adapters_are_refused_naming_the_field(tmp_path, change, mes
         TaskVectors.from_models(base, {"a": str(tmp_path / "a")})
 
 
-def test_lora_key_matching_no_base_parameter_is_refused_naming_it(tmp_path):
+def test_lora_key_matching_no_base_parameter_is_refused_naming_it(tiny_llama, write_adapter, tmp_path):
     base = tiny_llama()
     write_adapter(base, tmp_path / "a", **CONFIGS["plain"])
     # the bare decoder has no "model." prefix: the adapter, trained on the causal LM, does not fit it
@@ -235,7 +210,7 @@ def test_lora_key_matching_no_base_parameter_is_refused_naming_it(tmp_path):
         TaskVectors.from_models(base.model, {"a": str(tmp_path / "a")})
 
 
-def test_adapter_without_its_base_is_refused_where_weights_are_read(tmp_path):
+def test_adapter_without_its_base_is_refused_where_weights_are_read(tiny_llama, write_adapter, tmp_path):
     """open_weights cannot read an adapter alone, so FW's member_scores (which reads a member through it)
     refuses an adapter folder by name, and scores one opened over its base as θ_0 + ΔW (frank_wolfe_merge
     opens adapter folders over θ_0 itself: test_lora_fw.py)."""

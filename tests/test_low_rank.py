@@ -10,7 +10,6 @@ pytest.importorskip("peft")
 
 from adamerge import MergedModel, TaskVectors  # noqa: E402
 from adamerge.core.low_rank import LowRankStack  # noqa: E402
-from test_lora import tiny_llama, write_adapter  # noqa: E402
 
 ADAPTERS = {  # two LoRA experts of different ranks and targets, one rsLoRA
     "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -38,7 +37,7 @@ def test_stack_refuses_factors_of_another_matrix():
 
 
 @pytest.fixture(scope="module")
-def lora_zoo(tmp_path_factory):
+def lora_zoo(tiny_llama, write_adapter, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
     base = tiny_llama()
     for seed, (name, config) in enumerate(ADAPTERS.items(), start=1):
@@ -63,7 +62,7 @@ def test_lora_experts_stay_factored_and_equal_the_dense_vectors(lora_zoo, tmp_pa
     assert torch.equal(loaded[Q], low[Q])
 
 
-def test_a_full_expert_among_lora_ones_makes_every_vector_dense(lora_zoo):
+def test_a_full_expert_among_lora_ones_makes_every_vector_dense(tiny_llama, lora_zoo):
     base, experts = lora_zoo
     full = tiny_llama(seed=3)
     tv = TaskVectors.from_models(base, {**experts, "full": full})
@@ -102,7 +101,7 @@ def test_low_rank_merge_and_gradients_equal_the_dense_merge(lora_zoo, granularit
     torch.testing.assert_close(low.task_vector(Q), dense.task_vector(Q), rtol=1e-5, atol=1e-6)
 
 
-def test_an_adapter_opened_over_other_weights_is_read_as_the_model_it_makes(lora_zoo):
+def test_an_adapter_opened_over_other_weights_is_read_as_the_model_it_makes(tiny_llama, lora_zoo):
     """τ = θ_k − θ_0 whatever an expert is: an adapter opened over weights other than the
     pretrained model's is ``its base + ΔW``, not ΔW (and so not kept low-rank)."""
     from adamerge.io.lora import open_adapter

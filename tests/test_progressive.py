@@ -13,70 +13,10 @@ import torch
 pytest.importorskip("transformers")
 
 from adamerge.tasks import blocks as B  # noqa: E402
-from adamerge.core.coefficients import MergeCoefficients  # noqa: E402
-from adamerge.core.layouts import build_layout
 from adamerge.core.element import ElementCoefficients  # noqa: E402
-from adamerge.tasks.hf import CausalLMTask, SequenceClassificationTask  # noqa: E402
 from adamerge.core.merged import MergedModel  # noqa: E402
 from adamerge.learning.progressive import ProgressiveDistiller, masked_mse  # noqa: E402
 from adamerge.core.task_vectors import TaskVectors  # noqa: E402
-from conftest import perturbed  # noqa: E402
-
-
-def _ids(seed, vocab=60, shape=(3, 6)):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, shape, generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, -2:] = 0  # one padded row
-    return ids, mask
-
-
-def bert_setup():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=3)
-    pretrained = BertForSequenceClassification(config).eval()
-    experts = {f"e{k}": perturbed(pretrained, seed=40 + k, scale=0.1) for k in range(2)}
-    tasks = {n: SequenceClassificationTask(n, {k: v for k, v in e.state_dict().items() if k.startswith("classifier")})
-             for n, e in experts.items()}
-    batches = {}
-    for i, name in enumerate(tasks):
-        batches[name] = []
-        for j in range(2):
-            ids, mask = _ids(10 * i + j)
-            batches[name].append({"input_ids": ids, "attention_mask": mask})
-    keys = [n for n, _ in pretrained.named_parameters() if n.startswith("bert.")]
-    return pretrained, experts, tasks, batches, keys
-
-
-def decoder_setup(kind):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
-    else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                             tie_word_embeddings=True)).eval()
-    experts = {f"e{k}": perturbed(model, seed=50 + k, scale=0.1) for k in range(2)}
-    tasks = {n: CausalLMTask(n) for n in experts}
-    batches = {}
-    for i, name in enumerate(tasks):
-        ids, mask = _ids(20 + i)
-        batches[name] = [{"input_ids": ids, "attention_mask": mask, "loss_mask": mask}]
-    keys = [n for n, _ in model.named_parameters()]  # canonical names: the tied head is not among them
-    return model, experts, tasks, batches, keys
-
-
-def coefficients_for(granularity, experts, pretrained, keys, **options):
-    shapes = {n: tuple(p.shape) for n, p in pretrained.named_parameters() if n in keys}
-    layout = build_layout(list(experts), shapes, granularity, **options)
-    if granularity == "element":
-        return ElementCoefficients(layout, shapes, init=0.3)
-    return MergeCoefficients(layout, init=0.3)
 
 
 def full_merge(pretrained, experts, coefficients, keys):
@@ -88,8 +28,8 @@ def full_merge(pretrained, experts, coefficients, keys):
 # ---------------------------------------------------------------------- stages
 
 
-def test_bert_stages_are_embeddings_each_layer_then_pooler():
-    pretrained, experts, tasks, batches, keys = bert_setup()
+def test_bert_stages_are_embeddings_each_layer_then_pooler(transformer_setups, coefficients_for):
+    pretrained, experts, tasks, batches, keys = transformer_setups["bert"]()
     distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches,
                                      coefficients_for("layer", experts, pretrained, keys), keys=keys, epochs=0, progress=False)
     stages = distiller.stages
@@ -100,8 +40,8 @@ def test_bert_stages_are_embeddings_each_layer_then_pooler():
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_decoder_tied_head_is_read_by_the_last_stage_and_owned_by_the_first(kind):
-    model, experts, tasks, batches, keys = decoder_setup(kind)
+def test_decoder_tied_head_is_read_by_the_last_stage_and_owned_by_the_first(transformer_setups, coefficients_for, kind):
+    model, experts, tasks, batches, keys = transformer_setups[kind]()
     distiller = ProgressiveDistiller(copy.deepcopy(model), experts, tasks, batches,
                                      coefficients_for("layer", experts, model, keys), keys=keys, epochs=0, progress=False)
     first, last = distiller.stages[0], distiller.stages[-1]
@@ -119,10 +59,10 @@ def test_a_model_without_blocks_is_refused_clearly():
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
-def test_cached_features_equal_the_full_merged_models_hidden_states(kind):
+def test_cached_features_equal_the_full_merged_models_hidden_states(transformer_setups, coefficients_for, kind):
     """After learning, each stage's merged features (what the next stage trained on) are the
     full merged model's hidden states, and the last stage's output its logits."""
-    pretrained, experts, tasks, batches, keys = bert_setup() if kind == "bert" else decoder_setup(kind)
+    pretrained, experts, tasks, batches, keys = transformer_setups[kind]()
     coefficients = coefficients_for("layer", experts, pretrained, keys)
     distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients,
                                      keys=keys, epochs=2, lr=0.05, progress=False)
@@ -164,8 +104,8 @@ def test_cached_features_equal_the_full_merged_models_hidden_states(kind):
 
 
 @pytest.mark.parametrize("granularity", ["layer", "element", "chunk"])
-def test_every_stage_learns_and_moves_only_its_own_coefficients(granularity):
-    pretrained, experts, tasks, batches, keys = bert_setup()
+def test_every_stage_learns_and_moves_only_its_own_coefficients(transformer_setups, coefficients_for, granularity):
+    pretrained, experts, tasks, batches, keys = transformer_setups["bert"]()
     options = {"chunks": 2} if granularity == "chunk" else {}
     coefficients = coefficients_for(granularity, experts, pretrained, keys, **options)
     distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients,
@@ -203,9 +143,9 @@ def _owned_entries(coefficients, owns):
     return {"raw": columns.expand(coefficients.raw.shape)}
 
 
-def test_distillation_beats_task_arithmetic_on_the_targets():
+def test_distillation_beats_task_arithmetic_on_the_targets(transformer_setups, coefficients_for):
     """The learned merge's final outputs are closer to each expert's than task arithmetic's (0.3)."""
-    pretrained, experts, tasks, batches, keys = bert_setup()
+    pretrained, experts, tasks, batches, keys = transformer_setups["bert"]()
     coefficients = coefficients_for("element", experts, pretrained, keys)
     result = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients,
                                   keys=keys, epochs=15, lr=0.05, progress=False).run()
@@ -221,14 +161,14 @@ def test_distillation_beats_task_arithmetic_on_the_targets():
     assert learned_error < 0.5 * ta_error
 
 
-def test_task_wise_coefficients_are_refused():
-    pretrained, experts, tasks, batches, keys = bert_setup()
+def test_task_wise_coefficients_are_refused(transformer_setups, coefficients_for):
+    pretrained, experts, tasks, batches, keys = transformer_setups["bert"]()
     with pytest.raises(ValueError, match="task-wise coefficients span every block"):
         ProgressiveDistiller(pretrained, experts, tasks, batches, coefficients_for("task", experts, pretrained, keys), keys=keys)
 
 
-def test_a_group_across_blocks_is_refused():
-    pretrained, experts, tasks, batches, keys = bert_setup()
+def test_a_group_across_blocks_is_refused(transformer_setups, coefficients_for):
+    pretrained, experts, tasks, batches, keys = transformer_setups["bert"]()
     coefficients = coefficients_for("group", experts, pretrained, keys, groups={"dense": r"dense"})
     with pytest.raises(ValueError, match="spans stages"):
         ProgressiveDistiller(pretrained, experts, tasks, batches, coefficients, keys=keys, progress=False)
@@ -237,8 +177,8 @@ def test_a_group_across_blocks_is_refused():
 # ---------------------------------------------------------------------- resume
 
 
-def test_resume_after_a_finished_stage_is_exact(tmp_path):
-    pretrained, experts, tasks, batches, keys = bert_setup()
+def test_resume_after_a_finished_stage_is_exact(transformer_setups, coefficients_for, crash, tmp_path):
+    pretrained, experts, tasks, batches, keys = transformer_setups["bert"]()
 
     def distiller(coefficients, checkpoint):
         return ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches, coefficients, keys=keys,
@@ -247,20 +187,10 @@ def test_resume_after_a_finished_stage_is_exact(tmp_path):
     reference = coefficients_for("element", experts, pretrained, keys)
     distiller(reference, None).run()
 
-    class Interrupt(Exception):
-        pass
-
     interrupted = coefficients_for("element", experts, pretrained, keys)
     first = distiller(interrupted, tmp_path / "progress.safetensors")
-    original = first._save_checkpoint
-
-    def save_then_die(done):
-        original(done)
-        if done == 2:
-            raise Interrupt
-
-    first._save_checkpoint = save_then_die
-    with pytest.raises(Interrupt):
+    crash.arm(first, "_save_checkpoint", after=2)  # dies once two stages are saved
+    with pytest.raises(crash.error):
         first.run()
     resumed = coefficients_for("element", experts, pretrained, keys)
     distiller(resumed, tmp_path / "progress.safetensors").run()
@@ -282,14 +212,11 @@ def test_masked_mse_ignores_padding_by_hand():
 # ---------------------------------------------------------------------- the recipe section
 
 
-def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(tmp_path, tmp_path_factory):
-    from test_runner import build_text_zoo, hand_merge, recipe_dict
-
+def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(zoo, recipe_dict, zoo_hand_merge, tmp_path):
     from adamerge.app import runner
     from adamerge.io.checkpoints import open_weights
     from adamerge.app.config import load_recipe
 
-    zoo = build_text_zoo(tmp_path_factory)
     recipe = load_recipe(recipe_dict(zoo, tmp_path, name="pd", progressive={"epochs": 2, "samples_per_task": 8},
                                      coefficients={"granularity": "element", "init": 0.3, "freeze": ["word_embeddings"]}))
     result = runner.fit(recipe)
@@ -301,7 +228,7 @@ def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(tmp_path, tmp
     coefficients = ElementCoefficients.load(run / "coefficients.safetensors")
     merged = dict(open_weights(str(run / "merged")))
     keys = [k for k in coefficients.layout.keys]
-    by_hand = hand_merge(zoo, keys, lambda key, k: coefficients.effective(key)[k])
+    by_hand = zoo_hand_merge(zoo, keys, lambda key, k: coefficients.effective(key)[k])
     for key in keys:
         torch.testing.assert_close(merged[key.removeprefix("bert.")], by_hand[key], atol=1e-6, rtol=1e-6)
     frozen = coefficients.effective("bert.embeddings.word_embeddings.weight")
@@ -315,21 +242,18 @@ def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(tmp_path, tmp
     ({"task_vectors": {"ties": {}}}, "ties/dare"),
     ({"frank_wolfe": {}}, "not both"),
 ])
-def test_progressive_recipe_refuses_what_it_cannot_honour(tmp_path, tmp_path_factory, section, message):
-    from test_runner import build_text_zoo, recipe_dict
-
+def test_progressive_recipe_refuses_what_it_cannot_honour(zoo, recipe_dict, tmp_path, section, message):
     from adamerge.app.config import load_recipe
 
-    zoo = build_text_zoo(tmp_path_factory)
     with pytest.raises(ValueError, match=message):  # refused when the recipe loads, before any model is read
         load_recipe(recipe_dict(zoo, tmp_path, name="bad", progressive={"epochs": 1}, **section))
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_the_block_calls_kept_for_the_run_hold_no_hidden_states(kind):
+def test_the_block_calls_kept_for_the_run_hold_no_hidden_states(transformer_setups, coefficients_for, kind):
     """Each batch's block arguments live the whole run: without their hidden states (each stage
     supplies its own), else every batch's embeddings would stay in memory beside the features."""
-    pretrained, experts, tasks, batches, keys = bert_setup() if kind == "bert" else decoder_setup(kind)
+    pretrained, experts, tasks, batches, keys = transformer_setups[kind]()
     distiller = ProgressiveDistiller(copy.deepcopy(pretrained), experts, tasks, batches,
                                      coefficients_for("layer", experts, pretrained, keys), keys=keys, epochs=1, progress=False)
     distiller.run()

@@ -18,16 +18,11 @@ pytest.importorskip("transformers")
 
 from adamerge.app import runner  # noqa: E402
 from adamerge.app.config import load_recipe, save_recipe  # noqa: E402
-from test_runner import build_text_zoo, recipe_dict  # noqa: E402
+from adamerge.objectives.entropy import Entropy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_text_zoo(tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)
@@ -38,16 +33,21 @@ def _datasets_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
 
 
-def quiet(zoo, out, name="run", **sections):
-    """A tiny fit recipe that writes no plots or merged model (fast)."""
-    sections.setdefault("export", {"plot": False, "merged_model": False, "mergekit": False})
-    return load_recipe(recipe_dict(zoo, out, name=name, **sections))
+@pytest.fixture
+def quiet(zoo, recipe_dict):
+    """A tiny fit recipe on the text zoo that writes no plots or merged model (fast): ``quiet(out, name, **sections)``."""
+
+    def recipe(out, name="run", **sections):
+        sections.setdefault("export", {"plot": False, "merged_model": False, "mergekit": False})
+        return load_recipe(recipe_dict(zoo, out, name=name, **sections))
+
+    return recipe
 
 
 # ---------------------------------------------------------------------- the run-directory lock
 
 
-def test_a_second_run_refuses_while_another_process_holds_the_directory_and_takes_over_a_stale_lock(zoo, tmp_path):
+def test_a_second_run_refuses_while_another_process_holds_the_directory_and_takes_over_a_stale_lock(quiet, tmp_path):
     work_dir = tmp_path / "run.partial"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom adamerge.app.rundir import run_lock\n"
@@ -57,19 +57,19 @@ def test_a_second_run_refuses_while_another_process_holds_the_directory_and_take
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FileExistsError, match=rf"in use by a live run \(PID {holder.pid} on {socket.gethostname()}\)"):
-            runner.fit(quiet(zoo, tmp_path))
+            runner.fit(quiet(tmp_path))
         assert sorted(p.name for p in work_dir.iterdir()) == ["lock"]  # the live run's folder is untouched
     finally:
         holder.send_signal(signal.SIGKILL)  # a killed run leaves its lock behind
         holder.wait()
     assert (work_dir / "lock").exists()
-    result = runner.fit(quiet(zoo, tmp_path))  # the stale lock is taken over
+    result = runner.fit(quiet(tmp_path))  # the stale lock is taken over
     assert (result.run_dir / "coefficients.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-cache") == ["run"]
 
 
-def test_the_lock_is_released_when_a_run_fails(zoo, tmp_path):
-    bad = quiet(zoo, tmp_path, coefficients={"granularity": "layer", "init": str(tmp_path / "missing.safetensors")})
+def test_the_lock_is_released_when_a_run_fails(quiet, tmp_path):
+    bad = quiet(tmp_path, coefficients={"granularity": "layer", "init": str(tmp_path / "missing.safetensors")})
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):  # fails inside the run, after the lock
         runner.fit(bad)
     assert not (tmp_path / "run.partial" / "lock").exists()
@@ -78,24 +78,24 @@ def test_the_lock_is_released_when_a_run_fails(zoo, tmp_path):
 # ---------------------------------------------------------------------- interrupted runs
 
 
-def test_a_partial_run_without_a_checkpoint_is_restarted_not_refused(zoo, tmp_path):
+def test_a_partial_run_without_a_checkpoint_is_restarted_not_refused(quiet, tmp_path):
     work_dir = tmp_path / "run.partial"
-    save_recipe(quiet(zoo, tmp_path, optimizer={"lr": 0.5}), work_dir / "recipe.yaml")  # a failed earlier attempt
+    save_recipe(quiet(tmp_path, optimizer={"lr": 0.5}), work_dir / "recipe.yaml")  # a failed earlier attempt
     (work_dir / "metrics.csv").write_text("stale\n")
-    recipe = quiet(zoo, tmp_path)
+    recipe = quiet(tmp_path)
     result = runner.fit(recipe)
     assert load_recipe(result.run_dir / "recipe.yaml") == recipe
     assert (result.run_dir / "metrics.csv").read_text() != "stale\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-cache") == ["run"]
 
 
-def test_a_checkpoint_of_a_different_recipe_is_refused_naming_the_keys(zoo, tmp_path):
+def test_a_checkpoint_of_a_different_recipe_is_refused_naming_the_keys(quiet, tmp_path):
     work_dir = tmp_path / "run.partial"
-    save_recipe(quiet(zoo, tmp_path, optimizer={"lr": 0.5}), work_dir / "recipe.yaml")
+    save_recipe(quiet(tmp_path, optimizer={"lr": 0.5}), work_dir / "recipe.yaml")
     (work_dir / "checkpoints").mkdir()
     (work_dir / "checkpoints" / "last.ckpt").write_bytes(b"a checkpoint of that recipe")
     with pytest.raises(ValueError, match=r"different recipe \(differing: optimizer\.lr\)"):
-        runner.fit(quiet(zoo, tmp_path))
+        runner.fit(quiet(tmp_path))
     assert (work_dir / "checkpoints" / "last.ckpt").exists() and not (work_dir / "lock").exists()
 
 
@@ -163,13 +163,13 @@ TRAINER = {"max_steps": 6, "batch_size": 4, "checkpoint_every_n_steps": 2, "prog
            "log_every_n_steps": 1, "accelerator": "cpu"}
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_the_run_resumes(zoo, tmp_path, monkeypatch, capsys):
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_the_run_resumes(quiet, tmp_path, monkeypatch, capsys):
     import torch
     from safetensors.torch import load_file
 
     from adamerge.io import checkpoints
 
-    straight = runner.fit(quiet(zoo, tmp_path, name="straight", trainer=TRAINER))
+    straight = runner.fit(quiet(tmp_path, name="straight", trainer=TRAINER))
     real_fsync, calls = os.fsync, []
 
     def disk_full_on_the_second_checkpoint(fd):
@@ -179,7 +179,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_the_run_res
         real_fsync(fd)
 
     monkeypatch.setattr(checkpoints.os, "fsync", disk_full_on_the_second_checkpoint)
-    recipe = quiet(zoo, tmp_path, trainer=TRAINER)
+    recipe = quiet(tmp_path, trainer=TRAINER)
     with pytest.raises(OSError, match="No space left"):
         runner.fit(recipe)
     monkeypatch.setattr(checkpoints.os, "fsync", real_fsync)
@@ -200,10 +200,10 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_the_run_res
     assert torch.equal(a["raw"], b["raw"])
 
 
-def test_a_corrupt_last_checkpoint_is_named_in_one_line(zoo, tmp_path):
+def test_a_corrupt_last_checkpoint_is_named_in_one_line(quiet, tmp_path):
     from adamerge.io.checkpoints import UnreadableInput
 
-    recipe = quiet(zoo, tmp_path)
+    recipe = quiet(tmp_path)
     last = tmp_path / "run.partial" / "checkpoints" / "last.ckpt"
     save_recipe(recipe, tmp_path / "run.partial" / "recipe.yaml")
     last.parent.mkdir()
@@ -216,7 +216,7 @@ def test_a_corrupt_last_checkpoint_is_named_in_one_line(zoo, tmp_path):
         assert message.endswith("delete it to start this run over")
 
 
-def test_a_planted_pickle_checkpoint_runs_no_code_even_when_the_environment_asks(zoo, tmp_path, monkeypatch):
+def test_a_planted_pickle_checkpoint_runs_no_code_even_when_the_environment_asks(quiet, tmp_path, monkeypatch):
     import torch
 
     from adamerge.io.checkpoints import UnreadableInput
@@ -228,7 +228,7 @@ def test_a_planted_pickle_checkpoint_runs_no_code_even_when_the_environment_asks
         def __reduce__(self):
             return (os.mkdir, (str(marker),))
 
-    recipe = quiet(zoo, tmp_path)
+    recipe = quiet(tmp_path)
     last = tmp_path / "run.partial" / "checkpoints" / "last.ckpt"
     save_recipe(recipe, tmp_path / "run.partial" / "recipe.yaml")
     last.parent.mkdir()
@@ -244,7 +244,7 @@ def test_a_planted_pickle_checkpoint_runs_no_code_even_when_the_environment_asks
 # ---------------------------------------------------------------------- labels
 
 
-def test_labels_outside_a_head_are_refused_before_training_naming_the_task_and_value(zoo, tmp_path):
+def test_labels_outside_a_head_are_refused_before_training_naming_the_task_and_value(zoo, recipe_dict, tmp_path):
     rows = (zoo / "data" / "a" / "test.jsonl").read_text().splitlines()
     folder = tmp_path / "data-a"
     folder.mkdir()
@@ -259,25 +259,20 @@ def test_labels_outside_a_head_are_refused_before_training_naming_the_task_and_v
 # ---------------------------------------------------------------------- the training log
 
 
-def test_the_training_log_survives_resumes(zoo, tmp_path):
+def test_the_training_log_survives_resumes(quiet, crash, tmp_path):
     import csv
-
-    from test_runner import CRASH
-
-    sections = {"objectives": [{"name": "test_runner:CrashingEntropy"}], "trainer": TRAINER}
 
     def log(run_dir):
         with (run_dir / "metrics.csv").open(newline="") as handle:
             return [(row["step"], row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
 
-    CRASH.update(after_calls=None, calls=0)
-    straight = runner.fit(quiet(zoo, tmp_path, name="straight", **sections))
-    recipe = quiet(zoo, tmp_path, **sections)
-    for crash_after in (2 * 3, 2 * 2):  # crash in step 4 (checkpoint at 2), then in step 5 (checkpoint at 4)
-        CRASH.update(after_calls=crash_after, calls=0)
-        with pytest.raises(RuntimeError, match="simulated crash"):
+    straight = runner.fit(quiet(tmp_path, name="straight", trainer=TRAINER))
+    recipe = quiet(tmp_path, trainer=TRAINER)
+    for crash_after in (2 * 3 + 1, 2 * 2 + 1):  # two tasks per step: dies in step 4 (checkpoint at 2), then in step 5 (at 4)
+        crash.arm(Entropy, "forward", after=crash_after)
+        with pytest.raises(crash.error):
             runner.fit(recipe)
-    CRASH.update(after_calls=None, calls=0)
+    crash.disarm()
     resumed = runner.fit(recipe)
     assert [step for step, _ in log(straight.run_dir)] == [str(s) for s in range(6)]
     assert log(resumed.run_dir) == log(straight.run_dir)  # every step once, with the same losses
@@ -286,7 +281,7 @@ def test_the_training_log_survives_resumes(zoo, tmp_path):
 # ---------------------------------------------------------------------- provenance
 
 
-def test_inputs_json_records_every_input_and_eval_warns_when_one_changed(zoo, tmp_path):
+def test_inputs_json_records_every_input_and_eval_warns_when_one_changed(zoo, recipe_dict, tmp_path):
     import hashlib
     import json
     import shutil
@@ -327,7 +322,7 @@ def test_inputs_json_records_every_input_and_eval_warns_when_one_changed(zoo, tm
 
 
 @pytest.mark.slow
-def test_a_fit_killed_at_random_moments_resumes_to_the_uninterrupted_coefficients(zoo, tmp_path):
+def test_a_fit_killed_at_random_moments_resumes_to_the_uninterrupted_coefficients(zoo, recipe_dict, quiet, tmp_path):
     """SIGKILL at up to 10 random moments (start-up, training, checkpoint writes, export), a
     rerun after each: the finished run holds bit-identical coefficients and is complete, and
     no half-written file is left beside it."""
@@ -340,7 +335,7 @@ def test_a_fit_killed_at_random_moments_resumes_to_the_uninterrupted_coefficient
 
     sections = {"trainer": {"max_steps": 40, "batch_size": 4, "checkpoint_every_n_steps": 1, "progress_bar": False,
                             "log_every_n_steps": 1, "accelerator": "cpu"}, "export": {"plot": False}}
-    reference = runner.fit(quiet(zoo, tmp_path / "reference", **sections))
+    reference = runner.fit(quiet(tmp_path / "reference", **sections))
     out = tmp_path / "killed"
     path = tmp_path / "killed.yaml"
     OmegaConf.save(OmegaConf.create(recipe_dict(zoo, out, **sections)), path)

@@ -1,13 +1,12 @@
 """End to end on a tiny ``hf_sequence_classification`` problem on disk: ``fit`` writes a complete
 run directory, ``merge`` runs data-free methods, ``evaluate_run`` reproduces, crashes resume
-bit-exactly, Expert Merging++'s two stages, mergekit export, the ``text_zoo`` kind."""
+bit-exactly, Expert Merging++'s two stages, mergekit export."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -23,106 +22,21 @@ from adamerge import MergeCoefficients  # noqa: E402
 from adamerge.app import runner
 from adamerge.io.checkpoints import open_weights  # noqa: E402
 from adamerge.app.config import load_recipe  # noqa: E402
-from adamerge.app.mergekit import mergekit_config, task_vector_processing  # noqa: E402
+from adamerge.app.mergekit.write import mergekit_config, task_vector_processing  # noqa: E402
 from adamerge.core.importance import allocate_chunks, tensor_importance  # noqa: E402
 from adamerge.objectives.entropy import Entropy  # noqa: E402
-from adamerge.app.problems import build_problem  # noqa: E402
-from conftest import perturbed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-# ---------------------------------------------------------------------- the tiny zoo on disk
-
-_ZOO: dict[str, object] = {}
-
-
-def build_text_zoo(tmp_path_factory):
-    """Base classifier (saved whole, so checkpoint names match the merged tensors), experts `a`
-    (2 labels, single sentences) and `b` (3 labels, sentence pairs), 20 jsonl rows each; built
-    once per session."""
-    if "root" in _ZOO:
-        return _ZOO["root"]
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    root = tmp_path_factory.mktemp("text_zoo")
-    words = "the cat dog sat ran on mat red blue big small house tree".split()
-    # a real BERT word-piece tokenizer with a tiny vocabulary (tokenising with MiniLM's 30k-word
-    # vocabulary costs datasets 0.3 s of fingerprinting per map)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(config).eval()
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    base.bert.save_pretrained(root / "encoder_only")
-    for k, (task, labels, pair) in enumerate([("a", 2, False), ("b", 3, True)]):
-        torch.manual_seed(1 + k)
-        expert = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": labels}))
-        expert.bert.load_state_dict(perturbed(base.bert, seed=20 + k, scale=0.2).state_dict())
-        expert.save_pretrained(root / "zoo" / task)
-        folder = root / "data" / task
-        folder.mkdir(parents=True)
-        lines = []
-        for i in range(20):
-            row = {"text": " ".join(words[(i * j + k) % len(words)] for j in range(1, 2 + i % 5)), "label": i % labels}
-            if pair:
-                row["text_pair"] = words[i % len(words)]
-            lines.append(json.dumps(row))
-        (folder / "test.jsonl").write_text("\n".join(lines) + "\n")
-        (folder / "meta.json").write_text(json.dumps({"pair": pair}))
-    _ZOO["root"] = root
-    return root
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_text_zoo(tmp_path_factory)
-
-
-def recipe_dict(zoo, out, name="run", **sections) -> dict:
-    recipe = {
-        "name": name,
-        "output_dir": str(out) + "/${name}",
-        "problem": {
-            "kind": "hf_sequence_classification",
-            "pretrained": str(zoo / "base"),
-            "max_length": 32,
-            "tasks": {
-                "a": {"expert": str(zoo / "zoo" / "a"), "calibration": {"path": str(zoo / "data" / "a")},
-                      "evaluation": {"path": str(zoo / "data" / "a")}},
-                "b": {"expert": str(zoo / "zoo" / "b"), "text_pair": "text_pair",
-                      "calibration": {"path": str(zoo / "data" / "b")}, "evaluation": {"path": str(zoo / "data" / "b")}},
-            },
-        },
-        "coefficients": {"granularity": "layer", "init": 0.3},
-        "optimizer": {"lr": 0.05},
-        "trainer": {"max_steps": 4, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
-                    "log_every_n_steps": 1, "accelerator": "cpu"},
-        "evaluation": {"batch_size": 32},
-    }
-    recipe.update(sections)
-    return recipe
+# ---------------------------------------------------------------------- the tiny zoo's files
 
 
 def state_of(path) -> dict[str, torch.Tensor]:
     return dict(open_weights(str(path)))
 
 
-def hand_merge(zoo, keys, coefficient_of, prefix="bert.") -> dict[str, torch.Tensor]:
-    base = state_of(zoo / "base")
-    experts = [state_of(zoo / "zoo" / "a"), state_of(zoo / "zoo" / "b")]
-    return {
-        key: base[key] + sum(coefficient_of(key, k) * (e[key] - base[key]) for k, e in enumerate(experts))
-        for key in keys
-    }
-
-
 @pytest.fixture(scope="module")
-def fitted(zoo, tmp_path_factory):
+def fitted(zoo, recipe_dict, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     recipe = load_recipe(recipe_dict(zoo, out, name="ada"))
     return recipe, runner.fit(recipe)
@@ -131,7 +45,7 @@ def fitted(zoo, tmp_path_factory):
 # ---------------------------------------------------------------------- fit
 
 
-def test_fit_writes_a_complete_run_directory(fitted, zoo):
+def test_fit_writes_a_complete_run_directory(fitted, zoo, zoo_hand_merge):
     from transformers import AutoModel
 
     recipe, result = fitted
@@ -166,7 +80,7 @@ def test_fit_writes_a_complete_run_directory(fitted, zoo):
     model = AutoModel.from_pretrained(str(run / "merged"))
     assert type(model).__name__ == "BertModel"
     key = "bert.encoder.layer.1.intermediate.dense.weight"
-    expected = hand_merge(zoo, [key], lambda key, k: values[k, names.index(key)])[key]
+    expected = zoo_hand_merge(zoo, [key], lambda key, k: values[k, names.index(key)])[key]
     torch.testing.assert_close(model.state_dict()[key.removeprefix("bert.")], expected, rtol=1e-6, atol=1e-6)
     assert (run / "merged" / "tokenizer.json").exists() or (run / "merged" / "vocab.txt").exists()
     for task, labels in (("a", 2), ("b", 3)):
@@ -182,7 +96,7 @@ def test_fit_writes_a_complete_run_directory(fitted, zoo):
     assert "layer-wise coefficients learned with ['entropy']" in card and "adamerge fit recipe.yaml" in card
 
 
-def test_memory_options_reach_the_run_and_keep_the_result(fitted, zoo, tmp_path, monkeypatch):
+def test_memory_options_reach_the_run_and_keep_the_result(fitted, zoo, recipe_dict, tmp_path, monkeypatch):
     """``task_vectors.offload`` and ``trainer.per_task_backward`` only change where tensors live
     and when activations are freed: the learned coefficients are the default run's."""
     learners = []
@@ -281,7 +195,7 @@ def hand_ties(zoo, keys, density, scaling):
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
-def test_merge_methods_write_a_run_and_reevaluate(zoo, tmp_path, method):
+def test_merge_methods_write_a_run_and_reevaluate(zoo, recipe_dict, zoo_hand_merge, tmp_path, method):
     from transformers import AutoModel
 
     args = {"scaling": 0.4} if method == "task_arithmetic" else {"density": 0.3, "scaling": 0.8}
@@ -294,7 +208,7 @@ def test_merge_methods_write_a_run_and_reevaluate(zoo, tmp_path, method):
     assert "adamerge merge recipe.yaml" in (run / "merged" / "README.md").read_text()
     keys = [k for k in state_of(zoo / "base") if k.startswith("bert.")]
     if method == "task_arithmetic":
-        expected = hand_merge(zoo, keys, lambda key, k: 0.4)
+        expected = zoo_hand_merge(zoo, keys, lambda key, k: 0.4)
     else:
         expected = hand_ties(zoo, keys, 0.3, 0.8)
     state = AutoModel.from_pretrained(str(run / "merged")).state_dict()
@@ -315,51 +229,37 @@ def test_merge_methods_write_a_run_and_reevaluate(zoo, tmp_path, method):
         assert sorted(p.name for p in tmp_path.iterdir()) == [method]
 
 
-def test_merge_refuses_a_learning_recipe(zoo, tmp_path):
+def test_merge_refuses_a_learning_recipe(zoo, recipe_dict, tmp_path):
     with pytest.raises(ValueError, match="no 'method' section"):
         runner.merge(load_recipe(recipe_dict(zoo, tmp_path)))
 
 
 # ---------------------------------------------------------------------- crash and resume
 
-CRASH = {"after_calls": None, "calls": 0}
+def test_a_crashed_run_leaves_only_a_partial_dir_and_resumes_identically(zoo, recipe_dict, crash, tmp_path, capsys):
+    trainer = {"max_steps": 6, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
+               "log_every_n_steps": 1, "accelerator": "cpu"}
+    export = {"plot": False}
+    straight = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="straight", trainer=trainer, export=export)))
 
-
-class CrashingEntropy(Entropy):
-    """Entropy that raises once it has been called ``CRASH['after_calls']`` times (a crash mid-run)."""
-
-    def forward(self, output, batch, task):
-        CRASH["calls"] += 1
-        if CRASH["after_calls"] is not None and CRASH["calls"] > CRASH["after_calls"]:
-            raise RuntimeError("simulated crash")
-        return super().forward(output, batch, task)
-
-
-def test_a_crashed_run_leaves_only_a_partial_dir_and_resumes_identically(zoo, tmp_path, capsys):
-    sections = {"objectives": [{"name": "test_runner:CrashingEntropy"}], "export": {"plot": False}}
-    sections_trainer = {"max_steps": 6, "batch_size": 4, "checkpoint_every_n_steps": 2, "progress_bar": False,
-                        "log_every_n_steps": 1, "accelerator": "cpu"}
-    CRASH.update(after_calls=None, calls=0)
-    straight = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="straight", trainer=sections_trainer, **sections)))
-
-    recipe = load_recipe(recipe_dict(zoo, tmp_path, name="crashy", trainer=sections_trainer, **sections))
-    CRASH.update(after_calls=2 * 3, calls=0)  # two tasks per step: crashes in step 4, after the step-2 checkpoint
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    recipe = load_recipe(recipe_dict(zoo, tmp_path, name="crashy", trainer=trainer, export=export))
+    crash.arm(Entropy, "forward", after=2 * 3 + 1)  # two tasks per step: dies in step 4, after the step-2 checkpoint
+    with pytest.raises(crash.error):
         runner.fit(recipe)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crashy.partial", "straight"]
     partial = tmp_path / "crashy.partial"
     assert (partial / "checkpoints" / "last.ckpt").exists() and (partial / "recipe.yaml").exists()
     assert torch.load(partial / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
-    different = load_recipe(recipe_dict(zoo, tmp_path, name="crashy", trainer={**sections_trainer, "max_steps": 7}, **sections))
+    different = load_recipe(recipe_dict(zoo, tmp_path, name="crashy", trainer={**trainer, "max_steps": 7}, export=export))
     with pytest.raises(ValueError, match="different recipe"):
         runner.fit(different)
 
-    CRASH.update(after_calls=None, calls=0)
+    crash.arm(Entropy, "forward")  # counts only
     capsys.readouterr()
     resumed = runner.fit(recipe)
     assert "resuming the interrupted run" in capsys.readouterr().out
-    assert CRASH["calls"] == 2 * (6 - 2)  # steps 3..6 only: it resumed, it did not start over
+    assert crash.calls == 2 * (6 - 2)  # steps 3..6 only: it resumed, it did not start over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crashy", "straight"]
     a = load_file(str(straight.run_dir / "coefficients.safetensors"))
     b = load_file(str(resumed.run_dir / "coefficients.safetensors"))
@@ -403,7 +303,7 @@ def test_tensor_importance_by_hand():
     assert importance == pytest.approx({k: v / total for k, v in raw.items()})
 
 
-def test_expert_merging_plus_plus_two_stages(zoo, tmp_path):
+def test_expert_merging_plus_plus_two_stages(zoo, recipe_dict, tmp_path):
     scope = {"include": [r"^bert\.encoder\."]}
     alignment = [{"name": "alignment", "args": {"hidden_layers": [1, 2], "l1_weight": 0.1}}]
     quick = {"export": {"plot": False}}
@@ -452,41 +352,7 @@ def test_expert_merging_plus_plus_two_stages(zoo, tmp_path):
     assert runner.evaluate_run(stage2.run_dir) == stage2.results
 
 
-# ---------------------------------------------------------------------- text_zoo
-
-
-def test_text_zoo_problem_kind(zoo, tmp_path):
-    zoo_dir = tmp_path / "zoo"
-    shutil.copytree(zoo / "zoo", zoo_dir)
-    (zoo_dir / "notes").mkdir()  # no config.json: not an expert
-    options = {"data_root": str(zoo / "data"), "zoo_dir": str(zoo_dir),
-               "calibration": {"max_samples": 6, "shuffle": True}, "evaluation": {"split": "test"}}
-    recipe = load_recipe({"problem": {"kind": "text_zoo", "pretrained": str(zoo / "base"), "max_length": 32,
-                                      "options": options, "tasks": {"b": {"weight": 2.5}}}})
-    problem = build_problem(recipe.problem)
-    assert sorted(problem.tasks) == ["a", "b"]
-    assert problem.experts == {"a": str(zoo_dir / "a"), "b": str(zoo_dir / "b")}
-    assert {n: len(d) for n, d in problem.calibration.items()} == {"a": 6, "b": 6}
-    assert {n: len(d) for n, d in problem.evaluation.items()} == {"a": 20, "b": 20}
-    for name, pair in (("a", False), ("b", True)):  # meta.json says which task has sentence pairs
-        batch = problem.collate([problem.evaluation[name][i] for i in range(4)])
-        assert bool((batch["token_type_ids"] == 1).any()) == pair
-        assert batch["labels"].tolist() == [i % (2 if name == "a" else 3) for i in range(4)]
-    assert problem.include == [r"^bert\."] and problem.description["kind"] == "hf_sequence_classification"
-
-    only_a = load_recipe({"problem": {"kind": "text_zoo", "pretrained": str(zoo / "base"),
-                                      "options": {**options, "tasks": ["a"]}}})
-    assert list(build_problem(only_a.problem).tasks) == ["a"]
-    with pytest.raises(ValueError, match="unknown key.*'zoo'"):
-        build_problem(load_recipe({"problem": {"kind": "text_zoo", "options": {**options, "zoo": 1}}}).problem)
-    with pytest.raises(FileNotFoundError, match="data_root"):
-        build_problem(load_recipe({"problem": {"kind": "text_zoo",
-                                               "options": {**options, "data_root": str(tmp_path / "none")}}}).problem)
-    with pytest.raises(ValueError, match="needs problem.options.data_root"):
-        build_problem(load_recipe({"problem": {"kind": "text_zoo", "options": {"zoo_dir": str(zoo_dir)}}}).problem)
-
-
-def test_string_labels_are_mapped_by_label_names_and_not_needed_to_learn(zoo, tmp_path):
+def test_string_labels_are_mapped_by_label_names_and_not_needed_to_learn(zoo, recipe_dict, tmp_path):
     """Task a's rows relabelled with class names: evaluation through label_names matches the
     integer-labelled run exactly; a label-free fit on names its expert does not know still runs."""
     rows = [json.loads(line) for line in (zoo / "data" / "a" / "test.jsonl").read_text().splitlines()]

@@ -19,7 +19,6 @@ from adamerge.learning.learner import CoefficientLearner
 from adamerge.learning.selection import LabelFreeSelection
 from adamerge.objectives import Objective
 from adamerge.objectives.alignment import ExpertKL
-from test_learner import checkpointing, fit, make_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -36,16 +35,22 @@ class Push(Objective):
         return -merged.coefficients().sum()
 
 
-def _run(steps, callbacks=(), ckpt_path=None, every=EVERY):
-    """Two tasks, each with its own expert; task-wise coefficients walk 0, 0.25, 0.5, ... together,
-    so the held-out KL to the experts falls, bottoms out near c = 1 and rises again."""
-    merged, tasks, data = make_problem(granularity="task", init=0.0, sizes=SIZES)
-    pristine = {"backbone": copy.deepcopy(merged.backbone), "experts": {n: merged.expert_parameters(n) for n in tasks}}
-    learner = CoefficientLearner(merged, tasks, Push(), lr=LR, optimizer="sgd")
-    selection = LabelFreeSelection(ExpertKL(), every_n_steps=every)
-    calibration = CalibrationData(data, batch_size=4, holdout=4)
-    fit(learner, calibration, steps, [selection, *callbacks], ckpt_path)
-    return learner, selection, calibration, pristine
+@pytest.fixture
+def pushed(mlp_problem, lightning_fit):
+    """``pushed(steps, callbacks, ckpt_path, every)``: two tasks, each with its own expert; task-wise
+    coefficients walk 0, 0.25, 0.5, ... together, so the held-out KL to the experts falls, bottoms
+    out near c = 1 and rises again. Returns (learner, selection, calibration, pristine models)."""
+
+    def run(steps, callbacks=(), ckpt_path=None, every=EVERY):
+        merged, tasks, data = mlp_problem(granularity="task", init=0.0, sizes=SIZES)
+        pristine = {"backbone": copy.deepcopy(merged.backbone), "experts": {n: merged.expert_parameters(n) for n in tasks}}
+        learner = CoefficientLearner(merged, tasks, Push(), lr=LR, optimizer="sgd")
+        selection = LabelFreeSelection(ExpertKL(), every_n_steps=every)
+        calibration = CalibrationData(data, batch_size=4, holdout=4)
+        lightning_fit(learner, calibration, steps, [selection, *callbacks], ckpt_path)
+        return learner, selection, calibration, pristine
+
+    return run
 
 
 @torch.no_grad()
@@ -65,9 +70,9 @@ def by_hand(c: float, tasks, calibration, pristine) -> float:
     return sum(values) / len(values)
 
 
-def test_selection_keeps_the_step_with_the_lowest_held_out_criterion_and_restores_it(tmp_path):
+def test_selection_keeps_the_step_with_the_lowest_held_out_criterion_and_restores_it(pushed, checkpointing, tmp_path):
     steps = 10
-    learner, selection, calibration, pristine = _run(steps, [checkpointing(tmp_path, steps)])
+    learner, selection, calibration, pristine = pushed(steps, [checkpointing(tmp_path, steps)])
     criteria = {s: by_hand(LR * s, learner.tasks, calibration, pristine) for s in range(0, steps + 1, EVERY)}
     best = min(criteria, key=criteria.get)
     assert 0 < best < steps  # the test means something only if the best is neither the start nor the end
@@ -79,12 +84,12 @@ def test_selection_keeps_the_step_with_the_lowest_held_out_criterion_and_restore
     assert selection.criterion(learner) == pytest.approx(criteria[best], rel=1e-5, abs=1e-7)
 
 
-def test_an_expert_kl_criterion_is_zero_at_the_expert():
+def test_an_expert_kl_criterion_is_zero_at_the_expert(mlp_problem, lightning_fit):
     # one task, one expert: the held-out KL is exactly zero at c = 1 (step 4) and grows after it
-    merged, tasks, data = make_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
+    merged, tasks, data = mlp_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
     selection = LabelFreeSelection(ExpertKL(), every_n_steps=1)
     learner = CoefficientLearner(merged, tasks, Push(), lr=LR, optimizer="sgd")
-    fit(learner, CalibrationData(data, batch_size=4, holdout=0.25), 8, [selection])
+    lightning_fit(learner, CalibrationData(data, batch_size=4, holdout=0.25), 8, [selection])
     assert selection.best["step"] == 4 and abs(selection.best["value"]) < 1e-6
     assert float(merged.coefficients()) == 1.0
     with torch.no_grad():
@@ -92,24 +97,24 @@ def test_an_expert_kl_criterion_is_zero_at_the_expert():
     assert selection.criterion(learner) > 1e-4
 
 
-def test_without_held_out_rows_there_is_nothing_to_select_on():
-    merged, tasks, data = make_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
+def test_without_held_out_rows_there_is_nothing_to_select_on(mlp_problem, lightning_fit):
+    merged, tasks, data = mlp_problem(granularity="task", init=0.0, experts=("t0",), sizes={"t0": 12})
     learner = CoefficientLearner(merged, tasks, Push(), lr=LR, optimizer="sgd")
     with pytest.raises(ValueError, match="holdout"):
-        fit(learner, CalibrationData(data, batch_size=4), 2, [LabelFreeSelection(ExpertKL())])
+        lightning_fit(learner, CalibrationData(data, batch_size=4), 2, [LabelFreeSelection(ExpertKL())])
     with pytest.raises(ValueError, match="every_n_steps"):
         LabelFreeSelection(ExpertKL(), every_n_steps=0)
 
 
 @pytest.mark.parametrize("interrupt_at", [6, 7])  # after the best step: right after a check, and between two
-def test_a_run_interrupted_after_a_check_resumes_to_the_same_coefficients_and_choice(tmp_path, interrupt_at):
+def test_a_run_interrupted_after_a_check_resumes_to_the_same_coefficients_and_choice(pushed, checkpointing, tmp_path, interrupt_at):
     steps = 10
-    straight, straight_selection, _, _ = _run(steps, every=EVERY)
-    _, partial, _, _ = _run(interrupt_at, [checkpointing(tmp_path, interrupt_at)])
+    straight, straight_selection, _, _ = pushed(steps, every=EVERY)
+    _, partial, _, _ = pushed(interrupt_at, [checkpointing(tmp_path, interrupt_at)])
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     state = checkpoint["callbacks"]["LabelFreeSelection"]
     assert state["checked_step"] == interrupt_at - interrupt_at % EVERY  # the check of that step is in the checkpoint
-    resumed, selection, _, _ = _run(steps, ckpt_path=tmp_path / "last.ckpt")
+    resumed, selection, _, _ = pushed(steps, ckpt_path=tmp_path / "last.ckpt")
     assert torch.equal(resumed.merged.coefficients.raw, straight.merged.coefficients.raw)
     assert selection.best["step"] == straight_selection.best["step"]
     assert selection.best["value"] == straight_selection.best["value"]
@@ -119,14 +124,10 @@ def test_a_run_interrupted_after_a_check_resumes_to_the_same_coefficients_and_ch
 # ---------------------------------------------------------------------- through a recipe
 
 
-def test_a_recipe_with_selection_exports_the_selected_step(tmp_path, tmp_path_factory, monkeypatch):
-    pytest.importorskip("transformers")
-    from test_runner import build_text_zoo, recipe_dict  # the tiny BERT zoo of the runner's tests
-
+def test_a_recipe_with_selection_exports_the_selected_step(zoo, recipe_dict, tmp_path, monkeypatch):
     made = []
     build_selection = runner.build_selection
     monkeypatch.setattr(runner, "build_selection", lambda recipe: made.append(build_selection(recipe)) or made[-1])
-    zoo = build_text_zoo(tmp_path_factory)
     selection = {"objective": {"name": "entropy"}, "holdout": 4, "every_n_steps": 2}
     result = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, selection=selection, export={"plot": False, "mergekit": False})))
     (callback,) = made

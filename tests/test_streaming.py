@@ -20,22 +20,26 @@ from adamerge.learning.progressive import ProgressiveDistiller  # noqa: E402
 from adamerge.io.shards import INDEX, ShardWriter  # noqa: E402
 from adamerge.core import skeleton as skeleton_module  # noqa: E402
 from adamerge.core.skeleton import StreamedModel, parameters_on_meta  # noqa: E402
-from test_progressive import bert_setup, coefficients_for, decoder_setup  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-SETUPS = {"bert": bert_setup, "gpt2": lambda: decoder_setup("gpt2"), "llama": lambda: decoder_setup("llama")}
 
 
-def saved(tmp_path, kind):
-    """The setup's models as HF folders: the pretrained one sharded (several files + index)."""
-    pretrained, experts, tasks, batches, keys = SETUPS[kind]()
-    pretrained.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-    folders = {}
-    for name, expert in experts.items():
-        expert.save_pretrained(tmp_path / name)
-        folders[name] = str(tmp_path / name)
-    assert (tmp_path / "base" / INDEX).exists()
-    return pretrained, folders, tasks, batches, keys
+@pytest.fixture
+def saved(transformer_setups):
+    """``saved(tmp_path, kind)``: the setup's models as HF folders, the pretrained one sharded
+    (several files + index); returns (pretrained, expert folders, tasks, batches, keys)."""
+
+    def save(tmp_path, kind):
+        pretrained, experts, tasks, batches, keys = transformer_setups[kind]()
+        pretrained.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+        folders = {}
+        for name, expert in experts.items():
+            expert.save_pretrained(tmp_path / name)
+            folders[name] = str(tmp_path / name)
+        assert (tmp_path / "base" / INDEX).exists()
+        return pretrained, folders, tasks, batches, keys
+
+    return save
 
 
 def skeleton_of(pretrained):
@@ -43,15 +47,24 @@ def skeleton_of(pretrained):
         return type(pretrained)(pretrained.config).eval()
 
 
-def distill(pretrained, experts, tasks, batches, keys, granularity="chunk", **options):
-    coefficients = coefficients_for(granularity, experts, pretrained, keys, **({"chunks": 2} if granularity == "chunk" else {}))
-    distiller = ProgressiveDistiller(pretrained, experts, tasks, batches, coefficients, keys=keys,
-                                     epochs=3, lr=0.05, progress=False, **options)
-    return distiller, distiller.run()
+@pytest.fixture
+def distill(coefficients_for):
+    """``distill(pretrained, experts, tasks, batches, keys, granularity="chunk", **options)``: a
+    3-epoch progressive run from coefficients at 0.3 (two chunks per tensor when chunk-wise);
+    returns (distiller, result)."""
+
+    def run(pretrained, experts, tasks, batches, keys, granularity="chunk", **options):
+        chunks = {"chunks": 2} if granularity == "chunk" else {}
+        coefficients = coefficients_for(granularity, experts, pretrained, keys, **chunks)
+        distiller = ProgressiveDistiller(pretrained, experts, tasks, batches, coefficients, keys=keys,
+                                         epochs=3, lr=0.05, progress=False, **options)
+        return distiller, distiller.run()
+
+    return run
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
-def test_streamed_run_equals_the_in_memory_run(kind, tmp_path):
+def test_streamed_run_equals_the_in_memory_run(saved, distill, kind, tmp_path):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, kind)
     _, in_memory = distill(copy.deepcopy(pretrained), experts, tasks, batches, keys)
     skeleton = skeleton_of(pretrained)
@@ -73,7 +86,7 @@ def test_streamed_run_equals_the_in_memory_run(kind, tmp_path):
         torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_only_the_current_stages_tensors_are_ever_resident(tmp_path, monkeypatch):
+def test_only_the_current_stages_tensors_are_ever_resident(saved, distill, tmp_path, monkeypatch):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
     skeleton = skeleton_of(pretrained)
     prefix = B.find_blocks(skeleton)
@@ -94,7 +107,7 @@ def test_only_the_current_stages_tensors_are_ever_resident(tmp_path, monkeypatch
     assert seen[-1][1] == {"model.norm.weight", "model.embed_tokens.weight"}  # the tied head reads the embedding
 
 
-def test_every_stage_hands_its_freed_memory_back_once_its_tensors_are_dropped(tmp_path, monkeypatch):
+def test_every_stage_hands_its_freed_memory_back_once_its_tensors_are_dropped(saved, distill, tmp_path, monkeypatch):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
     skeleton = skeleton_of(pretrained)
     resident_at_trim = []
@@ -123,36 +136,27 @@ def test_freed_heap_holes_stay_resident_until_returned():
     del pieces
 
 
-def test_skeleton_buffers_are_real_and_equal_a_built_models(tmp_path):
-    pretrained, *_ = SETUPS["llama"]()
+def test_skeleton_buffers_are_real_and_equal_a_built_models(transformer_setups, tmp_path):
+    pretrained, *_ = transformer_setups["llama"]()
     skeleton = skeleton_of(pretrained)
     for (name, buffer), (_, reference) in zip(skeleton.named_buffers(), pretrained.named_buffers()):
         assert not buffer.is_meta and torch.equal(buffer, reference), name  # rotary tables computed as usual
 
 
-def test_streamed_resume_mid_way_is_exact(tmp_path):
+def test_streamed_resume_mid_way_is_exact(coefficients_for, saved, distill, crash, tmp_path):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "gpt2")
     weights = open_weights(str(tmp_path / "base"))
     reference, result = distill(skeleton_of(pretrained), experts, tasks, batches, keys, weights=weights,
                                 writer=ShardWriter(tmp_path / "ref", 4))
 
-    class Interrupt(Exception):
-        pass
-
     first = ProgressiveDistiller(skeleton_of(pretrained), experts, tasks, batches,
                                  coefficients_for("chunk", experts, pretrained, keys, chunks=2), keys=keys, epochs=3, lr=0.05,
                                  progress=False, weights=weights, writer=ShardWriter(tmp_path / "run", 4),
                                  checkpoint=tmp_path / "progress.safetensors")
-    save = first._save_checkpoint
-
-    def save_then_die(done):
-        save(done)
-        if done == 2:
-            raise Interrupt
-
-    first._save_checkpoint = save_then_die
-    with pytest.raises(Interrupt):
+    crash.arm(first, "_save_checkpoint", after=2)  # dies once two stages are written and saved
+    with pytest.raises(crash.error):
         first.run()
+    crash.disarm()
     assert sorted(p.name for p in (tmp_path / "run").glob("*.safetensors")) == ["model-00001-of-00004.safetensors",
                                                                                 "model-00002-of-00004.safetensors"]
     with pytest.raises(FileNotFoundError, match="model-00003-of-00004"):
@@ -167,7 +171,7 @@ def test_streamed_resume_mid_way_is_exact(tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_features_in_memory_mapped_files_change_nothing(tmp_path):
+def test_features_in_memory_mapped_files_change_nothing(saved, distill, tmp_path):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "bert")
     _, in_memory = distill(copy.deepcopy(pretrained), experts, tasks, batches, keys)
     _, on_disk = distill(copy.deepcopy(pretrained), experts, tasks, batches, keys, features_dir=tmp_path / "features")
@@ -176,17 +180,17 @@ def test_features_in_memory_mapped_files_change_nothing(tmp_path):
     assert len(list((tmp_path / "features").glob("*.bin"))) == 2 * sum(len(b) for b in batches.values())  # one stage's
 
 
-def test_element_wise_coefficients_are_refused_when_streaming(tmp_path):
+def test_element_wise_coefficients_are_refused_when_streaming(saved, distill, tmp_path):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
     with pytest.raises(ValueError, match="element-wise ones are as large as the task vectors"):
         distill(skeleton_of(pretrained), experts, tasks, batches, keys, granularity="element",
                 weights=open_weights(str(tmp_path / "base")))
 
 
-def test_checkpoint_names_may_lack_the_base_prefix_and_missing_merged_tensors_are_refused(tmp_path):
+def test_checkpoint_names_may_lack_the_base_prefix_and_missing_merged_tensors_are_refused(transformer_setups, tmp_path):
     from safetensors.torch import save_file
 
-    pretrained, *_ = SETUPS["bert"]()
+    pretrained, *_ = transformer_setups["bert"]()
     encoder = {k.removeprefix("bert."): v.contiguous() for k, v in pretrained.state_dict().items() if k.startswith("bert.")}
     save_file(encoder, str(tmp_path / "encoder.safetensors"))
     weights = open_weights(str(tmp_path / "encoder.safetensors"))
@@ -230,13 +234,13 @@ def _same_runs(streamed_dir, in_memory_dir, names_in_memory=lambda key: key):
         assert one[task]["accuracy"] == pytest.approx(other[task]["accuracy"]), task
 
 
-def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_pretrained(tmp_path):
+def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_pretrained(transformer_setups, tmp_path):
     from transformers import AutoModelForCausalLM, BertTokenizer
 
     from adamerge.app import runner
     from adamerge.app.config import load_recipe
 
-    model, experts, *_ = SETUPS["llama"]()
+    model, experts, *_ = transformer_setups["llama"]()
     words = "the cat dog sat ran on mat red blue big small house tree".split()
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
@@ -268,13 +272,10 @@ def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_
     assert (streamed / "merged" / "tokenizer_config.json").exists() and (streamed / "merged" / "README.md").exists()
 
 
-def test_streamed_text_classifier_recipe_writes_the_merged_encoder_and_heads(tmp_path, tmp_path_factory):
-    from test_runner import build_text_zoo, recipe_dict
-
+def test_streamed_text_classifier_recipe_writes_the_merged_encoder_and_heads(zoo, recipe_dict, tmp_path):
     from adamerge.app import runner
     from adamerge.app.config import load_recipe
 
-    zoo = build_text_zoo(tmp_path_factory)
     coefficients = {"granularity": "layer", "init": 0.3}
 
     def run(name, **progressive):

@@ -1,18 +1,19 @@
 """Sizes that keep the code readable: a module holds one idea (≲ 400 lines), a function one step
-(≲ 60 lines of body, its signature and docstring not counted). The exceptions below say why."""
+(≲ 60 lines of body, its signature and docstring not counted). The exceptions below say why.
+Tests stand alone: no test file imports another (what several share is a conftest fixture)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "adamerge"
+TESTS = Path(__file__).resolve().parent
 MODULE_LINES, FUNCTION_LINES = 400, 60
 
 # module -> why it is longer
 LONG_MODULES = {
-    "zoo/lm.py": "benchmark scaffolding: the SmolLM2 zoo's instruction rows, label-word scoring and build, one workflow",
-    "zoo/text.py": "benchmark scaffolding: the MiniLM zoo's data reading, shared start and build, one workflow",
 }
 # "module:function" -> why it is longer
 LONG_FUNCTIONS: dict[str, str] = {}
@@ -53,3 +54,27 @@ def test_every_stated_exception_is_still_needed():
     stale = [m for m in LONG_MODULES if measured.get(m, 0) <= MODULE_LINES]
     stale += [f for f in LONG_FUNCTIONS if functions.get(f, 0) <= FUNCTION_LINES]
     assert stale == [], f"exceptions no longer needed: {stale}"
+
+
+DOTTED_TEST_PATH = re.compile(r"(test_\w+)([:.][A-Za-z_]\w*)+")  # "test_x:Name", "test_x.Name": an import by name
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The test modules (``test_*``, ``tests.*``) that ``path`` imports, by statement or by a dotted
+    path in a string (a recipe's ``problem.kind`` or objective name); its own name is allowed."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            match = DOTTED_TEST_PATH.fullmatch(node.value)
+            if match and match.group(2) != ".py":
+                found.add(match.group(1))
+    return {name for name in found if name == "tests" or name.startswith("test_")} - {path.stem}
+
+
+def test_no_test_file_imports_another():
+    imports = {path.name: sorted(found) for path in sorted(TESTS.glob("*.py")) if (found := imported_test_modules(path))}
+    assert imports == {}, f"test files importing other test files (share a conftest fixture instead): {imports}"
