@@ -1,7 +1,7 @@
 """What the benchmarks share: the MiniLM text zoo and a tiny BERT zoo as merge problems, fixed
 per-step batches, the adamerge step, the plain (unmerged) step, timing and memory readings.
 
-The MiniLM zoo is read from ``--zoo`` (``adamerge.zoo.text`` builds it) and its data from
+The MiniLM zoo is read from ``--zoo`` (``benchmarks.zoos.text`` builds it) and its data from
 ``--data`` (``<task>/{train,test}.jsonl``); :func:`minilm_available` says whether both are there
 so scripts can skip cleanly without them.
 """
@@ -11,10 +11,14 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the scripts run as `python benchmarks/<name>.py` and import benchmarks.zoos
+    sys.path.append(str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler start/stop banners
 
@@ -35,7 +39,7 @@ MINILM_TASKS = ("agnews", "emotion", "sms_spam", "sst2", "subj", "trec")
 
 def add_common_arguments(parser) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the text tasks' data root")
-    parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="the MiniLM zoo (adamerge.zoo.text)")
+    parser.add_argument("--zoo", type=Path, default=DEFAULT_ZOO, help="the MiniLM zoo (benchmarks.zoos.text)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (fixed for every measurement)")
     parser.add_argument("--batch", type=int, default=16, help="inputs per task per step")
 

@@ -2,7 +2,7 @@
 
     python benchmarks/lm_benchmark.py --data ../shared/data/text [--out runs/lm-benchmark] [--rows 200]
 
-Builds (or reuses) the zoo of SmolLM2 experts (``adamerge.zoo.lm``: one fully fine-tuned expert
+Builds (or reuses) the zoo of SmolLM2 experts (``benchmarks.zoos.lm``: one fully fine-tuned expert
 per task, answering an instruction with a label word), runs each method's recipe from
 ``recipes/lm/`` through adamerge's own runner (``adamerge merge`` / ``adamerge fit``), and scores
 the merged model its run directory exports (``merged/``) on the first ``--rows`` held-out rows
@@ -59,7 +59,7 @@ def _is_finished_run(folder: Path) -> bool:
 def score_folder(model_dir: Path, zoo, tasks: list[str], rows: int, batch_size: int) -> dict[str, dict]:
     import torch
 
-    from adamerge.zoo.lm import load_lm, score_model
+    from benchmarks.zoos.lm_scoring import load_lm, score_model
 
     model, tokenizer = load_lm(model_dir)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def run_method(label: str, out: Path, zoo, tasks: list[str], rows: int, batch_si
 
 def baselines(zoo, tasks: list[str], rows: int, out: Path, batch_size: int) -> dict[str, dict]:
     """The base model on every task and each expert on its own task (kept in ``out``)."""
-    from adamerge.zoo.cache import read_expert_meta
+    from benchmarks.zoos.cache import read_expert_meta
 
     saved = out / "baselines.json"
     if saved.exists():
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import torch
 
-    from adamerge.zoo.lm import ZOO_META, build_lm_zoo, default_zoo_dir, open_lm_zoo
+    from benchmarks.zoos.lm import ZOO_META, build_lm_zoo, default_zoo_dir, open_lm_zoo
 
     datasets.disable_progress_bars()
     torch.set_num_threads(2)

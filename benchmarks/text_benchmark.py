@@ -3,7 +3,7 @@
     python benchmarks/text_benchmark.py --data ../shared/data/text [--out runs/text-benchmark]
 
 Builds (or reuses) the zoo of six all-MiniLM-L6-v2 experts fine-tuned on the tasks in
-``--data`` (``adamerge.zoo.text``), then runs each method's recipe from ``recipes/text/`` and
+``--data`` (``benchmarks.zoos.text``), then runs each method's recipe from ``recipes/text/`` and
 writes ``<out>/results.md`` and ``<out>/results.json``: per-task and average accuracy, wall
 time, and the collapse diagnostics of every task (prediction histogram, entropy of the mean
 prediction). Runs (and baselines) that already finished in ``<out>`` are reused, so an interrupted benchmark
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if not data.is_dir():
         print(f"no text data at {data}: nothing to benchmark")
         return 0
-    from adamerge.zoo.text import build_text_zoo, default_zoo_dir
+    from benchmarks.zoos.text import build_text_zoo, default_zoo_dir
 
     zoo = Path(args.zoo).expanduser() if args.zoo else default_zoo_dir()
     build_text_zoo(data, zoo)

@@ -51,7 +51,7 @@ def test_the_text_recipes_share_one_problem_block():
     shared = OmegaConf.load(REPO / "recipes" / "text" / "_minilm_zoo.yaml").problem
     for name in ("text/ties", "text/recommended", "text/fw_hard"):
         recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
-        assert recipe.problem.kind == shared.kind == "text_zoo"
+        assert recipe.problem.kind == shared.kind == "benchmarks.zoos.problems:text_zoo_problem"
         assert recipe.problem.options.zoo_dir.endswith("/zoo/minilm-text")
     assert load_recipe(REPO / "recipes" / "text" / "recommended.yaml").problem.options.calibration.max_samples == 64
     assert load_recipe(REPO / "recipes" / "text" / "ties.yaml").problem.options.calibration.max_samples == 512

@@ -1,4 +1,4 @@
-"""The MiniLM text zoo (adamerge.zoo.text).
+"""The MiniLM text zoo (benchmarks.zoos.text and its problem kind).
 
 Fast tests fine-tune a tiny BERT (hidden 16, 2 layers) on synthetic jsonl tasks written into
 tmp_path; they need neither the shared data nor the MiniLM weights (only its tokenizer files).
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from adamerge.zoo import text as zoo_text  # noqa: E402
+from benchmarks.zoos import cache, text_data, text_expert  # noqa: E402
+from benchmarks.zoos import text as zoo_text  # noqa: E402
 
 POSITIVE = ["good", "great", "nice", "happy", "love", "excellent", "fine", "best"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "terrible", "worst", "ugly"]
@@ -104,32 +106,32 @@ FAST = dict(max_steps=2, batch_size=8, max_length=32, progress=False, num_thread
 
 def test_load_task_and_meta(tmp_path):
     task = write_task(tmp_path, "pairs", pair=True, n_train=10, n_test=4)
-    table = zoo_text.load_text_task(task, "train")
+    table = text_data.load_text_task(task, "train")
     assert len(table) == 10 and {"text", "text_pair", "label"} <= set(table.column_names)
-    meta = zoo_text.read_task_meta(task)
+    meta = text_data.read_task_meta(task)
     assert meta["num_labels"] == 2 and meta["pair"] is True and meta["label_names"] == ["no", "yes"]
 
 
 def test_missing_and_empty_files_name_the_file(tmp_path):
     task = write_task(tmp_path, "t", n_train=4, n_test=4)
     with pytest.raises(FileNotFoundError, match=r"validation\.jsonl"):
-        zoo_text.load_text_task(task, "validation")
+        text_data.load_text_task(task, "validation")
     (task / "test.jsonl").write_text("\n  \n")
     with pytest.raises(ValueError, match=r"test\.jsonl.*empty"):
-        zoo_text.load_text_task(task, "test")
+        text_data.load_text_task(task, "test")
     (task / "meta.json").write_text("")
     with pytest.raises(ValueError, match=r"meta\.json.*empty"):
-        zoo_text.read_task_meta(task)
+        text_data.read_task_meta(task)
     (task / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"meta\.json"):
-        zoo_text.read_task_meta(task)
+        text_data.read_task_meta(task)
 
 
 def test_bad_labels_are_rejected(tmp_path, tiny_pretrained):
     task = write_task(tmp_path, "t", n_train=4, n_test=4)
     (task / "train.jsonl").write_text(json.dumps({"text": "good", "label": 5}) + "\n")
     with pytest.raises(ValueError, match=r"train\.jsonl.*outside"):
-        zoo_text.finetune_text_expert(tiny_pretrained, task, tmp_path / "out", **FAST)
+        text_expert.finetune_text_expert(tiny_pretrained, task, tmp_path / "out", **FAST)
     assert not (tmp_path / "out").exists()
 
 
@@ -140,19 +142,19 @@ def test_finetune_saves_a_loadable_expert(tmp_path, tiny_pretrained):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     task = write_task(tmp_path / "data", "single")
-    out = zoo_text.finetune_text_expert(tiny_pretrained, task, tmp_path / "zoo" / "single", seed=3, **FAST)
+    out = text_expert.finetune_text_expert(tiny_pretrained, task, tmp_path / "zoo" / "single", seed=3, **FAST)
     assert out == tmp_path / "zoo" / "single"
     model, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"]
     assert model.config.num_labels == 2 and model.config.id2label == {0: "no", 1: "yes"}
     assert (out / "model.safetensors").is_file()
     AutoTokenizer.from_pretrained(str(out))
-    meta = zoo_text.read_expert_meta(out)
+    meta = cache.read_expert_meta(out)
     assert meta["task"] == "single" and meta["label_names"] == ["no", "yes"]
     assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta["test_majority"] == 0.5
     assert meta["train"]["seed"] == 3 and meta["steps"] == 2 and meta["seconds"] > 0
     assert meta["initialised_from_seed"] == ["classifier.bias", "classifier.weight"]
-    assert zoo_text.is_complete_expert(out, zoo_text.FORMAT)
+    assert cache.is_complete_expert(out, text_expert.FORMAT)
     assert not [p for p in (tmp_path / "zoo").iterdir() if p.name.startswith(".")]  # no staging left
     assert out.stat().st_mode & 0o755 == 0o777 & 0o755 & ~_umask()  # not mkdtemp's private 0700
 
@@ -160,24 +162,24 @@ def test_finetune_saves_a_loadable_expert(tmp_path, tiny_pretrained):
 def test_sentence_pairs_reach_the_tokenizer(tmp_path, tiny_pretrained, monkeypatch):
     task = write_task(tmp_path / "data", "pairs", pair=True)
     seen = []
-    original = zoo_text._tokenize
+    original = text_expert._tokenize
 
     def spy(tokenizer, texts, pairs, max_length):
         seen.append(pairs)
         return original(tokenizer, texts, pairs, max_length)
 
-    monkeypatch.setattr(zoo_text, "_tokenize", spy)
-    out = zoo_text.finetune_text_expert(tiny_pretrained, task, tmp_path / "zoo" / "pairs", **FAST)
+    monkeypatch.setattr(text_expert, "_tokenize", spy)
+    out = text_expert.finetune_text_expert(tiny_pretrained, task, tmp_path / "zoo" / "pairs", **FAST)
     assert len(seen) == 2 and all(p is not None and len(p) > 0 for p in seen)
-    assert zoo_text.read_expert_meta(out)["pair"] is True
+    assert cache.read_expert_meta(out)["pair"] is True
 
 
 def test_same_seed_same_expert(tmp_path, tiny_pretrained):
     from safetensors.torch import load_file
 
     task = write_task(tmp_path / "data", "t")
-    a = zoo_text.finetune_text_expert(tiny_pretrained, task, tmp_path / "a", seed=5, **FAST)
-    b = zoo_text.finetune_text_expert(tiny_pretrained, task, tmp_path / "b", seed=5, **FAST)
+    a = text_expert.finetune_text_expert(tiny_pretrained, task, tmp_path / "a", seed=5, **FAST)
+    b = text_expert.finetune_text_expert(tiny_pretrained, task, tmp_path / "b", seed=5, **FAST)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -185,11 +187,11 @@ def test_same_seed_same_expert(tmp_path, tiny_pretrained):
 
 def test_loss_decreases_on_an_easy_task(tmp_path, tiny_pretrained):
     task = write_task(tmp_path / "data", "easy", n_train=256, n_test=64)
-    out = zoo_text.finetune_text_expert(
+    out = text_expert.finetune_text_expert(
         tiny_pretrained, task, tmp_path / "easy", epochs=4, batch_size=16, max_length=16, lr=1e-2,
         warmup_ratio=0.0, progress=False, num_threads=1,
     )
-    meta = zoo_text.read_expert_meta(out)
+    meta = cache.read_expert_meta(out)
     curve = meta["loss_curve"]["means"]
     assert meta["steps"] == 64
     assert sum(curve[-5:]) / 5 < 0.6 * sum(curve[:5]) / 5
@@ -203,23 +205,23 @@ def test_crash_mid_save_leaves_nothing_finished(tmp_path, tiny_pretrained, monke
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("adamerge.zoo.training.write_text", crash)  # the metadata is written last, after the weights
+    monkeypatch.setattr("benchmarks.zoos.training.write_text", crash)  # the metadata is written last, after the weights
     with pytest.raises(RuntimeError, match="disk full"):
-        zoo_text.finetune_text_expert(tiny_pretrained, task, target, **FAST)
+        text_expert.finetune_text_expert(tiny_pretrained, task, target, **FAST)
     assert not target.exists()
     # nothing in the zoo folder looks like an expert (no <dir>/config.json), no staging left
     assert not list((tmp_path / "zoo").glob("*/config.json"))
     assert not list((tmp_path / "zoo").glob(".*"))
-    assert not zoo_text.is_complete_expert(target, zoo_text.FORMAT)
+    assert not cache.is_complete_expert(target, text_expert.FORMAT)
 
     # a crash while replacing a finished expert keeps the old one intact
     monkeypatch.undo()
-    zoo_text.finetune_text_expert(tiny_pretrained, task, target, **FAST)
+    text_expert.finetune_text_expert(tiny_pretrained, task, target, **FAST)
     before = (target / "model.safetensors").read_bytes()
-    monkeypatch.setattr("adamerge.zoo.training.write_text", crash)
+    monkeypatch.setattr("benchmarks.zoos.training.write_text", crash)
     with pytest.raises(RuntimeError):
-        zoo_text.finetune_text_expert(tiny_pretrained, task, target, seed=9, **FAST)
-    assert zoo_text.is_complete_expert(target, zoo_text.FORMAT)
+        text_expert.finetune_text_expert(tiny_pretrained, task, target, seed=9, **FAST)
+    assert cache.is_complete_expert(target, text_expert.FORMAT)
     assert (target / "model.safetensors").read_bytes() == before
 
 
@@ -239,10 +241,10 @@ def test_build_resumes_and_skips_finished_experts(tmp_path, tiny_pretrained, mon
     assert list(zoo) == ["alpha", "beta"]
     assert zoo == {"alpha": zoo_dir / "alpha", "beta": zoo_dir / "beta"}
     assert zoo.pretrained == str(tiny_pretrained)
-    assert all(zoo_text.is_complete_expert(p, zoo_text.FORMAT) for p in zoo.values())
-    manifest = json.loads((zoo_dir / zoo_text.ZOO_META).read_text())
+    assert all(cache.is_complete_expert(p, text_expert.FORMAT) for p in zoo.values())
+    manifest = json.loads((zoo_dir / cache.ZOO_META).read_text())
     assert manifest["pretrained"] == str(tiny_pretrained) and manifest["shared_start"] is False
-    # what problems.text_zoo discovers: exactly the experts
+    # what the text zoo problem kind discovers: exactly the experts
     assert sorted(p.name for p in zoo_dir.iterdir() if (p / "config.json").exists()) == ["alpha", "beta"]
 
     calls = []
@@ -259,7 +261,7 @@ def test_build_resumes_and_skips_finished_experts(tmp_path, tiny_pretrained, mon
 def test_missing_pooler_gives_one_shared_start(tmp_path, tiny_no_pooler):
     from safetensors.torch import load_file
 
-    assert zoo_text.missing_encoder_weights(tiny_no_pooler) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    assert text_expert.missing_encoder_weights(tiny_no_pooler) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
     data = tmp_path / "data"
     write_task(data, "one")
     write_task(data, "two", seed=1)
@@ -267,11 +269,11 @@ def test_missing_pooler_gives_one_shared_start(tmp_path, tiny_no_pooler):
     zoo = zoo_text.build_text_zoo(data, zoo_dir, pretrained=tiny_no_pooler, **FAST)
     shared = zoo_dir / zoo_text.SHARED_START
     assert zoo.pretrained == str(shared)
-    assert zoo_text.missing_encoder_weights(shared) == []
-    assert all(zoo_text.read_expert_meta(p)["pretrained"] == str(shared) for p in zoo.values())
-    assert json.loads((zoo_dir / zoo_text.ZOO_META).read_text())["pretrained"] == str(shared)
+    assert text_expert.missing_encoder_weights(shared) == []
+    assert all(cache.read_expert_meta(p)["pretrained"] == str(shared) for p in zoo.values())
+    assert json.loads((zoo_dir / cache.ZOO_META).read_text())["pretrained"] == str(shared)
     # the shared start is reproducible from the seed
-    again = zoo_text.save_shared_start(tiny_no_pooler, tmp_path / "again", seed=0)
+    again = text_expert.save_shared_start(tiny_no_pooler, tmp_path / "again", seed=0)
     a, b = load_file(shared / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # it is not mistaken for a task
@@ -288,7 +290,7 @@ def test_cli_prints_a_table(tmp_path, tiny_pretrained, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "solo" in out and "acc" in out and "total" in out
-    assert zoo_text.read_expert_meta(tmp_path / "zoo" / "solo")["steps"] == 2
+    assert cache.read_expert_meta(tmp_path / "zoo" / "solo")["steps"] == 2
 
 
 def test_default_zoo_dir_follows_adamerge_cache(monkeypatch, tmp_path):
@@ -296,6 +298,62 @@ def test_default_zoo_dir_follows_adamerge_cache(monkeypatch, tmp_path):
     assert zoo_text.default_zoo_dir() == tmp_path / "zoo" / "minilm-text"
     monkeypatch.delenv("ADAMERGE_CACHE")
     assert zoo_text.default_zoo_dir() == Path.home() / ".cache" / "adamerge" / "zoo" / "minilm-text"
+
+
+# ---------------------------------------------------------------------- the problem kind
+
+KIND = "benchmarks.zoos.problems:text_zoo_problem"
+
+
+def test_text_zoo_problem_kind(zoo, tmp_path):
+    """The recipes' kind reads the zoo's layout (conftest's tiny zoo: tasks a and b, b with sentence pairs)."""
+    from adamerge.app.config import load_recipe
+    from adamerge.app.problems import build_problem
+
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(zoo / "zoo", zoo_dir)
+    (zoo_dir / "notes").mkdir()  # no config.json: not an expert
+    options = {"data_root": str(zoo / "data"), "zoo_dir": str(zoo_dir),
+               "calibration": {"max_samples": 6, "shuffle": True}, "evaluation": {"split": "test"}}
+    recipe = load_recipe({"problem": {"kind": KIND, "pretrained": str(zoo / "base"), "max_length": 32,
+                                      "options": options, "tasks": {"b": {"weight": 2.5}}}})
+    problem = build_problem(recipe.problem)
+    assert sorted(problem.tasks) == ["a", "b"]
+    assert problem.experts == {"a": str(zoo_dir / "a"), "b": str(zoo_dir / "b")}
+    assert {n: len(d) for n, d in problem.calibration.items()} == {"a": 6, "b": 6}
+    assert {n: len(d) for n, d in problem.evaluation.items()} == {"a": 20, "b": 20}
+    for name, pair in (("a", False), ("b", True)):  # meta.json says which task has sentence pairs
+        batch = problem.collate([problem.evaluation[name][i] for i in range(4)])
+        assert bool((batch["token_type_ids"] == 1).any()) == pair
+        assert batch["labels"].tolist() == [i % (2 if name == "a" else 3) for i in range(4)]
+    assert problem.include == [r"^bert\."] and problem.description["kind"] == "hf_sequence_classification"
+
+    only_a = load_recipe({"problem": {"kind": KIND, "pretrained": str(zoo / "base"),
+                                      "options": {**options, "tasks": ["a"]}}})
+    assert list(build_problem(only_a.problem).tasks) == ["a"]
+    with pytest.raises(ValueError, match="unknown key.*'zoo'"):
+        build_problem(load_recipe({"problem": {"kind": KIND, "options": {**options, "zoo": 1}}}).problem)
+    with pytest.raises(FileNotFoundError, match="data_root"):
+        build_problem(load_recipe({"problem": {"kind": KIND,
+                                               "options": {**options, "data_root": str(tmp_path / "none")}}}).problem)
+    with pytest.raises(ValueError, match="needs problem.options.data_root"):
+        build_problem(load_recipe({"problem": {"kind": KIND, "options": {"zoo_dir": str(zoo_dir)}}}).problem)
+
+
+def test_a_text_zoo_not_built_is_named_with_the_command_that_builds_it(zoo, tmp_path, capsys):
+    from adamerge.app import cli
+
+    missing = tmp_path / "not-built"
+    settings = [f"problem.pretrained={zoo / 'base'}", f"problem.options.data_root={zoo / 'data'}",
+                f"output_dir={tmp_path / 'runs'}"]
+    assert cli.main(["merge", "text/average", f"problem.options.zoo_dir={missing}", *settings]) == 2
+    err = capsys.readouterr().err
+    build = f"`python -m benchmarks.zoos.text --data {zoo / 'data'} --out {missing}`"
+    assert err == f"error: text zoo {missing} does not exist: build it with {build}\n"
+    assert cli.main(["merge", "text/average", f"problem.options.zoo_dir={zoo / 'zoo'}", "problem.options.tasks=[a,c]",
+                     *settings]) == 2
+    build = f"`python -m benchmarks.zoos.text --data {zoo / 'data'} --out {zoo / 'zoo'}`"
+    assert capsys.readouterr().err == f"error: expert 'c' {zoo / 'zoo' / 'c'} does not exist: build it with {build}\n"
 
 
 # ---------------------------------------------------------------------- real model
@@ -313,12 +371,12 @@ def test_minilm_expert_on_real_data(tmp_path):
     if not (root / "sst2" / "train.jsonl").is_file():
         pytest.skip(f"shared text data not found at {root} (set ADAMERGE_TEXT_DATA)")
     pretrained = gt.get_model_path()
-    assert zoo_text.missing_encoder_weights(pretrained) == []  # MiniLM ships its pooler
-    out = zoo_text.finetune_text_expert(
+    assert text_expert.missing_encoder_weights(pretrained) == []  # MiniLM ships its pooler
+    out = text_expert.finetune_text_expert(
         pretrained, root / "sst2", tmp_path / "sst2", max_train=128, max_test=128, max_steps=4,
         batch_size=16, progress=False,
     )
-    meta = zoo_text.read_expert_meta(out)
+    meta = cache.read_expert_meta(out)
     assert meta["steps"] == 4 and meta["n_test"] == 128 and meta["label_names"] == ["negative", "positive"]
     assert meta["initialised_from_seed"] == ["classifier.bias", "classifier.weight"]
     from transformers import AutoModelForSequenceClassification

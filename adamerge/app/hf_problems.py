@@ -1,19 +1,17 @@
-"""The Hugging Face problem kinds: sequence classifiers sharing an encoder (``hf_sequence_classification``,
-and ``text_zoo`` over the built-in MiniLM zoo), CLIP zero-shot (``hf_clip``) and causal LMs
-(``hf_causal_lm``); the streamed ones also build a skeleton on ``meta`` and read the checkpoint lazily."""
+"""The Hugging Face problem kinds: sequence classifiers sharing an encoder (``hf_sequence_classification``),
+CLIP zero-shot (``hf_clip``) and causal LMs (``hf_causal_lm``); the streamed ones also build a
+skeleton on ``meta`` and read the checkpoint lazily."""
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from adamerge.app.checks import check_name
-from adamerge.app.config import DataSourceConfig, ProblemConfig, TaskConfig
+from adamerge.app.config import ProblemConfig, TaskConfig
 from adamerge.app.problem import Exporter, MergeProblem, experts_of, has_data, load_table, require
 from adamerge.app.rundir import inside
 from adamerge.io.checkpoints import open_weights
@@ -133,48 +131,6 @@ def _streamed_encoder(backbone: nn.Module, pretrained: str, tokenizer) -> dict[s
         "save_config": save_config,
         "exported_key": lambda key: key[len(prefix):] if key.startswith(prefix) else None,
     }
-
-
-def text_zoo_problem(config: ProblemConfig, streamed: bool = False) -> MergeProblem:
-    """Sequence-classification experts laid out as ``<zoo_dir>/<task>/`` with data in
-    ``<data_root>/<task>/{train,test}.jsonl`` (+ ``meta.json`` saying whether it has sentence
-    pairs), as ``adamerge.zoo.text`` builds them. ``problem.options``: ``data_root``,
-    ``zoo_dir``, ``tasks`` (default: every expert in the zoo), ``calibration`` and
-    ``evaluation`` (``{split, max_samples, skip, shuffle}``)."""
-    known = {"data_root", "zoo_dir", "tasks", "calibration", "evaluation"}
-    unknown = sorted(set(config.options) - known)
-    if unknown:
-        raise ValueError(f"problem.options: unknown key(s) {unknown} for kind 'text_zoo'; known: {sorted(known)}")
-    if "data_root" not in config.options or "zoo_dir" not in config.options:
-        raise ValueError("problem kind 'text_zoo' needs problem.options.data_root and problem.options.zoo_dir")
-    data_root = Path(config.options["data_root"]).expanduser()
-    zoo_dir = Path(config.options["zoo_dir"]).expanduser()
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"text_zoo: data_root {data_root} does not exist")
-    if not zoo_dir.is_dir():
-        raise FileNotFoundError(f"text_zoo: zoo_dir {zoo_dir} does not exist (build it with `python -m adamerge.zoo.text`)")
-    names = config.options.get("tasks") or sorted(
-        p.name for p in zoo_dir.iterdir() if not p.name.startswith(".") and (p / "config.json").exists()
-    )
-    for name in names:
-        check_name(name, "problem.options.tasks")
-    calibration = DataSourceConfig(**{"split": "test", **dict(config.options.get("calibration") or {})})
-    evaluation = DataSourceConfig(**{"split": "test", **dict(config.options.get("evaluation") or {})})
-    tasks = {}
-    for name in names:
-        meta_file = data_root / name / "meta.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        pair = meta.get("pair", False)
-        tasks[name] = TaskConfig(
-            expert=str(zoo_dir / name),
-            label_names=meta.get("label_names"),
-            calibration=replace(calibration, path=str(data_root / name)),
-            evaluation=replace(evaluation, path=str(data_root / name)),
-            text_pair="text_pair" if pair else None,
-            weight=config.tasks[name].weight if name in config.tasks else 1.0,
-        )
-    expanded = replace(config, kind="hf_sequence_classification", tasks=tasks, options={})
-    return sequence_classification_problem(expanded, streamed=streamed)
 
 
 def clip_problem(config: ProblemConfig) -> MergeProblem:

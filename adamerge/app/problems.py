@@ -1,14 +1,15 @@
 """Problem kinds: how a recipe's ``problem`` section becomes a :class:`MergeProblem`.
 
-Built-in kinds: ``digits`` (the quickstart zoo), ``hf_sequence_classification``, ``text_zoo``,
-``hf_clip`` and ``hf_causal_lm`` (:mod:`adamerge.app.hf_problems`); any other kind is a dotted
-path to your own builder ``fn(problem_config) -> MergeProblem``, or a name you registered with
-:func:`register_problem`.
+Built-in kinds: ``digits`` (the quickstart zoo), ``hf_sequence_classification``, ``hf_clip``
+and ``hf_causal_lm`` (:mod:`adamerge.app.hf_problems`); any other kind is a dotted path to your
+own builder ``fn(problem_config) -> MergeProblem`` (looked for in the working directory too), or
+a name you registered with :func:`register_problem`. A builder that takes ``streamed`` can be
+streamed.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from collections.abc import Callable
 
 from omegaconf import OmegaConf
@@ -17,19 +18,15 @@ from adamerge.app import hf_problems
 from adamerge.app.checks import check_name
 from adamerge.app.config import ProblemConfig
 from adamerge.app.problem import MergeProblem
+from adamerge.core.registry import Registry
 
-PROBLEM_BUILDERS: dict[str, Callable[[ProblemConfig], MergeProblem]] = {}
-STREAMING_KINDS: set[str] = set()  # builders that take ``streamed=True``
+PROBLEM_BUILDERS: Registry[Callable[..., MergeProblem]] = Registry("problem kind", dotted_paths=True)
+register_problem = PROBLEM_BUILDERS.register
 
 
-def register_problem(kind: str, streams: bool = False):
-    def decorate(fn):
-        PROBLEM_BUILDERS[kind] = fn
-        if streams:
-            STREAMING_KINDS.add(kind)
-        return fn
-
-    return decorate
+def streams(builder: Callable[..., MergeProblem]) -> bool:
+    """Whether a problem builder can build a streamed problem (it takes ``streamed``)."""
+    return "streamed" in inspect.signature(builder).parameters
 
 
 def build_problem(config: ProblemConfig, streamed: bool = False) -> MergeProblem:
@@ -38,18 +35,10 @@ def build_problem(config: ProblemConfig, streamed: bool = False) -> MergeProblem
     if OmegaConf.is_config(config):
         config = OmegaConf.to_object(config)
     kind = config.kind
-    if kind in PROBLEM_BUILDERS:
-        builder = PROBLEM_BUILDERS[kind]
-    elif ":" in kind or "." in kind:
-        module, _, attr = kind.partition(":") if ":" in kind else kind.rpartition(".")
-        try:
-            builder = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as error:
-            raise KeyError(f"cannot import problem builder {kind!r}: {error}") from error
-    else:
-        raise KeyError(f"unknown problem kind {kind!r}; built in: {sorted(PROBLEM_BUILDERS)} (or a dotted path)")
-    if streamed and kind not in STREAMING_KINDS:
-        raise ValueError(f"problem kind {kind!r} cannot be streamed; streamed kinds: {sorted(STREAMING_KINDS)}")
+    builder = PROBLEM_BUILDERS.get(kind)
+    if streamed and not streams(builder):
+        streamed_kinds = sorted(name for name, fn in PROBLEM_BUILDERS.items() if streams(fn))
+        raise ValueError(f"problem kind {kind!r} cannot be streamed; streamed kinds: {streamed_kinds}")
     problem = builder(config, streamed=True) if streamed else builder(config)
     for what, names in (("task", problem.tasks), ("expert", problem.experts)):  # a builder's own names too
         for name in names:
@@ -88,10 +77,6 @@ def digits_problem(config: ProblemConfig) -> MergeProblem:
     )
 
 
-for _kind, _builder, _streams in (
-    ("hf_sequence_classification", hf_problems.sequence_classification_problem, True),
-    ("text_zoo", hf_problems.text_zoo_problem, True),
-    ("hf_clip", hf_problems.clip_problem, False),
-    ("hf_causal_lm", hf_problems.causal_lm_problem, True),
-):
-    register_problem(_kind, streams=_streams)(_builder)
+register_problem("hf_sequence_classification", hf_problems.sequence_classification_problem)
+register_problem("hf_clip", hf_problems.clip_problem)
+register_problem("hf_causal_lm", hf_problems.causal_lm_problem)

@@ -1,6 +1,6 @@
-"""How the built-in zoos fine-tune an expert: AdamW without decay on biases and norms, linear
+"""How the benchmark zoos fine-tune an expert: AdamW without decay on biases and norms, linear
 warmup then linear decay to zero, gradients clipped at 1, one progress bar; and how a finished
-expert is saved (its metadata last, which marks it finished: see :mod:`adamerge.zoo.cache`)."""
+expert is saved (its metadata last, which marks it finished: see :mod:`benchmarks.zoos.cache`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from adamerge.io.checkpoints import write_text
 from adamerge.tasks.hf import quiet_transformers
-from adamerge.zoo.cache import EXPERT_META
+from benchmarks.zoos.cache import EXPERT_META
 
 
 def adamw_with_warmup(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int,

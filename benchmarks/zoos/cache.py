@@ -1,4 +1,4 @@
-"""What the built-in zoos share: where they live, how a finished expert is recognised, threads.
+"""What the benchmark zoos share: where they live, how a finished expert is recognised, threads.
 
 Each zoo writes an expert into a hidden staging folder and renames it into place when complete;
 ``adamerge_expert.json`` is written last, so an expert folder counts as finished only when it

@@ -1,0 +1,1 @@
+"""Benchmarks of adamerge (speed, memory, accuracy on real models) and the zoos they merge."""
