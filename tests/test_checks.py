@@ -20,13 +20,36 @@ BASE = {"problem": {"kind": "hf_sequence_classification", "pretrained": "/nonexi
     ("task_vectors.ties.scope=modle", "task_vectors.ties.scope", "model"),
     ("frank_wolfe.lmo=tensr", "frank_wolfe.lmo", "tensor"),
     ("task_vectors.start.method=wdi", "task_vectors.start.method", "wudi"),
+    ("method.name=tise", "method.name", "ties"),
+    ("objectives=[{name: entropy}, {name: entrophy}]", "objectives[1].name", "entropy"),
+    ("selection.objective.name=expert_k", "selection.objective.name", "expert_kl"),
+    ("frank_wolfe.inner_granularity=chunks", "frank_wolfe.inner_granularity", "chunk"),
 ])
 def test_a_bad_closed_choice_names_its_key_and_the_closest_value(override, key, hint):
     with pytest.raises(RecipeError) as error:  # not FileNotFoundError: no model was looked for
         load_recipe(BASE, [override])
     message = str(error.value)
-    assert key in message and "use one of" in message
+    assert key in message and "use one of" in message and "\n" not in message
     assert (f"did you mean {hint!r}" in message) if hint else "did you mean" not in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task_balance=lgo", "recipe: task_balance: unknown task balance 'lgo' (did you mean 'log'?); "
+                         "use one of ['guarded', 'initial', 'log', 'sum']"),
+    ("method.name=tise", "recipe: method.name: unknown merge method 'tise' (did you mean 'ties'?); use one of ["),
+    ("objectives=[{name: entrophy}]", "recipe: objectives[0].name: unknown objective 'entrophy' "
+                                      "(did you mean 'entropy'?); use one of ['alignment', "),
+])
+def test_an_unknown_registered_name_is_reported_in_the_registry_format(override, message):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(BASE, [override])
+    assert str(error.value).startswith(message)
+
+
+def test_an_objective_path_is_imported_when_built_and_element_is_not_a_soft_fw_granularity():
+    assert load_recipe(BASE, ["objectives=[{name: mypkg.losses:margin}]"]).objectives[0].name == "mypkg.losses:margin"
+    with pytest.raises(RecipeError, match=r"frank_wolfe\.inner_granularity is 'element'; soft FW-Merging takes one of \['task', "):
+        load_recipe(BASE, ["frank_wolfe.inner_granularity=element"])
 
 
 @pytest.mark.parametrize("sections, message", [

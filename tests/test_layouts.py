@@ -28,7 +28,7 @@ def kind():
         return lambda key: (key.rsplit(".", 1)[-1],)
 
     yield "kind"
-    del GRANULARITIES["kind"]
+    GRANULARITIES.unregister("kind")
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def rule():
         return lambda key: given[key]
 
     yield given
-    del GRANULARITIES["given"]
+    GRANULARITIES.unregister("given")
 
 
 def test_the_built_in_rules_are_registered_in_order_with_their_options():
@@ -52,9 +52,13 @@ def test_the_built_in_rules_are_registered_in_order_with_their_options():
     assert option_names() == {"groups", "chunks"}
 
 
-def test_a_registered_rule_is_listed_by_an_unknown_name(kind):
-    with pytest.raises(ValueError, match=r"unknown granularity 'kinds'; use one of \('task', .*'element', 'kind'\)"):
+def test_a_registered_rule_is_found_and_the_closest_to_an_unknown_name(kind):
+    assert GRANULARITIES.get("kind").build(SHAPES)("a.bias") == ("bias",)
+    with pytest.raises(ValueError) as caught:
         build_layout(("x",), SHAPES, "kinds")
+    assert str(caught.value) == (
+        "unknown granularity 'kinds' (did you mean 'kind'?); use one of ['chunk', 'element', 'group', 'kind', 'layer', 'task']"
+    )
 
 
 def test_slots_are_numbered_in_order_of_first_use_and_shared_by_name(rule):
@@ -101,7 +105,7 @@ def test_the_recipe_check_reads_the_registry(kind):
 
 
 def test_the_recipe_check_refuses_an_unregistered_granularity():
-    with pytest.raises(RecipeError, match=r"coefficients\.granularity is 'kind'; use one of \['task', "):
+    with pytest.raises(RecipeError, match=r"^recipe: coefficients\.granularity: unknown granularity 'kind'; use one of \['chunk', "):
         load_recipe(RECIPE, ["coefficients.granularity=kind"])
 
 

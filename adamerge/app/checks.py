@@ -1,11 +1,12 @@
 """One validation pass over a loaded recipe, before any model or data is read.
 
-The schema (``config.py``) checks keys and types; this checks what a type cannot: every
-closed choice (granularity, constraint, task balance, optimiser, storage dtype, TIES options,
-FW mode and LMO) against its allowed values, and the rules across sections (which sections
-exclude each other, what progressive learning refuses). A bad value costs milliseconds and
-an error naming the key, not a model load. Allowed values are the ones the components
-themselves accept, imported from them, so the two lists cannot drift apart.
+The schema (``config.py``) checks keys, types and closed choices (constraint, optimiser,
+storage dtype, TIES options, FW mode and LMO); this checks what a type cannot: every name of a
+registered component (granularity, task balance, merge method, objective) against its
+registry, and the rules across sections (which sections exclude each other, what progressive
+learning refuses). A bad value costs milliseconds and an error naming the key, not a model
+load. The registries are the ones the components are looked up in, so the two cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import re
 from omegaconf import DictConfig
 
 from adamerge.core.granularities import GRANULARITIES, misplaced_options, option_names
+from adamerge.core.registry import Registry
 from adamerge.methods import METHODS
+from adamerge.objectives import OBJECTIVES
 from adamerge.objectives.balance import BALANCES
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -35,19 +38,24 @@ def check_name(name: object, what: str = "task") -> str:
 
 
 
-def _choices(recipe: DictConfig) -> dict[str, tuple[object, tuple]]:
-    """``dotted key -> (value, allowed values)`` for every closed choice present in the recipe."""
-    checks = {
+def _registered(recipe: DictConfig) -> dict[str, tuple[str, Registry]]:
+    """``dotted key -> (name, registry)`` for every registered component the recipe names; an
+    objective given as a dotted path is imported when it is built, not here."""
+    names = {
         "coefficients.granularity": (recipe.coefficients.granularity, GRANULARITIES),
-        "task_balance": (recipe.task_balance, tuple(BALANCES)),
+        "task_balance": (recipe.task_balance, BALANCES),
     }
+    if recipe.method is not None:
+        names["method.name"] = (recipe.method.name, METHODS)
     if recipe.task_vectors.start is not None:
-        checks["task_vectors.start.method"] = (recipe.task_vectors.start.method, tuple(METHODS))
+        names["task_vectors.start.method"] = (recipe.task_vectors.start.method, METHODS)
     if recipe.frank_wolfe is not None:
-        checks["frank_wolfe.inner_granularity"] = (
-            recipe.frank_wolfe.inner_granularity, tuple(g for g in GRANULARITIES if g != "element"),
-        )
-    return checks
+        names["frank_wolfe.inner_granularity"] = (recipe.frank_wolfe.inner_granularity, GRANULARITIES)
+    objectives = {f"objectives[{i}].name": objective.name for i, objective in enumerate(recipe.objectives)}
+    if recipe.selection is not None:
+        objectives["selection.objective.name"] = recipe.selection.objective.name
+    names.update({key: (name, OBJECTIVES) for key, name in objectives.items() if not set(name) & set(":.")})
+    return names
 
 
 def _exclusive(recipe: DictConfig) -> list[str]:
@@ -58,6 +66,9 @@ def _exclusive(recipe: DictConfig) -> list[str]:
         problems.append(f"`method` (a data-free merge) cannot be combined with {', '.join(f'`{n}`' for n in learned)}")
     if recipe.frank_wolfe is not None and recipe.progressive is not None:
         problems.append("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
+    if recipe.frank_wolfe is not None and recipe.frank_wolfe.inner_granularity == "element":
+        soft = [name for name in GRANULARITIES if name != "element"]
+        problems.append(f"frank_wolfe.inner_granularity is 'element'; soft FW-Merging takes one of {soft}")
     if recipe.frank_wolfe is not None and recipe.selection is not None:
         problems.append(
             "FW-Merging (`frank_wolfe`) has no `selection`: its state is the merged weights themselves, and keeping "
@@ -97,9 +108,9 @@ def closest_hint(value: object, allowed) -> str:
 
 def check_recipe(recipe: DictConfig, origin: str = "recipe") -> None:
     """Raise ``RecipeError`` naming the first bad key (with the closest allowed value) or rule."""
-    for key, (value, allowed) in _choices(recipe).items():
-        if value not in allowed:
-            raise RecipeError(f"{origin}: {key} is {value!r}; use one of {list(allowed)}{closest_hint(value, allowed)}")
+    for key, (name, registry) in _registered(recipe).items():
+        if name not in registry:
+            raise RecipeError(f"{origin}: {key}: {registry.unknown_message(name)}")
     problems = _exclusive(recipe)
     if problems:
         raise RecipeError(f"{origin}: {problems[0]}")

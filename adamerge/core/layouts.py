@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from adamerge.core.granularities import get_granularity, misplaced_options
+from adamerge.core.granularities import GRANULARITIES, misplaced_options
 
 Granularity = str  # the name of a registered granularity
 
@@ -104,7 +104,7 @@ def build_layout(
     tensors whose coefficients stay at their initial value. Slots are numbered in order of
     first use, tensor by tensor.
     """
-    rule = get_granularity(granularity)
+    rule = GRANULARITIES.get(granularity)
     problems = misplaced_options(granularity, options)
     if problems:
         raise ValueError(problems[0])

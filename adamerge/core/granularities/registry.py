@@ -14,6 +14,8 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from adamerge.core.registry import Registry
+
 SlotsOf = Callable[[str], Sequence[str]]
 Shapes = Mapping[str, Sequence[int]]
 
@@ -27,24 +29,19 @@ class LayoutRule:
     options: tuple[str, ...]
 
 
-GRANULARITIES: dict[str, LayoutRule] = {}
+GRANULARITIES: Registry[LayoutRule] = Registry("granularity")
+"""The granularities by name (a recipe's ``coefficients.granularity``)."""
 
 
 def register_granularity(name: str):
-    """Register ``rule(shapes, **options)`` under ``name`` (a recipe's ``coefficients.granularity``)."""
+    """Register ``rule(shapes, **options)`` under ``name`` with the options it takes."""
 
     def decorate(rule):
         options = tuple(inspect.signature(rule).parameters)[1:]
-        GRANULARITIES[name] = LayoutRule(name, rule, options)
+        GRANULARITIES.register(name, LayoutRule(name, rule, options))
         return rule
 
     return decorate
-
-
-def get_granularity(name: str) -> LayoutRule:
-    if name not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {name!r}; use one of {tuple(GRANULARITIES)}")
-    return GRANULARITIES[name]
 
 
 def option_names() -> set[str]:
@@ -55,7 +52,7 @@ def option_names() -> set[str]:
 def misplaced_options(granularity: str, options: Mapping[str, object], label=repr) -> list[str]:
     """One message per option given (not ``None``) that ``granularity``'s rule does not take,
     naming the granularity that does: such an option would otherwise be ignored in silence."""
-    rule = get_granularity(granularity)
+    rule = GRANULARITIES.get(granularity)
     problems = []
     for option, value in options.items():
         if value is None or option in rule.options:
