@@ -8,6 +8,7 @@ import importlib
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
@@ -64,15 +65,39 @@ def build_task_vectors(recipe: DictConfig, problem: MergeProblem) -> TaskVectors
     return tv
 
 
+def _per_tensor(init, names: list[str], shapes: dict[str, tuple[int, ...]]):
+    """``coefficients.init`` as the coefficients take it: values per expert and tensor (``{expert:
+    {tensor: value}}``, e.g. a mergekit YAML's weights) become layer-wise coefficients over the merged
+    tensors (values for other tensors are ignored), which every granularity starts from."""
+    if not isinstance(init, dict) or not any(isinstance(v, dict) for v in init.values()):
+        return init
+    unknown = sorted(set(init) - set(names))
+    if unknown:
+        raise RecipeError(f"coefficients.init.{unknown[0]}: not an expert of this merge {names}")
+    layout = build_layout(names, shapes, "layer")
+    values = torch.zeros(layout.num_experts, layout.num_slots)
+    for k, name in enumerate(names):
+        per_tensor = init.get(name)
+        if not isinstance(per_tensor, dict):
+            raise RecipeError(f"coefficients.init.{name}: expected {{tensor: value}} as for the other experts, got {per_tensor!r}")
+        for key, slots in layout.tensor_slots.items():
+            value = per_tensor.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"coefficients.init.{name}: expected a number for tensor {key}, got {value!r}")
+            values[k, slots[0]] = float(value)
+    return MergeCoefficients(layout, init=values)
+
+
 def _init(recipe: DictConfig, task_vectors: TaskVectors):
     """``coefficients.init``; with ``task_vectors.start``, 1 for the start vector and ``init`` for the experts."""
     init = to_plain(recipe.coefficients.init)
     if recipe.task_vectors.start is None:
-        return init
+        shapes = {key: tuple(task_vectors.shape(key)[1:]) for key in task_vectors.keys}
+        return _per_tensor(init, list(task_vectors.expert_names), shapes)
     experts = task_vectors.expert_names[1:]
     if isinstance(init, (int, float)):
         return {START: 1.0, **{name: float(init) for name in experts}}
-    if isinstance(init, dict):
+    if isinstance(init, dict) and not any(isinstance(v, dict) for v in init.values()):
         return {START: 1.0, **init}
     raise RecipeError(f"coefficients.init: with task_vectors.start, give a number or one per expert, not {init!r}")
 
@@ -107,9 +132,10 @@ def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[Merge
         groups=to_plain(cfg.groups), chunks=to_plain(cfg.chunks), freeze=to_plain(cfg.freeze),
     )
     constraint = make_constraint(to_plain(cfg.constraint))
+    init = _per_tensor(to_plain(cfg.init), list(problem.experts), shapes)
     if layout.granularity == "element":
-        return ElementCoefficients(layout, shapes, init=to_plain(cfg.init), constraint=constraint), list(shapes)
-    return MergeCoefficients(layout, init=to_plain(cfg.init), constraint=constraint), list(shapes)
+        return ElementCoefficients(layout, shapes, init=init, constraint=constraint), list(shapes)
+    return MergeCoefficients(layout, init=init, constraint=constraint), list(shapes)
 
 
 def build_objectives(recipe: DictConfig) -> Objective:

@@ -157,7 +157,7 @@ def _recipe(args: argparse.Namespace):
         if args.recipe is None:
             raise ValueError("give a recipe (or --from-mergekit merge.yml)")
         return load_recipe(resolve_recipe(args.recipe), args.overrides)
-    from adamerge.app.from_mergekit import fit_recipe, merge_recipe
+    from adamerge.app.mergekit.recipe import fit_recipe, merge_recipe
 
     if args.command == "fit":
         recipe, notes = fit_recipe(args.from_mergekit, args.recipe, args.overrides)

@@ -115,7 +115,7 @@ class ConstraintConfig:
 @dataclass
 class CoefficientConfig:
     granularity: str = "layer"  # task | layer | group | chunk | element (one per entry)
-    init: Any = 0.3  # a number, one per expert, or a coefficients.safetensors path
+    init: Any = 0.3  # a number, one per expert, one per expert and tensor ({expert: {tensor: value}}), or a coefficients.safetensors path
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
     groups: Any = None  # group: "block", a list of regexes or {name: regex}
     chunks: Any = None  # chunk: an int or {name or regex: m}

@@ -35,7 +35,7 @@ from adamerge.app.builders import (
 )
 from adamerge.app.config import load_recipe, to_plain
 from adamerge.app.export import write_coefficients, write_common
-from adamerge.app.mergekit import write_method_mergekit
+from adamerge.app.mergekit.write import write_method_mergekit
 from adamerge.app.plots import training_curves
 from adamerge.app.problem import MergeProblem
 from adamerge.app.problems import build_problem

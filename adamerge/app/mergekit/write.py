@@ -1,32 +1,24 @@
-"""mergekit out (arcee-ai/mergekit, its YAML schema as of 0.1.5): ``mergekit.yaml`` reproducing a
-run's merge where mergekit can (task/layer/group-wise learned coefficients, and the data-free
-methods both tools have), ``mergekit.txt`` saying why not or what differs. Reading a mergekit
-YAML is :mod:`adamerge.app.from_mergekit`.
+"""mergekit out: a run's ``mergekit.yaml`` reproducing its merge where mergekit can (task/layer/group-wise
+learned coefficients, and the data-free methods of :mod:`.methods`' table), ``mergekit.txt`` saying
+why not or what differs.
 """
-
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.app.config import to_plain
+from adamerge.app.mergekit.methods import NoMergekit, to_mergekit
 from adamerge.app.problem import MergeProblem
 from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.element import ElementCoefficients
 from adamerge.core.scope import in_scope
-from adamerge.core.tensor_ops import keep_count
 from adamerge.io.checkpoints import open_weights, write_text
-from adamerge.methods import METHODS
 
 Coefficients = MergeCoefficients | ElementCoefficients
-
-
-class _NoMergekit(Exception):
-    """Why a merge has no mergekit config."""
 
 
 def _checkpoints(problem: MergeProblem, keys: list[str]) -> tuple[str, dict[str, str], str]:
@@ -35,16 +27,16 @@ def _checkpoints(problem: MergeProblem, keys: list[str]) -> tuple[str, dict[str,
     base = problem.description.get("base")
     experts = problem.description.get("experts", {})
     if not isinstance(base, str) or not all(isinstance(p, str) for p in experts.values()):
-        raise _NoMergekit("the base model and experts are not all checkpoints on disk")
+        raise NoMergekit("the base model and experts are not all checkpoints on disk")
     try:
         base_weights = open_weights(base, "pretrained")
         if not set(keys) <= set(base_weights):
-            raise _NoMergekit(
+            raise NoMergekit(
                 "the merged tensors are named differently in the base checkpoint (e.g. a bare encoder as the base of classifiers)"
             )
         weights = {name: open_weights(path, f"expert {name!r}") for name, path in experts.items()}
     except (FileNotFoundError, TypeError, ValueError) as error:
-        raise _NoMergekit(f"cannot read a checkpoint: {error}") from None
+        raise NoMergekit(f"cannot read a checkpoint: {error}") from None
     def shape(w, t):
         return tuple(w[t].shape) if t in w else None
 
@@ -83,15 +75,15 @@ def mergekit_config(coefficients: Coefficients, problem: MergeProblem, processed
     layout = coefficients.layout
     try:
         if processed:
-            raise _NoMergekit(
+            raise NoMergekit(
                 f"the coefficients weight task vectors processed by {processed}; mergekit's task_arithmetic would weight the raw ones"
             )
         if layout.granularity == "element":
-            raise _NoMergekit("element-wise coefficients have no mergekit equivalent")
+            raise NoMergekit("element-wise coefficients have no mergekit equivalent")
         if any(len(slots) > 1 for slots in layout.tensor_slots.values()):
-            raise _NoMergekit("chunk-wise coefficients have no mergekit equivalent")
+            raise NoMergekit("chunk-wise coefficients have no mergekit equivalent")
         base, experts, note = _checkpoints(problem, list(layout.keys))
-    except _NoMergekit as reason:
+    except NoMergekit as reason:
         return None, str(reason)
     values = coefficients().detach().cpu()
     models = [
@@ -102,71 +94,25 @@ def mergekit_config(coefficients: Coefficients, problem: MergeProblem, processed
     return {**config, "dtype": "float32"}, note
 
 
-DARE_NOTE = (
-    "DARE drops entries at random: mergekit draws its own masks (same density; survivors rescaled to keep "
-    "each tensor's L1 norm, ≈ 1/density), so its merge equals this one in distribution, not tensor by tensor"
-)
-
-
-def _mergekit_method(name: str, args: Mapping, experts: int) -> tuple[str, list[float], dict, dict, str]:
-    """mergekit's method for a data-free one: (method, weight per expert, per-model parameters,
-    global parameters, a note), from the method's arguments with its own defaults."""
-    defaults = {p.name: p.default for p in inspect.signature(METHODS.get(name)).parameters.values() if p.default is not p.empty}
-    args = {**defaults, **args}
-    if name == "average":
-        return "linear", [1.0] * experts, {}, {"normalize": True}, ""
-    if name == "task_arithmetic":
-        scaling = args["scaling"]
-        weights = [float(s) for s in scaling] if isinstance(scaling, (list, tuple)) else [float(scaling)] * experts
-        return "task_arithmetic", weights, {}, {"normalize": False}, ""
-    if name == "ties":
-        if args["trim_scope"] != "tensor":
-            raise _NoMergekit(
-                f"ties with trim_scope {args['trim_scope']!r} (one threshold per expert over the whole model) has no mergekit "
-                "equivalent: mergekit trims each tensor (method.args.trim_scope: tensor)"
-            )
-        if args["sign_method"] != "sum":
-            raise _NoMergekit(f"mergekit's ties elects signs by total mass ('sum'), not {args['sign_method']!r}")
-        return "ties", [1.0] * experts, {"density": args["density"]}, {"normalize": True, "lambda": args["scaling"]}, ""
-    if name == "dare":
-        note = DARE_NOTE
-        if args["sign_election"]:
-            parameters = {"normalize": True, "lambda": args["scaling"]}
-            return "dare_ties", [1.0] * experts, {"density": args["density"]}, parameters, note
-        return "dare_linear", [float(args["scaling"])] * experts, {"density": args["density"]}, {"normalize": False}, note
-    raise _NoMergekit(f"`{name}` has no mergekit equivalent (mergekit.yaml is written for average, task_arithmetic, ties and dare)")
-
-
 def method_mergekit_config(name: str, args: Mapping, problem: MergeProblem, scope: Mapping) -> tuple[dict | None, str]:
     """The mergekit config of a data-free merge (``adamerge merge``) and a note, or None and why there is none."""
-    keys = [n for n, p in problem.pretrained.named_parameters() if p.is_floating_point() and in_scope(n, **scope)]
+    numels = {n: p.numel() for n, p in problem.pretrained.named_parameters() if p.is_floating_point() and in_scope(n, **scope)}
+    keys = list(numels)
     try:
-        method, weights, per_model, parameters, method_note = _mergekit_method(name, args, len(problem.experts))
+        method = to_mergekit(name, args, len(problem.experts), numels)
         base, experts, note = _checkpoints(problem, keys)
-    except _NoMergekit as reason:
+    except NoMergekit as reason:
         return None, str(reason)
     models = [
-        {"model": path, "parameters": {"weight": _weights(keys, lambda _: w, 0.0), **per_model}}
-        for w, path in zip(weights, experts.values())
+        {"model": path, "parameters": {"weight": _weights(keys, lambda _: w, 0.0), **method.per_model}}
+        for w, path in zip(method.weights, experts.values())
     ]
-    config = {"merge_method": method, "base_model": base}
-    if method == "linear":  # no base model in a weighted average: it keeps the tensors outside the merge
-        config = {"merge_method": method}
+    config = {"merge_method": method.method, "base_model": base}
+    if method.method == "linear":  # no base model in a weighted average: it keeps the tensors outside the merge
+        config = {"merge_method": method.method}
         models.append({"model": base, "parameters": {"weight": _weights(keys, lambda _: 0.0, 1.0)}})
-    config.update(models=models, parameters=parameters, dtype="float32")
-    if method == "ties":
-        numels = {n: p.numel() for n, p in problem.pretrained.named_parameters() if n in set(keys)}
-        method_note = trim_note(float(per_model["density"]), numels)
-    return config, "; ".join(n for n in (method_note, note) if n)
-
-
-def trim_note(density: float, numels: Mapping[str, int]) -> str:
-    """Where mergekit's trim keeps ``int(density·n)`` entries (at least one) and adamerge's ``ceil(density·n)``."""
-    differ = [k for k, n in numels.items() if max(1, int(density * n)) != keep_count(n, density)]
-    if not differ:
-        return ""
-    return (f"density {density}: mergekit keeps int(density·n) entries of a tensor, adamerge ceil(density·n), so "
-            f"{len(differ)} tensor(s) keep one entry fewer in mergekit and differ there (e.g. {differ[0]})")
+    config.update(models=models, parameters=method.parameters, dtype="float32")
+    return config, "; ".join(n for n in (method.note, note) if n)
 
 
 def _write_mergekit(folder: Path, config: dict | None, note: str) -> None:
@@ -178,10 +124,10 @@ def _write_mergekit(folder: Path, config: dict | None, note: str) -> None:
 
 
 def write_mergekit(folder: Path, coefficients: Coefficients, problem: MergeProblem, processed: str | None = None) -> None:
+    """A learned run's ``mergekit.yaml`` / ``mergekit.txt`` into ``folder``."""
     _write_mergekit(folder, *mergekit_config(coefficients, problem, processed))
 
 
 def write_method_mergekit(folder: Path, recipe: DictConfig, problem: MergeProblem, scope: Mapping) -> None:
+    """A data-free run's ``mergekit.yaml`` / ``mergekit.txt`` into ``folder``."""
     _write_mergekit(folder, *method_mergekit_config(recipe.method.name, to_plain(recipe.method.args), problem, scope))
-
-

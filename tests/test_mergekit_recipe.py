@@ -1,6 +1,7 @@
-"""mergekit in and out: the YAMLs adamerge writes, run through mergekit itself, equal adamerge's
-merged models tensor by tensor; a mergekit YAML read by adamerge merges to what mergekit makes of it
-(data-free) or starts a learned merge from exactly its weights; what has no equal is refused, naming the key."""
+"""mergekit in: a mergekit YAML read by adamerge merges to what mergekit makes of it (data-free) or
+starts a learned merge from exactly its weights, and the YAMLs those runs write, run through mergekit
+itself, equal adamerge's merged models tensor by tensor; what has no equal is refused, naming the key;
+building a recipe writes no file."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ pytest.importorskip("transformers")
 from adamerge.app import runner  # noqa: E402
 from adamerge.app.problems import build_problem  # noqa: E402
 from adamerge.io.checkpoints import open_weights  # noqa: E402
-from test_export import named_zoo, zoo, zoo_recipe  # noqa: E402, F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 WORDS = "the cat dog sat ran on mat red blue big small house tree".split()
@@ -73,79 +73,6 @@ def assert_same_tensors(ours, theirs):
         torch.testing.assert_close(ours[key], tensor, rtol=1e-5, atol=2e-6, msg=key)
 
 
-# ---------------------------------------------------------------------- mergekit for data-free merges
-
-
-def weight_of(filters, name):
-    """mergekit's rule: the first filter that is a substring of the tensor's name, else the catch-all."""
-    return next(f["value"] for f in filters if "filter" not in f or f["filter"] in name)
-
-
-MERGEKIT_CASES = {  # method args -> (mergekit method, weight per expert, per-model parameters, global parameters)
-    "task_arithmetic": ({"scaling": [0.2, 0.5]}, "task_arithmetic", [0.2, 0.5], {}, {"normalize": False}),
-    "ties": ({"density": 0.3, "scaling": 0.8, "trim_scope": "tensor"}, "ties", [1.0, 1.0], {"density": 0.3},
-             {"normalize": True, "lambda": 0.8}),
-    "dare": ({"density": 0.6, "scaling": 0.4}, "dare_linear", [0.4, 0.4], {"density": 0.6}, {"normalize": False}),
-    "dare_ties": ({"density": 0.6, "scaling": 0.4, "sign_election": True}, "dare_ties", [1.0, 1.0], {"density": 0.6},
-                  {"normalize": True, "lambda": 0.4}),
-    "average": ({}, "linear", [1.0, 1.0], {}, {"normalize": True}),
-}
-
-
-@pytest.mark.parametrize("case", sorted(MERGEKIT_CASES))
-def test_data_free_merges_write_the_mergekit_equivalent(zoo, named_zoo, tmp_path, case):
-    from omegaconf import OmegaConf
-
-    from adamerge.io.checkpoints import open_weights
-
-    args, method, weights, per_model, parameters = MERGEKIT_CASES[case]
-    name = "dare" if case == "dare_ties" else case
-    result = runner.merge(zoo_recipe(zoo, named_zoo, tmp_path, case, method={"name": name, "args": args}))
-    config = OmegaConf.to_container(OmegaConf.load(result.run_dir / "mergekit.yaml"))
-    assert config["merge_method"] == method and config["parameters"] == parameters and config["dtype"] == "float32"
-    experts = [str(named_zoo / "zoo" / t) for t in ("a", "b")]
-    base = open_weights(str(zoo / "base"))
-    scope = [k for k in base if k.startswith("bert.")]
-    models = config["models"]
-    if method == "linear":  # the base is a member, weighted only outside the merge: those tensors stay the base's
-        assert "base_model" not in config and models[-1]["model"] == str(zoo / "base")
-        assert all(weight_of(models[-1]["parameters"]["weight"], k) == (0.0 if k in scope else 1.0) for k in base)
-        models = models[:-1]
-    else:
-        assert config["base_model"] == str(zoo / "base")
-    assert [m["model"] for m in models] == experts
-    for model, weight in zip(models, weights):
-        assert {k: v for k, v in model["parameters"].items() if k != "weight"} == per_model
-        for key in base:
-            assert weight_of(model["parameters"]["weight"], key) == (weight if key in scope else 0.0), key
-    note = (result.run_dir / "mergekit.txt").read_text()  # expert heads of 2 and 3 classes: left out, said why
-    assert "classifier.bias, classifier.weight" in note and "base (2,), a (2,), b (3,)" in note
-    assert ("in distribution" in note) == (name == "dare")
-
-
-@pytest.mark.parametrize("method, args, reason", [
-    ("ties", {"density": 0.3}, "trim_scope 'model'"),
-    ("tsv", {}, "`tsv` has no mergekit equivalent"),
-])
-def test_merges_without_a_mergekit_equivalent_say_why(zoo, named_zoo, tmp_path, method, args, reason):
-    result = runner.merge(zoo_recipe(zoo, named_zoo, tmp_path, method, method={"name": method, "args": args}))
-    assert not (result.run_dir / "mergekit.yaml").exists()
-    assert reason in (result.run_dir / "mergekit.txt").read_text()
-
-
-def test_mergekit_skips_a_bare_encoder_base_saying_why(zoo, named_zoo):
-    from dataclasses import replace
-
-    from adamerge.app.mergekit import method_mergekit_config
-
-    problem = build_problem(zoo_recipe(zoo, named_zoo, "unused", "x").problem)
-    bare = replace(problem, description={**problem.description, "base": str(zoo / "encoder_only")})
-    config, reason = method_mergekit_config("task_arithmetic", {}, bare, {"include": problem.include, "exclude": None})
-    assert config is None and "bare encoder" in reason
-    config, note = method_mergekit_config("task_arithmetic", {}, problem, {"include": problem.include, "exclude": None})
-    assert config is not None and "classifier.weight" in note
-
-
 # ---------------------------------------------------------------------- mergekit YAMLs read by adamerge
 
 
@@ -184,43 +111,106 @@ def test_a_mergekit_yaml_merges_to_what_mergekit_makes_and_writes_one_mergekit_a
     assert_same_tensors(ours, mergekit_merge(tmp_path / "run" / "mergekit.yaml", tmp_path / "written"))
 
 
-def test_a_learned_run_starts_from_the_yamls_per_tensor_weights_and_writes_them_back(llama, tmp_path):
-    """Gradients and filters become layer-wise init values (checked by hand: mergekit's t is 0 outside
-    the layers, i/(n−1) in layer i); the learned run's mergekit.yaml, run by mergekit, is its merged model."""
-    from adamerge.app.builders import build_coefficients
-    from adamerge.app.from_mergekit import fit_recipe
-
-    config = write_yaml(tmp_path / "merge.yml", {
+def learned_inputs(llama, folder, granularity="layer", **coefficients):
+    """A task_arithmetic YAML whose weights vary over tensors (a gradient for a, filters for b) and a
+    learning recipe over the same base and experts, in ``folder``."""
+    config = write_yaml(folder / "merge.yml", {
         "merge_method": "task_arithmetic", "base_model": str(llama / "base"), "dtype": "float32",
         "models": models(llama, a={"weight": [0.2, 0.6]}, b={"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0.1}]}),
     })
     source = {"path": str(llama / "rows.jsonl")}
     tasks = {n: {"expert": str(llama / n), "text": "q", "response": "a", "calibration": source} for n in ("a", "b")}
-    write_yaml(tmp_path / "recipe.yaml", {
-        "name": "learned", "output_dir": str(tmp_path / "run"), "objectives": [{"name": "entropy"}],
-        "problem": {"kind": "hf_causal_lm", "max_length": 16, "tasks": tasks}, "coefficients": {"granularity": "layer"},
+    write_yaml(folder / "recipe.yaml", {
+        "name": "learned", "output_dir": str(folder / "run"), "objectives": [{"name": "entropy"}],
+        "problem": {"kind": "hf_causal_lm", "max_length": 16, "tasks": tasks},
+        "coefficients": {"granularity": granularity, **coefficients},
         "optimizer": {"lr": 0.05}, "evaluation": {"enabled": False}, "export": {"plot": False},
         "trainer": {"max_steps": 2, "batch_size": 2, "progress_bar": False, "accelerator": "cpu", "log_every_n_steps": 1},
     })
-    recipe, _ = fit_recipe(config, str(tmp_path / "recipe.yaml"))
+    return config, folder / "recipe.yaml"
+
+
+# each expert's starting value on some tensors, by hand: mergekit's t is 0 outside the layers, i/(n−1) in layer i
+EXPECTED = {"a": {"model.embed_tokens.weight": 0.2, "model.layers.0.mlp.up_proj.weight": 0.2,
+                  "model.layers.1.self_attn.q_proj.weight": 0.6, "lm_head.weight": 0.2},
+            "b": {"model.layers.1.mlp.down_proj.weight": 0.5, "model.layers.1.input_layernorm.weight": 0.1}}
+
+
+def test_a_learned_run_starts_from_the_yamls_per_tensor_weights_and_writes_them_back(llama, tmp_path):
+    """Gradients and filters become per-tensor init values in the recipe, written nowhere: the run
+    starts its coefficients from them, and its mergekit.yaml, run by mergekit, is its merged model."""
+    from adamerge.app.mergekit.recipe import fit_recipe
+
+    config, source = learned_inputs(llama, tmp_path)
+    files = sorted(tmp_path.rglob("*"))
+    recipe, _ = fit_recipe(config, str(source))
+    assert sorted(tmp_path.rglob("*")) == files  # building the recipe wrote nothing
     assert recipe.problem.pretrained == str(llama / "base")
-    initial = build_coefficients(recipe, build_problem(recipe.problem))[0].as_dict()
-    expected_a = {"model.embed_tokens.weight": 0.2, "model.layers.0.mlp.up_proj.weight": 0.2,
-                  "model.layers.1.self_attn.q_proj.weight": 0.6, "lm_head.weight": 0.2}
-    for key, value in expected_a.items():
-        assert initial["a"][key] == pytest.approx(value), key
-    assert initial["b"]["model.layers.1.mlp.down_proj.weight"] == pytest.approx(0.5)
-    assert initial["b"]["model.layers.1.input_layernorm.weight"] == pytest.approx(0.1)
+    for name, values in EXPECTED.items():
+        for key, value in values.items():
+            assert recipe.coefficients.init[name][key] == pytest.approx(value), (name, key)
 
     result = runner.fit(recipe)
-    learned = result.merged.coefficients.as_dict()
-    assert learned["a"]["model.layers.1.self_attn.q_proj.weight"] != pytest.approx(0.6)  # it learned
+    coefficients = result.merged.coefficients
+    for k, name in enumerate(coefficients.layout.expert_names):
+        for key, value in EXPECTED[name].items():
+            assert float(coefficients.initial[k, coefficients.layout.tensor_slots[key][0]]) == pytest.approx(value), key
+    assert coefficients.as_dict()["a"]["model.layers.1.self_attn.q_proj.weight"] != pytest.approx(0.6)  # it learned
     ours = dict(open_weights(str(result.run_dir / "merged")))
     assert_same_tensors(ours, mergekit_merge(result.run_dir / "mergekit.yaml", tmp_path / "theirs"))
 
 
+@pytest.mark.parametrize("granularity, options", [("layer", {}), ("chunk", {"chunks": 2}), ("element", {})])
+def test_every_fine_granularity_starts_from_the_per_tensor_weights(llama, tmp_path, granularity, options):
+    from adamerge.app.builders import build_coefficients
+    from adamerge.app.mergekit.recipe import fit_recipe
+
+    config, source = learned_inputs(llama, tmp_path, granularity, **options)
+    recipe, _ = fit_recipe(config, str(source))
+    initial = build_coefficients(recipe, build_problem(recipe.problem))[0].as_dict()
+    for name, values in EXPECTED.items():
+        for key, value in values.items():
+            expected = [value] * options["chunks"] if granularity == "chunk" else value
+            assert initial[name][key] == pytest.approx(expected), (name, key)
+
+
+def test_a_recipe_that_fails_to_load_leaves_no_file(llama, tmp_path, monkeypatch):
+    """The per-tensor weights travel in the recipe: when the assembled recipe does not load, nothing
+    of it was written (no coefficients file beside the run directory, nothing anywhere)."""
+    from adamerge.app.checks import RecipeError
+    from adamerge.app.mergekit import recipe as module
+
+    config, source = learned_inputs(llama, tmp_path)
+    real = module.load_recipe
+
+    def failing(recipe, overrides=None):
+        if isinstance(recipe, dict):  # the recipe fit_recipe assembles (the user's is read from its file)
+            raise RecipeError("the assembled recipe does not load")
+        return real(recipe, overrides)
+
+    monkeypatch.setattr(module, "load_recipe", failing)
+    files = sorted(tmp_path.rglob("*"))
+    with pytest.raises(RecipeError, match="does not load"):
+        module.fit_recipe(config, str(source))
+    assert sorted(tmp_path.rglob("*")) == files
+
+
+def test_a_per_tensor_init_without_a_merged_tensor_is_refused_naming_it(llama, tmp_path):
+    from adamerge.app.builders import build_coefficients
+    from adamerge.app.checks import RecipeError
+    from adamerge.app.config import load_recipe, to_plain
+    from adamerge.app.mergekit.recipe import fit_recipe
+
+    config, source = learned_inputs(llama, tmp_path)
+    plain = to_plain(fit_recipe(config, str(source))[0])
+    del plain["coefficients"]["init"]["b"]["lm_head.weight"]
+    recipe = load_recipe(plain)
+    with pytest.raises(RecipeError, match="coefficients.init.b: expected a number for tensor lm_head.weight, got None"):
+        build_coefficients(recipe, build_problem(recipe.problem))
+
+
 def test_per_tensor_weights_cannot_start_task_wise_coefficients(llama, tmp_path):
-    from adamerge.app.from_mergekit import fit_recipe
+    from adamerge.app.mergekit.recipe import fit_recipe
 
     config = write_yaml(tmp_path / "merge.yml", {"merge_method": "task_arithmetic", "base_model": str(llama / "base"),
                                                  "models": models(llama, a={"weight": [0.2, 0.6]}, b={"weight": 0.4})})
@@ -245,7 +235,7 @@ REFUSALS = [  # (what changes in a ties YAML, the one-line error)
 
 @pytest.mark.parametrize("change, message", REFUSALS)
 def test_what_has_no_adamerge_equal_is_refused_naming_the_key(llama, tmp_path, change, message):
-    from adamerge.app.from_mergekit import merge_recipe
+    from adamerge.app.mergekit.recipe import merge_recipe
 
     config = {"merge_method": "ties", "base_model": str(llama / "base"), "parameters": {"density": 0.5},
               "models": models(llama, a={"weight": 1.0}, b={"weight": 1.0})}
