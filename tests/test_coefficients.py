@@ -350,3 +350,27 @@ def test_as_dict_is_readable():
     coefficients = MergeCoefficients(layout, init=torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]))
     assert coefficients.as_dict() == {"a": {"w": [0.1, 0.2], "b": 0.3}, "b": {"w": [0.4, 0.5], "b": 0.6}}
     assert math.isclose(coefficients.as_dict()["b"]["b"], 0.6)
+
+
+# ---------------------------------------------------------------------- dtype
+
+
+def test_coefficients_keep_float32_and_their_values_when_the_model_is_cast(mlp):
+    tv = TaskVectors.from_models(mlp.pretrained, mlp.experts)
+    merged = MergedModel(mlp.fresh(), tv, "chunk", init=0.3, constraint="sigmoid", chunks=mlp.chunks)
+    coefficients = merged.coefficients
+    assert (coefficients.raw.detach().to(torch.bfloat16).float() != coefficients.raw).any()  # not bf16 numbers
+    coefficients.raw.grad = torch.full_like(coefficients.raw, 1 / 3)
+    before = {name: tensor.clone() for name, tensor in coefficients.state_dict().items()}
+    merged.to(torch.bfloat16)
+    assert merged.backbone[0].weight.dtype == torch.bfloat16  # the rest of the model is cast
+    merged.half()
+    assert merged.backbone[0].weight.dtype == torch.float16
+    for name, tensor in coefficients.state_dict().items():
+        assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name]), name
+    assert coefficients.raw.dtype == coefficients.raw.grad.dtype == torch.float32
+    # a move to another device with a dtype moves the float32 tensors ("meta" stands in for an accelerator)
+    coefficients.to("meta", torch.bfloat16)
+    assert {(t.device.type, t.dtype) for t in (coefficients.raw, coefficients.residual, coefficients.initial)} == {
+        ("meta", torch.float32)
+    }

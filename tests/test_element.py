@@ -103,3 +103,18 @@ def test_starts_from_a_layer_wise_run(mlp, tmp_path):
         C = merged.coefficients.effective(key)
         assert torch.allclose(C, values[:, slot].view(-1, *[1] * (C.dim() - 1)).expand_as(C))
     torch.testing.assert_close(merged.coefficients.summary(), values)
+
+
+def test_coefficients_keep_float32_and_their_values_when_the_model_is_cast(mlp):
+    merged, _ = _merged(mlp, freeze=[r"^4\."])
+    _randomise(merged, seed=3)
+    before = {name: tensor.clone() for name, tensor in merged.coefficients.state_dict().items()}
+    assert any((t.to(torch.bfloat16).float() != t).any() for t in before.values())  # not all bf16 numbers
+    merged.to(torch.bfloat16)
+    assert merged.backbone[0].weight.dtype == torch.bfloat16  # the rest of the model is cast
+    after = merged.coefficients.state_dict()
+    assert after.keys() == before.keys()
+    for name, tensor in after.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, before[name]), name
+    merged.coefficients.to("meta", torch.float16)  # "meta" stands in for an accelerator
+    assert {(t.device.type, t.dtype) for t in merged.coefficients.state_dict().values()} == {("meta", torch.float32)}

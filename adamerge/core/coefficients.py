@@ -20,10 +20,27 @@ from adamerge.io.checkpoints import UnreadableInput, reading, save_safetensors, 
 InitSpec = Union[float, Sequence[float], Mapping[str, float], Tensor, "MergeCoefficients", str, Path]
 
 
-class MergeCoefficients(nn.Module):
+class Float32Module(nn.Module):
+    """A module whose tensors follow it across devices but keep their dtype: coefficients stay
+    float32 (and so do their gradients and optimiser state) when the model is cast, e.g. by
+    Lightning's ``bf16-true``, which calls ``module.to(torch.bfloat16)``. A dtype-changing
+    conversion moves the original tensor to the conversion's device instead of rounding it."""
+
+    def _apply(self, fn, recurse: bool = True):
+        def same_dtype(tensor: Tensor) -> Tensor:
+            converted = fn(tensor)
+            if converted.dtype == tensor.dtype:
+                return converted
+            return tensor.to(device=converted.device)
+
+        return super()._apply(same_dtype, recurse)
+
+
+class MergeCoefficients(Float32Module):
     """The ``[K, S]`` coefficient matrix of a layout: trainable slots as one ``nn.Parameter``.
 
-    ``forward()`` returns the effective values (after the constraint) in slot order.
+    ``forward()`` returns the effective values (after the constraint) in slot order. Its tensors
+    keep their dtype whatever the model is cast to (:class:`Float32Module`).
     """
 
     def __init__(self, layout: CoefficientLayout, init: InitSpec = 0.3, constraint: ConstraintSpec = None):

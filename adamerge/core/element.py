@@ -23,17 +23,18 @@ from torch import Tensor, nn
 from adamerge.io.checkpoints import UnreadableInput, reading, save_safetensors, write_text
 from adamerge.core.layouts import CoefficientLayout
 from adamerge.core.constraints import ConstraintSpec, make_constraint
-from adamerge.core.coefficients import InitSpec, resolve_init
+from adamerge.core.coefficients import Float32Module, InitSpec, resolve_init
 
 FORMAT = "adamerge.element_coefficients"
 
 
-class ElementCoefficients(nn.Module):
+class ElementCoefficients(Float32Module):
     """``key -> [K, *shape]`` coefficients of an ``element`` layout; trainable tensors are
     ``nn.Parameter``s (one per merged tensor, so an optimiser can take just a block's).
 
     ``forward()`` returns the effective values (after the constraint) of every tensor.
-    Frozen tensors keep their initial per-tensor value (stored once per expert).
+    Frozen tensors keep their initial per-tensor value (stored once per expert). Its tensors
+    keep their dtype whatever the model is cast to.
     """
 
     def __init__(
