@@ -22,7 +22,7 @@ from adamerge.learning.frank_wolfe import frank_wolfe_merge, schedule
 from adamerge.objectives import build_objective
 from adamerge.objectives.entropy import prediction_entropy
 from adamerge.app.problems import MergeProblem, register_problem
-from adamerge.app import runner
+from adamerge.app import learners
 from adamerge.app.runner import fit
 from adamerge.tasks.base import HeadTask
 from conftest import make_mlp, perturbed
@@ -172,7 +172,7 @@ def test_a_frank_wolfe_recipe_passes_its_task_balance(tmp_path, monkeypatch):
         seen.update(kwargs)
         raise InterruptedError
 
-    monkeypatch.setattr(runner, "frank_wolfe_merge", capture)
+    monkeypatch.setattr(learners, "frank_wolfe_merge", capture)
     recipe = load_recipe({
         "name": "fw", "output_dir": str(tmp_path / "run"), "task_balance": "guarded", "guard_weight": 2.5,
         "problem": {"kind": "test_frank_wolfe_zoo", "options": {"zoo_dir": str(tmp_path)}},

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 import lightning as L  # noqa: E402
 
-from adamerge.app import runner  # noqa: E402
+from adamerge.app import learners, runner  # noqa: E402
 from adamerge.app.config import load_recipe  # noqa: E402
 
 
@@ -28,8 +28,8 @@ class CountSteps(L.Callback):
 
 def test_loggers_callbacks_and_trainer_arguments_reach_lightning(zoo, recipe_dict, tmp_path, monkeypatch):
     trainers = []
-    original = runner.build_trainer
-    monkeypatch.setattr(runner, "build_trainer", lambda recipe, work: trainers.append(original(recipe, work)) or trainers[-1])
+    original = learners.build_trainer
+    monkeypatch.setattr(learners, "build_trainer", lambda recipe, work: trainers.append(original(recipe, work)) or trainers[-1])
     trainer = recipe_dict(zoo, tmp_path)["trainer"]
     trainer.update(
         loggers=[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "mine")}}],
@@ -52,21 +52,21 @@ def test_loggers_callbacks_and_trainer_arguments_reach_lightning(zoo, recipe_dic
 def test_bad_lightning_settings_are_named(tmp_path, trainer, message):
     recipe = load_recipe({"problem": {"kind": "digits"}, "trainer": trainer})
     with pytest.raises(ValueError, match=message):
-        runner.build_trainer(recipe, tmp_path)
+        learners.build_trainer(recipe, tmp_path)
 
 
 def test_the_progress_bar_counts_steps_not_epochs(zoo, recipe_dict, tmp_path, monkeypatch):
     from adamerge.learning.progress import StepProgressBar
 
     bars = []
-    original = runner.build_trainer
+    original = learners.build_trainer
 
     def keep_bar(recipe, work):
         trainer = original(recipe, work)
         bars.extend(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
         return trainer
 
-    monkeypatch.setattr(runner, "build_trainer", keep_bar)
+    monkeypatch.setattr(learners, "build_trainer", keep_bar)
     trainer = {**recipe_dict(zoo, tmp_path)["trainer"], "progress_bar": True, "max_steps": 5}
     runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name="bar", trainer=trainer)))
     bar = bars[0].train_progress_bar

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from adamerge import MergeCoefficients  # noqa: E402
-from adamerge.app import runner
+from adamerge.app import learners, runner
 from adamerge.io.checkpoints import open_weights  # noqa: E402
 from adamerge.app.config import load_recipe  # noqa: E402
 from adamerge.app.mergekit.write import mergekit_config, task_vector_processing  # noqa: E402
@@ -99,15 +99,15 @@ def test_fit_writes_a_complete_run_directory(fitted, zoo, zoo_hand_merge):
 def test_memory_options_reach_the_run_and_keep_the_result(fitted, zoo, recipe_dict, tmp_path, monkeypatch):
     """``task_vectors.offload`` and ``trainer.per_task_backward`` only change where tensors live
     and when activations are freed: the learned coefficients are the default run's."""
-    learners = []
+    made = []
 
-    build_learner = runner.build_learner
-    monkeypatch.setattr(runner, "build_learner", lambda *args: learners.append(build_learner(*args)) or learners[-1])
+    build_learner = learners.build_learner
+    monkeypatch.setattr(learners, "build_learner", lambda *args: made.append(build_learner(*args)) or made[-1])
     recipe = load_recipe(
         recipe_dict(zoo, tmp_path, name="lean"), ["task_vectors.offload=true", "trainer.per_task_backward=true"]
     )
     result = runner.fit(recipe)
-    assert result.merged.vectors.offload and learners[0].per_task_backward
+    assert result.merged.vectors.offload and made[0].per_task_backward
     torch.testing.assert_close(
         result.merged.coefficients().detach(), fitted[1].merged.coefficients().detach(), rtol=1e-5, atol=1e-6
     )

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch.func import functional_call
 
-from adamerge.app import runner
+from adamerge.app import learners, runner
 from adamerge.app.config import load_recipe
 from adamerge.learning.data import CalibrationData
 from adamerge.learning.learner import CoefficientLearner
@@ -126,8 +126,8 @@ def test_a_run_interrupted_after_a_check_resumes_to_the_same_coefficients_and_ch
 
 def test_a_recipe_with_selection_exports_the_selected_step(zoo, recipe_dict, tmp_path, monkeypatch):
     made = []
-    build_selection = runner.build_selection
-    monkeypatch.setattr(runner, "build_selection", lambda recipe: made.append(build_selection(recipe)) or made[-1])
+    build_selection = learners.build_selection
+    monkeypatch.setattr(learners, "build_selection", lambda recipe: made.append(build_selection(recipe)) or made[-1])
     selection = {"objective": {"name": "entropy"}, "holdout": 4, "every_n_steps": 2}
     result = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, selection=selection, export={"plot": False, "mergekit": False})))
     (callback,) = made

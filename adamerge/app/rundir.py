@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 LOCK = "lock"
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
+PROGRESS = "progress.safetensors"  # progressive learning's checkpoint: the coefficients after each finished block
 
 
 def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -124,7 +125,7 @@ def resume_point(recipe: DictConfig, work_dir: Path) -> Path | None:
     from adamerge.app.config import save_recipe
 
     saved, last = work_dir / "recipe.yaml", work_dir / CHECKPOINT
-    if last.exists() and saved.exists():
+    if (last.exists() or (work_dir / PROGRESS).exists()) and saved.exists():
         before = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved)).items() if k != "overwrite"}
         now = {k: v for k, v in OmegaConf.to_container(recipe, resolve=True).items() if k != "overwrite"}
         changed = differing_keys(before, now)

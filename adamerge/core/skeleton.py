@@ -57,8 +57,13 @@ class StreamedModel:
     classifier placeholder each task replaces with its own head) it is zero, with a warning.
     """
 
-    def __init__(self, skeleton: nn.Module, weights: Mapping[str, Tensor], scope: Iterable[str] = (), source: str = "the pretrained checkpoint"):
-        self.module, self.weights, self.source = skeleton, weights, source
+    def __init__(self, skeleton: nn.Module, weights: Mapping[str, Tensor], scope: Iterable[str] = (),
+                 source: str = "the pretrained checkpoint", device: torch.device | str = "cpu"):
+        self.module, self.weights, self.source, self.device = skeleton, weights, source, torch.device(device)
+        for module in skeleton.modules():  # buffers (rotary tables, position ids) are real: they go to the device now
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(self.device)
         self.aliases = parameter_aliases(skeleton)
         self.keys = state_keys(skeleton)
         prefix = getattr(skeleton, "base_model_prefix", "") or ""
@@ -87,8 +92,8 @@ class StreamedModel:
         if self.stored[key] is None:
             module, attr, is_param = self._owner[key]
             current = (module._parameters if is_param else module._buffers)[attr]
-            return torch.zeros(current.shape, dtype=current.dtype)
-        return self.weights[self.stored[key]]
+            return torch.zeros(current.shape, dtype=current.dtype, device=self.device)
+        return self.weights[self.stored[key]].to(self.device, non_blocking=True)
 
     def materialise(self, keys: Iterable[str]) -> None:
         """Put these tensors (canonical names) into the skeleton, their tied aliases too."""
@@ -102,7 +107,7 @@ class StreamedModel:
         for key in keys:
             module, attr, is_param = self._owner[key]
             current = (module._parameters if is_param else module._buffers)[attr]
-            self._set(key, torch.zeros((), dtype=current.dtype).expand(current.shape))
+            self._set(key, torch.zeros((), dtype=current.dtype, device=self.device).expand(current.shape))
 
     def release(self, keys: Iterable[str]) -> None:
         """Drop these tensors back to ``meta`` (buffers are small and kept), unmap the checkpoint

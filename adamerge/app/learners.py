@@ -1,0 +1,167 @@
+"""The learners a recipe can name, each under the one learning contract (:mod:`adamerge.learning.contract`).
+
+Which learner runs follows from the recipe's sections: ``frank_wolfe`` → FW-Merging,
+``progressive`` → progressive (and streamed) distillation, otherwise the Lightning coefficient
+learner. Each builds its parts with :mod:`adamerge.app.builders`, works on the resolved
+device, and returns a :class:`~adamerge.learning.contract.LearnedMerge` that the runner
+evaluates and saves in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from adamerge.app.builders import (
+    build_coefficients,
+    build_learner,
+    build_merged,
+    build_objectives,
+    build_selection,
+    build_task_vectors,
+    build_trainer,
+    merge_scope,
+    progressive_batches,
+    task_weights,
+)
+from adamerge.app.checks import RecipeError
+from adamerge.app.config import Recipe, TrainerConfig, to_plain
+from adamerge.app.rundir import PROGRESS
+from adamerge.core.merged import FunctionalModel, module_with_tensors
+from adamerge.core.registry import Registry
+from adamerge.io.checkpoints import open_weights
+from adamerge.io.shards import ShardWriter
+from adamerge.learning.contract import LearnedMerge, Learner, unhonoured_trainer_fields
+from adamerge.learning.frank_wolfe import frank_wolfe_merge
+from adamerge.learning.learner import frozen_modules_expected
+from adamerge.learning.placement import Placement
+from adamerge.learning.progressive import ProgressiveDistiller
+from adamerge.tasks.blocks import stage_count
+
+LEARNERS: Registry[type] = Registry("learner")
+
+
+@LEARNERS.register("coefficients")
+class CoefficientFit:
+    """Coefficients trained by Lightning on the recipe's objectives (AdaMerging, Expert Merging, ...):
+    every ``trainer`` field is Lightning's, so every one is honoured (DDP, precision, loggers, ...)."""
+
+    name = "coefficients"
+    trainer_fields = frozenset(f for f in TrainerConfig.__dataclass_fields__)
+
+    def streamed(self, recipe: DictConfig) -> bool:
+        return False
+
+    def learn(self, recipe: DictConfig, problem, data, placement: Placement, work_dir: Path, resume: Path | None) -> LearnedMerge:
+        merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
+        learner, selection, trainer = build_learner(recipe, problem, merged), build_selection(recipe), build_trainer(recipe, work_dir)
+        if selection is not None:
+            trainer.callbacks.insert(0, selection)  # before the checkpoint callback: a checkpoint holds its latest check
+        if resume is not None:
+            print(f"resuming the interrupted run from {resume}")
+        with frozen_modules_expected():
+            trainer.fit(learner, datamodule=data, ckpt_path=resume)
+        files = {}
+        if selection is not None:
+            files["selection.json"] = json.dumps({"step": selection.best["step"], "criterion": selection.best["value"]}, indent=1)
+        how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
+        return LearnedMerge(model=merged, export=merged.to_module(), how=how, coefficients=merged.coefficients,
+                            files=files, log_dir=work_dir, trainer=trainer)
+
+
+@LEARNERS.register("progressive")
+class ProgressiveFit:
+    """ProDistill block by block (:mod:`adamerge.learning.progressive`), resumable after every block;
+    streamed (``progressive.stream``), the model is read and written one block at a time. It trains
+    for ``progressive.epochs`` per block on one device in float32, on the MSE to each expert's features."""
+
+    name = "progressive"
+    trainer_fields = frozenset({"devices"})
+
+    def streamed(self, recipe: DictConfig) -> bool:
+        return bool(recipe.progressive.stream)
+
+    def learn(self, recipe: DictConfig, problem, data, placement: Placement, work_dir: Path, resume: Path | None) -> LearnedMerge:
+        stream = self.streamed(recipe)
+        coefficients, keys = build_coefficients(recipe, problem)
+        shards = work_dir / "merged"
+        distiller = ProgressiveDistiller(
+            problem.pretrained, problem.experts, problem.tasks, progressive_batches(recipe, problem, data), coefficients,
+            keys=keys, dtype=recipe.task_vectors.dtype, low_rank=recipe.task_vectors.low_rank, epochs=recipe.progressive.epochs,
+            lr=recipe.optimizer.lr, optimizer=recipe.optimizer.name, weight_decay=recipe.optimizer.weight_decay,
+            task_weights=task_weights(recipe), seed=recipe.seed,
+            checkpoint=work_dir / PROGRESS, progress=recipe.trainer.progress_bar,
+            weights=problem.pretrained_weights if stream else None,
+            writer=ShardWriter(shards, stage_count(problem.pretrained)) if stream else None,
+            features_dir=work_dir / "features" if recipe.progressive.features == "disk" else None,
+            device=placement.device,
+        )
+        result = distiller.run()
+        model = FunctionalModel(problem.pretrained)
+        if stream:
+            distiller.writer.finish()
+            # evaluation holds the merged model whole on the device; export reads the shards
+            params = {k: v.to(placement.device) for k, v in open_weights(str(shards)).items()}
+            export = shards
+        else:
+            params = result.merged
+            export = module_with_tensors(problem.pretrained, result.merged)
+        how = ("{}-wise coefficients learned block by block (progressive layer-wise distillation{})"
+               .format(coefficients.layout.granularity, ", streamed" if stream else ""))
+        return LearnedMerge(model=model, export=export, how=how, params=params, coefficients=coefficients,
+                            files={"progressive.json": json.dumps(result.history, indent=1)}, log=distiller.log)
+
+
+@LEARNERS.register("frank_wolfe")
+class FrankWolfeFit:
+    """FW-Merging: walk the merged weights toward the best experts (:mod:`adamerge.learning.frank_wolfe`);
+    the run keeps its history, not coefficients. It has no checkpoints: an interrupted run starts over."""
+
+    name = "frank_wolfe"
+    trainer_fields = frozenset({"devices"})
+
+    def streamed(self, recipe: DictConfig) -> bool:
+        return False
+
+    def learn(self, recipe: DictConfig, problem, data, placement: Placement, work_dir: Path, resume: Path | None) -> LearnedMerge:
+        result = frank_wolfe_merge(
+            problem.pretrained, problem.experts, problem.tasks, data, build_objectives(recipe),
+            **to_plain(recipe.frank_wolfe), **merge_scope(recipe, problem),
+            task_weights=task_weights(recipe), task_balance=recipe.task_balance, guard_weight=recipe.guard_weight,
+            device=placement.device,
+        )
+        cfg = recipe.frank_wolfe
+        how = f"FW-Merging ({cfg.mode}, {cfg.lmo}-wise LMO, {cfg.iterations} iterations) with {[o.name for o in recipe.objectives]}"
+        log = [{"step": h["iteration"], "train/loss": h["objective_after"]} for h in result.history]
+        return LearnedMerge(model=result.model, export=result.model.backbone, how=how, params=result.merged_parameters(),
+                            files={"fw_history.json": json.dumps(result.history, indent=1)}, log=log)
+
+
+def learner_for(recipe: DictConfig) -> Learner:
+    """The learner a ``fit`` recipe describes, after refusing every setting it would not honour."""
+    name = "frank_wolfe" if recipe.frank_wolfe is not None else "progressive" if recipe.progressive is not None else "coefficients"
+    learner = LEARNERS.get(name)()
+    refused = unhonoured_trainer_fields(learner, recipe.trainer, TrainerConfig())
+    if refused:
+        raise RecipeError(
+            f"trainer.{refused[0]} is set, but the {learner.name} learner does not use it "
+            f"({_what_instead(learner.name, refused[0])}); remove it from the recipe"
+        )
+    if learner.name == "progressive" and len(recipe.objectives) > 0:
+        raise RecipeError("objectives lists an objective, but the progressive learner trains on each block's MSE to the "
+                          "experts' features; write `objectives: []` (or drop the progressive section)")
+    if learner.name == "progressive" and str(recipe.task_balance) != Recipe.task_balance:
+        raise RecipeError("task_balance is set, but the progressive learner weighs tasks by task_weights only; remove it")
+    return learner
+
+
+_INSTEAD = {
+    "max_steps": {"progressive": "it trains progressive.epochs per block", "frank_wolfe": "it runs frank_wolfe.iterations × inner_steps"},
+    "precision": {"progressive": "it trains in float32", "frank_wolfe": "it trains in float32"},
+}
+
+
+def _what_instead(learner: str, field: str) -> str:
+    return _INSTEAD.get(field, {}).get(learner, "it runs on one device with its own loop")
