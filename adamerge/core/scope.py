@@ -92,16 +92,32 @@ def expert_tensors(
     """An expert's ``(key, tensor)`` over the scope, read one tensor at a time, each checked
     against the pretrained one (keys, shape, dtype, finite values); errors name the expert and the key."""
     who = f"{role} {name!r}"
-    weights = open_weights(source, who)
+    weights = expert_weights(name, source, pretrained, base, keys, include, exclude, role)
+    for key in keys:
+        tensor = weights[key]
+        check_tensor(who, key, tensor, base[key])
+        yield key, tensor
+
+
+def expert_weights(
+    name: str,
+    source: WeightsSource,
+    pretrained: WeightsSource,
+    base: Mapping[str, Tensor],
+    keys: Sequence[str],
+    include: Patterns = None,
+    exclude: Patterns = None,
+    role: str = "expert",
+) -> Mapping[str, Tensor]:
+    """An expert's weights opened (lazily where the format allows) with its keys checked against
+    the scope's: none missing, none the pretrained model lacks; errors name the expert."""
+    weights = open_weights(source, f"{role} {name!r}")
     # an expert module's own tied aliases are not extra keys, even when the pretrained
     # model comes from a file that saved only the canonical names
     aliases = parameter_aliases(pretrained) if isinstance(pretrained, nn.Module) else {}
     own_aliases = parameter_aliases(source) if isinstance(source, nn.Module) else {}
     check_keys(name, weights, base, keys, {**aliases, **own_aliases}, include, exclude)
-    for key in keys:
-        tensor = weights[key]
-        check_tensor(who, key, tensor, base[key])
-        yield key, tensor
+    return weights
 
 
 def check_tensor(who: str, key: str, tensor: Tensor, reference: Tensor) -> None:

@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -72,16 +72,7 @@ class TaskVectors:
         raises an error naming the expert and the key.
         """
         storage = _as_dtype(dtype) if dtype is not None else torch.float32
-        base = open_weights(pretrained, "pretrained")
-        keys = scope_keys(pretrained, base, include, exclude)
-        # a LoRA adapter is θ_0 + ΔW lazily; its τ is ΔW itself, in float32 (io/lora.py)
-        named = {
-            name: open_adapter(source, base, f"expert {name!r}") if is_adapter(source) else source
-            for name, source in name_experts(experts).items()
-        }
-        # τ is ΔW only for adapters over these pretrained weights; one opened over other weights is θ_k like any model
-        deltas = {name for name, source in named.items() if _is_lora_over(source, base, keys)}
-        factored = _low_rank_keys([named[name] for name in deltas], keys, base) if low_rank and len(deltas) == len(named) else set()
+        base, keys, named, deltas, factored = open_experts(pretrained, experts, include, exclude, low_rank)
         dense_keys = [key for key in keys if key not in factored]
         vectors: dict[str, Tensor | LowRankStack] = {
             key: torch.empty((len(named), *base[key].shape), dtype=storage, device=device) for key in dense_keys
@@ -92,7 +83,7 @@ class TaskVectors:
             changed = False
             for key in factors:
                 pair = source.low_rank(key)
-                _check_factors(expert_name, key, pair)
+                check_factors(expert_name, key, pair)
                 factors[key].append(pair)
                 changed = changed or (pair is not None and bool(pair[0].any()) and bool(pair[1].any()))
             for key, tensor in expert_tensors(expert_name, source, pretrained, base, dense_keys, include, exclude):
@@ -273,6 +264,36 @@ class TaskVectors:
         return cls(vectors, names)
 
 
+class OpenedExperts(NamedTuple):
+    """The pretrained weights, the merge scope's keys, the experts by name (LoRA adapters opened
+    over the pretrained weights), the experts whose τ is their ΔW, and the matrices whose τ stays
+    as LoRA factors."""
+
+    base: Mapping[str, Tensor]
+    keys: list[str]
+    named: dict[str, WeightsSource]
+    deltas: set[str]
+    factored: set[str]
+
+
+def open_experts(
+    pretrained: WeightsSource, experts: Experts, include: Patterns = None, exclude: Patterns = None, low_rank: bool = True
+) -> OpenedExperts:
+    """What building task vectors starts from (see :class:`OpenedExperts`); ``factored`` is empty
+    unless ``low_rank`` and every expert is a LoRA adapter over ``pretrained``."""
+    base = open_weights(pretrained, "pretrained")
+    keys = scope_keys(pretrained, base, include, exclude)
+    # a LoRA adapter is θ_0 + ΔW lazily; its τ is ΔW itself, in float32 (io/lora.py)
+    named = {
+        name: open_adapter(source, base, f"expert {name!r}") if is_adapter(source) else source
+        for name, source in name_experts(experts).items()
+    }
+    # τ is ΔW only for adapters over these pretrained weights; one opened over other weights is θ_k like any model
+    deltas = {name for name, source in named.items() if _is_lora_over(source, base, keys)}
+    factored = _low_rank_keys([named[name] for name in deltas], keys, base) if low_rank and len(deltas) == len(named) else set()
+    return OpenedExperts(base, keys, named, deltas, factored)
+
+
 def _is_lora_over(source: WeightsSource, base: Mapping[str, Tensor], keys: Sequence[str]) -> bool:
     """A LoRA expert whose own base is ``base`` over the scope (so that ``θ_k − θ_0 = ΔW``)."""
     if not isinstance(source, LoraExpert):
@@ -285,7 +306,8 @@ def _low_rank_keys(experts: Sequence[LoraExpert], keys: Sequence[str], base: Map
     return {key for key in keys if base[key].dim() == 2 and not any(key in expert.adapter.full for expert in experts)}
 
 
-def _check_factors(expert_name: str, key: str, pair: tuple[Tensor, Tensor] | None) -> None:
+def check_factors(expert_name: str, key: str, pair: tuple[Tensor, Tensor] | None) -> None:
+    """LoRA factors of one key of one expert hold finite values only."""
     if pair is not None and not all(torch.isfinite(factor).all() for factor in pair):
         raise ValueError(f"expert {expert_name!r} has non-finite values (NaN/inf) in the LoRA factors of {key!r}")
 

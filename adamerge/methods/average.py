@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import METHODS, MergeResult, apply_deltas, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, merge_each, task_vectors
 from adamerge.core.scope import Experts, Patterns
 
 
@@ -13,4 +13,4 @@ def average(
 ) -> MergeResult:
     """The experts' mean, ``θ_0 + (1/K) Σ_k τ_k``."""
     tv = task_vectors(pretrained, experts, include, exclude)
-    return apply_deltas(pretrained, {k: t.float().mean(dim=0) for k, t in tv.items()})
+    return merge_each(pretrained, tv, lambda key, t: t.float().mean(dim=0))

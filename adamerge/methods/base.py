@@ -1,9 +1,12 @@
 """The method registry and what every data-free merge shares.
 
 A method computes one merged task vector per tensor of the merge scope and returns
-``θ_0 + merged`` through :func:`apply_deltas`: an ``nn.Module`` (a merged copy) when
-``pretrained`` is a module, else a state dict. Tensors outside the scope, and in-scope
-tensors a method leaves out of its deltas, keep their pretrained values.
+``θ_0 + merged``: an ``nn.Module`` (a merged copy) when ``pretrained`` is a module, else a state
+dict. Tensors outside the scope, and in-scope tensors a method leaves out, keep their pretrained
+values. :func:`merge_each` is the shared path: it reads one tensor of the ``K`` experts
+(:class:`~adamerge.core.task_vector_stream.TaskVectorStream`), hands it to the method's rule and
+writes the result before reading the next, so a merge holds ``K`` tensors and the merged model,
+never ``K`` models of task vectors.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from torch import Tensor, nn
 from adamerge.io.checkpoints import WeightsSource, open_weights
 from adamerge.io.terminal import progress
 from adamerge.core.registry import Registry
-from adamerge.core.scope import Experts, Patterns, parameter_aliases
+from adamerge.core.scope import Experts, Patterns
+from adamerge.core.task_vector_stream import TaskVectorStream
 from adamerge.core.task_vectors import TaskVectors
 
 MergeResult = nn.Module | dict[str, Tensor]
@@ -26,20 +30,48 @@ METHODS: Registry[Callable[..., MergeResult]] = Registry("merge method")
 """The data-free merges by name (a recipe's ``method.name``); ``@METHODS.register("name")`` adds one."""
 
 
+class MergedWeights:
+    """``θ_0``, then ``θ_0 + delta`` written key by key: ``result`` is a copy of ``pretrained`` when
+    it is a module (tied aliases follow their canonical tensor), else a state dict."""
+
+    def __init__(self, pretrained: WeightsSource):
+        self.base = open_weights(pretrained)
+        if isinstance(pretrained, nn.Module):
+            self.result: MergeResult = copy.deepcopy(pretrained)
+            self._targets = self.result.state_dict()  # views of the copy's tensors
+        else:
+            self.result = {name: self.base[name] for name in self.base}
+            self._targets = None
+
+    def add(self, key: str, delta: Tensor) -> None:
+        reference = self.base[key]
+        value = (reference.float() + delta.float().to(reference.device)).to(reference.dtype)
+        if self._targets is None:
+            self.result[key] = value
+        else:
+            self._targets[key].copy_(value)
+
+
 def apply_deltas(pretrained: WeightsSource, deltas: Mapping[str, Tensor]) -> MergeResult:
     """``θ_0 + delta`` for every tensor in ``deltas``; a merged module copy or a state dict."""
-    base = open_weights(pretrained)
-    state = {name: base[name] for name in base}
+    merged = MergedWeights(pretrained)
     for key, delta in deltas.items():
-        state[key] = (base[key].float() + delta.float().to(base[key].device)).to(base[key].dtype)
-    if not isinstance(pretrained, nn.Module):
-        return state
-    for alias, canonical in parameter_aliases(pretrained).items():
-        if canonical in deltas:
-            state[alias] = state[canonical]
-    merged = copy.deepcopy(pretrained)
-    merged.load_state_dict(state)
-    return merged
+        merged.add(key, delta)
+    return merged.result
+
+
+def merge_each(
+    pretrained: WeightsSource, tv: TaskVectorStream, rule: Callable[[str, Tensor], Tensor | None],
+    desc: str = "merging tensors",
+) -> MergeResult:
+    """``θ_0 + rule(key, τ)`` for every key of the scope, ``τ`` its ``[K, *shape]`` task vectors,
+    read and merged one key at a time; a key whose rule gives ``None`` keeps ``θ_0``."""
+    merged = MergedWeights(pretrained)
+    for key in progress(tv.keys, desc, total=len(tv), unit="tensor"):
+        delta = rule(key, tv[key])
+        if delta is not None:
+            merged.add(key, delta)
+    return merged.result
 
 
 START = "start"
@@ -60,11 +92,12 @@ def with_start(tv: TaskVectors, pretrained: WeightsSource, experts: Experts, met
     return TaskVectors(vectors, (START, *tv.expert_names))
 
 
-def task_vectors(pretrained: WeightsSource, experts: Experts, include: Patterns, exclude: Patterns) -> TaskVectors:
-    return TaskVectors.from_models(pretrained, experts, include=include, exclude=exclude)
+def task_vectors(pretrained: WeightsSource, experts: Experts, include: Patterns, exclude: Patterns) -> TaskVectorStream:
+    """The experts' task vectors over the scope, read key by key (for :func:`merge_each`)."""
+    return TaskVectorStream(pretrained, experts, include, exclude)
 
 
-def per_expert(scaling: float | Sequence[float], tv: TaskVectors) -> Tensor:
+def per_expert(scaling: float | Sequence[float], tv: TaskVectorStream) -> Tensor:
     """A scalar or one value per expert, as a ``[K]`` tensor."""
     if isinstance(scaling, (int, float)):
         return torch.full((tv.num_experts,), float(scaling))
@@ -102,6 +135,4 @@ def merge_matrices(
     """The SVD methods' shared rule: ``matrix_delta(τ)`` for every 2-D weight, ``α × mean_k τ_k``
     for every other tensor (biases, norms), as TSV-M's and Iso-C's code do."""
     tv = task_vectors(pretrained, experts, include, exclude)
-    deltas = {key: matrix_delta(t) if is_matrix(t) else alpha * t.float().mean(dim=0)
-              for key, t in progress(tv.items(), "merging tensors", total=len(tv), unit="tensor")}
-    return apply_deltas(pretrained, deltas)
+    return merge_each(pretrained, tv, lambda key, t: matrix_delta(t) if is_matrix(t) else alpha * t.float().mean(dim=0))

@@ -7,9 +7,12 @@ mean (DARE-TIES, ``θ_0 + λ τ_m``).
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from adamerge.core import tensor_ops
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import METHODS, MergeResult, apply_deltas, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, merge_each, task_vectors
 from adamerge.core.scope import Experts, Patterns
 
 
@@ -25,11 +28,12 @@ def dare(
     exclude: Patterns = None,
 ) -> MergeResult:
     """DARE drop-and-rescale, then task arithmetic (or TIES election with ``sign_election``)."""
-    tv = task_vectors(pretrained, experts, include, exclude).dare(density, seed)
-    deltas = {}
-    for key, t in tv.items():
+    generator = torch.Generator().manual_seed(seed)  # one stream over the scope's keys in order
+
+    def rule(key: str, t: Tensor) -> Tensor:
+        t = tensor_ops.dare(t, density, generator)
         if sign_election:
-            deltas[key] = scaling * tensor_ops.disjoint_mean(t, tensor_ops.elect_sign(t))
-        else:
-            deltas[key] = scaling * t.sum(dim=0)
-    return apply_deltas(pretrained, deltas)
+            return scaling * tensor_ops.disjoint_mean(t, tensor_ops.elect_sign(t))
+        return scaling * t.sum(dim=0)
+
+    return merge_each(pretrained, task_vectors(pretrained, experts, include, exclude), rule)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import Tensor
+
 from adamerge.io.checkpoints import WeightsSource
 from adamerge.core.granularities import block_of, module_of
-from adamerge.methods.base import METHODS, MergeResult, apply_deltas, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, merge_each, task_vectors
 from adamerge.core.scope import Experts, Patterns
 
 
@@ -50,8 +52,9 @@ def lines(
     beta = 1.0 / tv.num_experts if beta is None else beta
     depths = layer_depths(tv.keys)
     deepest = max(depths.values())
-    deltas = {}
-    for key, t in tv.items():
+
+    def rule(key: str, t: Tensor) -> Tensor:
         fraction = (depths[key] - 1) / (deepest - 1) if deepest > 1 else 0.0
-        deltas[key] = (alpha + beta * fraction) * t.float().sum(dim=0)
-    return apply_deltas(pretrained, deltas)
+        return (alpha + beta * fraction) * t.float().sum(dim=0)
+
+    return merge_each(pretrained, tv, rule)

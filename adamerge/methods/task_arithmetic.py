@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.methods.base import METHODS, MergeResult, apply_deltas, per_expert, task_vectors
+from adamerge.methods.base import METHODS, MergeResult, merge_each, per_expert, task_vectors
 from adamerge.core.scope import Experts, Patterns
 
 
@@ -22,4 +22,4 @@ def task_arithmetic(
     """``θ_0 + Σ_k λ_k τ_k``; ``λ_k`` a scalar or one per expert."""
     tv = task_vectors(pretrained, experts, include, exclude)
     weights = per_expert(scaling, tv)
-    return apply_deltas(pretrained, {k: torch.tensordot(weights, t.float(), dims=1) for k, t in tv.items()})
+    return merge_each(pretrained, tv, lambda key, t: torch.tensordot(weights, t.float(), dims=1))

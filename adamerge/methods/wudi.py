@@ -40,13 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.io.checkpoints import WeightsSource
-from adamerge.io.terminal import progress
 from adamerge.methods.base import (
     METHODS,
     MergeResult,
-    apply_deltas,
     embedding_keys,
     is_matrix,
+    merge_each,
     task_vectors,
 )
 from adamerge.core.scope import Experts, Patterns
@@ -152,10 +151,10 @@ def wudi(
         raise ValueError(f"others must be 'pretrained' or 'mean', got {others!r}")
     tv = task_vectors(pretrained, experts, include, exclude)
     tables = embedding_keys(pretrained, tv.keys)
-    deltas = {}
-    for key, t in progress(tv.items(), "WUDI: optimising layers", total=len(tv), unit="tensor"):
+
+    def rule(key: str, t: Tensor) -> Tensor | None:
         if is_matrix(t) and key not in tables:
-            deltas[key] = scaling * wudi_delta(t, iterations, lr, device)
-        elif others == "mean":
-            deltas[key] = scaling * t.float().mean(dim=0)
-    return apply_deltas(pretrained, deltas)
+            return scaling * wudi_delta(t, iterations, lr, device)
+        return scaling * t.float().mean(dim=0) if others == "mean" else None
+
+    return merge_each(pretrained, tv, rule, "WUDI: optimising layers")
