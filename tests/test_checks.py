@@ -72,8 +72,35 @@ def test_sections_that_exclude_each_other_are_refused_at_load(sections, message)
 
 
 def test_a_good_recipe_passes_and_stays_read_only():
-    recipe = load_recipe(BASE, ["coefficients.granularity=element", "progressive.epochs=3"])
+    recipe = load_recipe(BASE, ["coefficients.granularity=element", "progressive.epochs=3", "objectives=[]"])
     assert recipe.coefficients.granularity == "element" and recipe.progressive.epochs == 3
     from omegaconf import OmegaConf
 
     assert OmegaConf.is_readonly(recipe)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["progressive.epochs=1", "objectives=[]", "trainer.max_steps=2"],
+     "trainer.max_steps is set, but the progressive learner does not use it (it trains progressive.epochs"),
+    (["progressive.epochs=1", "objectives=[]", "trainer.precision=bf16-true"],
+     "trainer.precision is set, but the progressive learner does not use it (it runs its own loop on one device in float32)"),
+    (["progressive.epochs=1", "objectives=[]", "trainer.devices=2"], "trainer.devices is 2, but the progressive learner runs on one device"),
+    (["progressive.epochs=1"], "objectives lists an objective, but progressive learning"),
+    (["frank_wolfe.iterations=1", "trainer.max_steps=2"], "trainer.max_steps is set, but the frank_wolfe learner does not use it"),
+    (["frank_wolfe.iterations=1", "trainer.loggers=[{class_path: x.Y}]"], "trainer.loggers is set, but the frank_wolfe learner"),
+    (["frank_wolfe.iterations=1", "trainer.strategy=ddp"], "trainer.strategy is set, but the frank_wolfe learner"),
+])
+def test_a_trainer_field_the_learner_would_ignore_is_refused_at_load_naming_both(overrides, message):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(BASE, overrides)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_lightning_learner_honours_every_trainer_field_and_the_others_the_common_ones():
+    every = ["trainer.max_steps=2", "trainer.precision=bf16-true", "trainer.devices=2", "trainer.strategy=ddp",
+             "trainer.log_every_n_steps=1", "trainer.per_task_backward=true", "trainer.extra={gradient_clip_val: 1.0}"]
+    assert load_recipe(BASE, every).trainer.max_steps == 2
+    common = ["trainer.batch_size=3", "trainer.threads=1", "trainer.progress_bar=false", "trainer.tf32=false",
+              "trainer.accelerator=cpu", "trainer.devices=[0]"]
+    assert load_recipe(BASE, ["progressive.epochs=1", "objectives=[]", *common]).trainer.batch_size == 3
+    assert load_recipe(BASE, ["frank_wolfe.iterations=1", *common]).trainer.tf32 is False

@@ -217,7 +217,8 @@ def test_progressive_recipe_writes_a_run_that_matches_a_hand_merge(zoo, recipe_d
     from adamerge.io.checkpoints import open_weights
     from adamerge.app.config import load_recipe
 
-    recipe = load_recipe(recipe_dict(zoo, tmp_path, name="pd", progressive={"epochs": 2, "samples_per_task": 8},
+    recipe = load_recipe(recipe_dict(zoo, tmp_path, name="pd", progressive={"epochs": 2, "samples_per_task": 8}, objectives=[],
+                                     trainer={"batch_size": 4, "progress_bar": False, "accelerator": "cpu"},
                                      coefficients={"granularity": "element", "init": 0.3, "freeze": ["word_embeddings"]}))
     result = runner.fit(recipe)
     run = result.run_dir

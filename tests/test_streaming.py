@@ -280,6 +280,7 @@ def test_streamed_text_classifier_recipe_writes_the_merged_encoder_and_heads(zoo
 
     def run(name, **progressive):
         return runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name=name, coefficients=coefficients, objectives=[],
+                                                  trainer={"batch_size": 4, "progress_bar": False},
                                                   progressive={"epochs": 2, "samples_per_task": 8, **progressive}))).run_dir
 
     streamed, in_memory = run("streamed", stream=True), run("in_memory")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from adamerge.app.checks import RecipeError
 from adamerge.app.config import to_plain
-from adamerge.app.problem import MergeProblem
+from adamerge.app.problems.problem import MergeProblem
 from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.constraints import make_constraint
 from adamerge.core.element import ElementCoefficients
@@ -216,7 +216,7 @@ def build_trainer(recipe: DictConfig, work_dir: Path) -> L.Trainer:
         callbacks=[checkpoint, *([StepProgressBar()] if cfg.progress_bar else []),
                    *(_instantiate(spec, f"trainer.callbacks[{i}]") for i, spec in enumerate(cfg.callbacks))],
         plugins=[CheckpointFiles()],
-        log_every_n_steps=cfg.log_every_n_steps,
+        log_every_n_steps=min(cfg.log_every_n_steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.log_every_n_steps,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from adamerge.core.granularities import GRANULARITIES, misplaced_options, option_names
 from adamerge.core.registry import Registry
+from adamerge.learning.contract import unhonoured_trainer_fields
 from adamerge.methods import METHODS
 from adamerge.objectives import OBJECTIVES
 from adamerge.objectives.balance import BALANCES
@@ -56,6 +57,45 @@ def _registered(recipe: DictConfig) -> dict[str, tuple[str, Registry]]:
         objectives["selection.objective.name"] = recipe.selection.objective.name
     names.update({key: (name, OBJECTIVES) for key, name in objectives.items() if not set(name) & set(":.")})
     return names
+
+
+# The ``trainer`` fields each learner honours beyond the device, batch size, bar, threads and TF32
+# (every learner's): the Lightning learner is Lightning, so it takes them all; progressive
+# distillation and FW-Merging run their own loops on one device in float32.
+HONOURED_TRAINER_FIELDS = {
+    "coefficients": frozenset({"max_steps", "devices", "strategy", "precision", "log_every_n_steps",
+                               "checkpoint_every_n_steps", "per_task_backward", "loggers", "callbacks", "extra"}),
+    "progressive": frozenset({"devices"}),
+    "frank_wolfe": frozenset({"devices"}),
+}
+_INSTEAD = {  # what a learner does instead of a trainer field it does not honour
+    ("progressive", "max_steps"): "it trains progressive.epochs over the samples of every block",
+    ("frank_wolfe", "max_steps"): "it runs frank_wolfe.iterations, each with inner_steps for soft FW",
+    ("progressive", "checkpoint_every_n_steps"): "it checkpoints after every block",
+}
+
+
+def learner_name(recipe: DictConfig) -> str:
+    """The learner a ``fit`` recipe runs: FW-Merging, progressive distillation or the Lightning learner."""
+    return "frank_wolfe" if recipe.frank_wolfe is not None else "progressive" if recipe.progressive is not None else "coefficients"
+
+
+def _unhonoured(recipe: DictConfig, defaults) -> list[str]:
+    """A ``trainer`` field the recipe's learner would ignore, named with the learner: never ignored in silence."""
+    if recipe.method is not None:
+        return []
+    learner = learner_name(recipe)
+    problems = []
+    for name in unhonoured_trainer_fields(HONOURED_TRAINER_FIELDS[learner], recipe.trainer, defaults):
+        instead = _INSTEAD.get((learner, name), "it runs its own loop on one device in float32")
+        problems.append(f"trainer.{name} is set, but the {learner} learner does not use it ({instead}); remove it")
+    devices = recipe.trainer.devices
+    if learner != "coefficients" and not (devices == 1 or (not isinstance(devices, (int, str)) and len(devices) == 1)):
+        problems.append(f"trainer.devices is {devices!r}, but the {learner} learner runs on one device; use 1 or [index]")
+    if learner == "progressive" and len(recipe.objectives) > 0:
+        problems.append("objectives lists an objective, but progressive learning matches each block's features to the "
+                        "experts' (an MSE); write `objectives: []`")
+    return problems
 
 
 def _exclusive(recipe: DictConfig) -> list[str]:
@@ -106,11 +146,12 @@ def closest_hint(value: object, allowed) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def check_recipe(recipe: DictConfig, origin: str = "recipe") -> None:
-    """Raise ``RecipeError`` naming the first bad key (with the closest allowed value) or rule."""
+def check_recipe(recipe: DictConfig, trainer_defaults, origin: str = "recipe") -> None:
+    """Raise ``RecipeError`` naming the first bad key (with the closest allowed value) or rule;
+    ``trainer_defaults``: the schema's trainer section, against which set fields are told apart."""
     for key, (name, registry) in _registered(recipe).items():
         if name not in registry:
             raise RecipeError(f"{origin}: {key}: {registry.unknown_message(name)}")
-    problems = _exclusive(recipe)
+    problems = _exclusive(recipe) + _unhonoured(recipe, trainer_defaults)
     if problems:
         raise RecipeError(f"{origin}: {problems[0]}")

@@ -149,6 +149,7 @@ class TrainerConfig:
     progress_bar: bool = True
     threads: Optional[int] = None  # torch CPU threads (1 is fastest for tiny models on a busy machine)
     per_task_backward: bool = False  # one task's activations alive at a time (same gradients, less memory)
+    tf32: bool = True  # on GPUs that have it, float32 matmuls in TF32 (false: full float32)
     # Lightning's own surface: loggers beside the CSV log the run keeps (e.g. {class_path:
     # lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: tb}}), callbacks the same
     # way, and any other Trainer argument (e.g. {gradient_clip_val: 1.0})
@@ -317,7 +318,7 @@ def load_recipe(source: str | os.PathLike | dict | None = None, overrides: list[
     for section in ("tasks", "experts"):  # names become file names in the run directory
         for name in recipe.problem[section]:
             check_name(name, f"{origin}: problem.{section}")
-    check_recipe(recipe, origin)
+    check_recipe(recipe, TrainerConfig(), origin)
     shard_size_bytes(recipe.export.max_shard_size, origin)
     OmegaConf.set_readonly(recipe, True)
     return recipe

@@ -26,14 +26,14 @@ from adamerge.app.builders import (
     progressive_batches,
     task_weights,
 )
-from adamerge.app.checks import RecipeError
-from adamerge.app.config import Recipe, TrainerConfig, to_plain
+from adamerge.app.checks import HONOURED_TRAINER_FIELDS, learner_name
+from adamerge.app.config import to_plain
 from adamerge.app.rundir import PROGRESS
 from adamerge.core.merged import FunctionalModel, module_with_tensors
 from adamerge.core.registry import Registry
 from adamerge.io.checkpoints import open_weights
 from adamerge.io.shards import ShardWriter
-from adamerge.learning.contract import LearnedMerge, Learner, unhonoured_trainer_fields
+from adamerge.learning.contract import LearnedMerge, Learner
 from adamerge.learning.frank_wolfe import frank_wolfe_merge
 from adamerge.learning.learner import frozen_modules_expected
 from adamerge.learning.placement import Placement
@@ -49,7 +49,7 @@ class CoefficientFit:
     every ``trainer`` field is Lightning's, so every one is honoured (DDP, precision, loggers, ...)."""
 
     name = "coefficients"
-    trainer_fields = frozenset(f for f in TrainerConfig.__dataclass_fields__)
+    trainer_fields = HONOURED_TRAINER_FIELDS["coefficients"]
 
     def streamed(self, recipe: DictConfig) -> bool:
         return False
@@ -78,7 +78,7 @@ class ProgressiveFit:
     for ``progressive.epochs`` per block on one device in float32, on the MSE to each expert's features."""
 
     name = "progressive"
-    trainer_fields = frozenset({"devices"})
+    trainer_fields = HONOURED_TRAINER_FIELDS["progressive"]
 
     def streamed(self, recipe: DictConfig) -> bool:
         return bool(recipe.progressive.stream)
@@ -120,7 +120,7 @@ class FrankWolfeFit:
     the run keeps its history, not coefficients. It has no checkpoints: an interrupted run starts over."""
 
     name = "frank_wolfe"
-    trainer_fields = frozenset({"devices"})
+    trainer_fields = HONOURED_TRAINER_FIELDS["frank_wolfe"]
 
     def streamed(self, recipe: DictConfig) -> bool:
         return False
@@ -140,28 +140,5 @@ class FrankWolfeFit:
 
 
 def learner_for(recipe: DictConfig) -> Learner:
-    """The learner a ``fit`` recipe describes, after refusing every setting it would not honour."""
-    name = "frank_wolfe" if recipe.frank_wolfe is not None else "progressive" if recipe.progressive is not None else "coefficients"
-    learner = LEARNERS.get(name)()
-    refused = unhonoured_trainer_fields(learner, recipe.trainer, TrainerConfig())
-    if refused:
-        raise RecipeError(
-            f"trainer.{refused[0]} is set, but the {learner.name} learner does not use it "
-            f"({_what_instead(learner.name, refused[0])}); remove it from the recipe"
-        )
-    if learner.name == "progressive" and len(recipe.objectives) > 0:
-        raise RecipeError("objectives lists an objective, but the progressive learner trains on each block's MSE to the "
-                          "experts' features; write `objectives: []` (or drop the progressive section)")
-    if learner.name == "progressive" and str(recipe.task_balance) != Recipe.task_balance:
-        raise RecipeError("task_balance is set, but the progressive learner weighs tasks by task_weights only; remove it")
-    return learner
-
-
-_INSTEAD = {
-    "max_steps": {"progressive": "it trains progressive.epochs per block", "frank_wolfe": "it runs frank_wolfe.iterations × inner_steps"},
-    "precision": {"progressive": "it trains in float32", "frank_wolfe": "it trains in float32"},
-}
-
-
-def _what_instead(learner: str, field: str) -> str:
-    return _INSTEAD.get(field, {}).get(learner, "it runs on one device with its own loop")
+    """The learner a ``fit`` recipe describes (the recipe's load refused what it would not honour)."""
+    return LEARNERS.get(learner_name(recipe))()

@@ -64,12 +64,12 @@ class Learner(Protocol):
         """Learn on ``problem``; ``resume``: the checkpoint of an interrupted attempt, if any."""
 
 
-def unhonoured_trainer_fields(learner: Learner, trainer, defaults) -> list[str]:
-    """The ``trainer`` fields set away from their defaults that ``learner`` does not honour."""
-    honoured = COMMON_TRAINER_FIELDS | learner.trainer_fields
+def unhonoured_trainer_fields(honoured: frozenset[str], trainer, defaults) -> list[str]:
+    """The ``trainer`` fields set away from their ``defaults`` (a dataclass) that a learner honouring
+    ``honoured`` (beyond :data:`COMMON_TRAINER_FIELDS`) would ignore."""
     return [
         f.name for f in fields(defaults)
-        if f.name not in honoured and _plain(getattr(trainer, f.name)) != _plain(getattr(defaults, f.name))
+        if f.name not in COMMON_TRAINER_FIELDS | honoured and _plain(getattr(trainer, f.name)) != _plain(getattr(defaults, f.name))
     ]
 
 

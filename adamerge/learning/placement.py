@@ -17,8 +17,8 @@ import torch
 GPU_NAMES = ("gpu", "cuda")
 
 
-class NoAcceleratorError(RuntimeError):
-    """The recipe names an accelerator this machine does not have."""
+class NoAcceleratorError(ValueError):
+    """The recipe names an accelerator this machine does not have (a recipe error: status 2)."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 
 from adamerge.tasks import blocks as B
@@ -46,6 +47,7 @@ from adamerge.io.checkpoints import WeightsSource, reading, save_safetensors
 from adamerge.core.element import ElementCoefficients
 from adamerge.core.merged import FunctionalModel, MergedModel
 from adamerge.io.shards import FeatureFiles, ShardWriter
+from adamerge.io.terminal import progress_bar
 from adamerge.core.skeleton import StreamedModel
 from adamerge.core.scope import parameter_aliases
 from adamerge.core.task_vectors import TaskVectors
@@ -108,6 +110,7 @@ class ProgressiveDistiller:
         weights: Mapping[str, Tensor] | None = None,
         writer: ShardWriter | None = None,
         features_dir: str | Path | None = None,
+        device: torch.device | str = "cpu",
     ):
         if coefficients.layout.granularity == "task":
             raise ValueError(
@@ -116,16 +119,23 @@ class ProgressiveDistiller:
             )
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZERS)}")
+        self.device = torch.device(device)
+        if weights is None:
+            pretrained.to(self.device)
         self.model = FunctionalModel(pretrained)
         config = getattr(self.model.backbone, "config", None)
         if config is not None and getattr(config, "use_cache", False):
             config.use_cache = False  # a KV cache would carry state from one block call to the next
         self.pretrained, self.experts, self.tasks = pretrained, dict(experts), dict(tasks)
-        self.batches = {name: list(b) for name, b in batches.items()}
+        for task in self.tasks.values():
+            task.to(self.device)
+        self.batches = {name: [_on_device(b, self.device) for b in bs] for name, bs in batches.items()}
+        coefficients.to(self.device)
         self.coefficients, self.keys, self.dtype, self.low_rank = coefficients, list(keys), dtype, low_rank
         self.epochs, self.lr, self.optimizer, self.weight_decay = epochs, lr, optimizer, weight_decay
         self.task_weights = {t: float((task_weights or {}).get(t, 1.0)) for t in self.tasks}
         self.seed, self.progress = seed, progress
+        self.log: list[dict] = []  # the training log: each epoch's mean loss, by step over the whole run
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         unmatched = sorted(set(self.tasks) - set(self.experts))
         if unmatched:
@@ -135,7 +145,7 @@ class ProgressiveDistiller:
                 "streamed learning keeps the whole model's coefficients in memory: element-wise ones are as large "
                 "as the task vectors; use granularity layer, chunk or group"
             )
-        self.streamed = StreamedModel(pretrained, weights, scope=self.keys) if weights is not None else None
+        self.streamed = StreamedModel(pretrained, weights, scope=self.keys, device=self.device) if weights is not None else None
         self.writer = writer
         self.features = FeatureFiles(features_dir) if features_dir is not None else None
         self.prefix = B.find_blocks(self.model.backbone)
@@ -187,7 +197,7 @@ class ProgressiveDistiller:
 
     def _stage_output(self, stage: B.Stage, task: str, params, batch: dict, features: Tensor | None) -> Tensor:
         """What ``stage`` produces on one batch from ``features`` with the given tensors."""
-        backbone = self.model.backbone
+        backbone, features = self.model.backbone, self._here(features)
         if stage.kind == "pre":
             call = B.capture_block_input(backbone, self.prefix, lambda: self._run_task(task, params, batch))
             return call.hidden()
@@ -204,7 +214,7 @@ class ProgressiveDistiller:
         merged_tensors: dict[str, Tensor] = {}
         history: list[dict] = []
         total = sum(len(bs) for bs in self.batches.values()) * self.epochs * sum(bool(self._trainable(s)) for s in self.stages[done:])
-        bar = _progress_bar(total, self.progress)
+        bar = progress_bar(total, "progressive distillation", unit="step", enabled=self.progress and total > 0)
         written: set[str] = set()
         before = self.stages[0].needs  # the head stage's forward also passes through these, then drops their output
         for number, stage in enumerate(self.stages):
@@ -230,6 +240,10 @@ class ProgressiveDistiller:
                 del merged, params, owned
         bar.close()
         return ProgressiveResult(self.coefficients, merged_tensors, history)
+
+    def _here(self, features: Tensor | None) -> Tensor | None:
+        """Cached features on the stage's device (memory-mapped ones are read from host memory per batch)."""
+        return None if features is None else features.to(self.device, non_blocking=True)
 
     def _block_call(self, task: str, batch: dict) -> B.BlockCall:
         """Block 0's arguments on this batch, its hidden states dropped (each stage brings its own)."""
@@ -269,7 +283,7 @@ class ProgressiveDistiller:
             return _EmptyMerge()
         include = [f"^{re.escape(k)}$" for k in stage.reads]
         vectors = TaskVectors.from_models(
-            self.pretrained, self.experts, include=include, dtype=self.dtype, low_rank=self.low_rank
+            self.pretrained, self.experts, include=include, dtype=self.dtype, low_rank=self.low_rank, device=self.device
         )
         return MergedModel(self.pretrained, vectors, coefficients=self.coefficients)
 
@@ -306,7 +320,7 @@ class ProgressiveDistiller:
             for task, i in order:
                 batch = self.batches[task][i]
                 output = self._stage_output(stage, task, merged.merged_parameters(), batch, features[task][i][0])
-                loss = self.task_weights[task] * masked_mse(output, targets[task][i], batch.get("attention_mask"))
+                loss = self.task_weights[task] * masked_mse(output, self._here(targets[task][i]), batch.get("attention_mask"))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -316,6 +330,8 @@ class ProgressiveDistiller:
                 bar.update(1)
             mean = total / len(order)
             first = mean if first is None else first
+            steps = (self.log[-1]["step"] if self.log else 0) + len(order)
+            self.log.append({"step": steps, "stage": stage.name, "train/loss": mean})
             last = mean
             bar.set_postfix(stage=stage.name, loss=f"{mean:.4g}")
         return {"stage": stage.name, "steps": self.epochs * len(order), "first_epoch_loss": first, "last_epoch_loss": last}
@@ -329,7 +345,7 @@ class ProgressiveDistiller:
         columns = [i for i, s in enumerate(self.coefficients.layout.trainable_slots) if s not in owned]
         if not columns:
             return lambda: None
-        index = torch.tensor(columns)
+        index = torch.tensor(columns, device=self.coefficients.raw.device)
         saved = self.coefficients.raw.detach()[:, index].clone()
 
         def keep() -> None:
@@ -360,6 +376,12 @@ class ProgressiveDistiller:
         return int(metadata["stages_done"])
 
 
+def _on_device(batch: dict, device: torch.device) -> dict:
+    """The batch on ``device``: itself when it already is there, else a moved copy."""
+    tensors = [v for v in batch.values() if isinstance(v, Tensor)]
+    return batch if all(t.device == device for t in tensors) else move_data_to_device(batch, device)
+
+
 class _EmptyMerge:
     """A stage that reads no merged tensor (e.g. no pooler): nothing to merge or learn."""
 
@@ -370,9 +392,3 @@ class _EmptyMerge:
 
     def expert_parameters(self, expert) -> dict:
         return {}
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="progressive distillation", unit="step", disable=not enabled or total == 0)
