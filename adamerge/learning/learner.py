@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from adamerge.core.merged import MergedModel
 from adamerge.io.checkpoints import load_checkpoint, write_bytes
 from adamerge.learning.loss import TaskLoss
+from adamerge.learning.optimizers import build_optimizer
 from adamerge.objectives import Objective, ObjectiveContext
 from adamerge.tasks.base import Task
 
@@ -117,10 +118,7 @@ class CoefficientLearner(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.merged.coefficients.parameters() if p.requires_grad]
-        kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-        if self.optimizer_name not in kinds:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use one of {sorted(kinds)}")
-        return kinds[self.optimizer_name](params, lr=self.lr, weight_decay=self.weight_decay)
+        return build_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
 
     # ------------------------------------------------------------------ training
     def step_loss(self, batch: Mapping[str, Mapping]) -> tuple[Tensor, dict[str, Tensor]]:

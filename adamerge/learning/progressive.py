@@ -47,13 +47,13 @@ from adamerge.io.checkpoints import WeightsSource, reading, save_safetensors
 from adamerge.core.element import ElementCoefficients
 from adamerge.core.merged import FunctionalModel, MergedModel
 from adamerge.io.shards import FeatureFiles, ShardWriter
+from adamerge.learning.optimizers import OPTIMIZERS, build_optimizer
 from adamerge.io.terminal import progress_bar
 from adamerge.core.skeleton import StreamedModel
 from adamerge.core.scope import parameter_aliases
 from adamerge.core.task_vectors import TaskVectors
 from adamerge.tasks.base import Task
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 @dataclass
@@ -117,7 +117,7 @@ class ProgressiveDistiller:
                 "progressive learning trains one block at a time: task-wise coefficients span every block; "
                 "use granularity layer, chunk, group (within blocks) or element"
             )
-        if optimizer not in OPTIMIZERS:
+        if optimizer not in OPTIMIZERS:  # before any stage is read
             raise ValueError(f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZERS)}")
         self.device = torch.device(device)
         if weights is None:
@@ -310,7 +310,7 @@ class ProgressiveDistiller:
         if not params:
             return {"stage": stage.name, "steps": 0}
         keep = self._slot_keeper(stage)
-        optimizer = OPTIMIZERS[self.optimizer](params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = build_optimizer(self.optimizer, params, self.lr, self.weight_decay)
         order = [(t, i) for t, bs in self.batches.items() for i in range(len(bs))]
         rng = random.Random(f"{self.seed}:{stage.name}")
         first = last = None
