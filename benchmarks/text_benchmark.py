@@ -27,7 +27,7 @@ from adamerge.app.problems import build_problem
 from adamerge.app.config import load_recipe, resolve_recipe
 from adamerge.app.export import results_table
 from adamerge.io.checkpoints import write_text
-from adamerge.learning.evaluate import average_accuracy
+from adamerge.learning.evaluation import average_accuracy
 
 # label -> (job, recipe, overrides, run folder); "{out}" is the benchmark's output folder.
 STAGE1 = "{out}/expert_merging/coefficients.safetensors"

@@ -8,7 +8,7 @@ import pytest
 
 from adamerge.app.cli import main
 from adamerge.app.export import results_table
-from adamerge.learning.evaluate import average_accuracy
+from adamerge.learning.evaluation import average_accuracy
 
 
 @pytest.fixture(scope="module")

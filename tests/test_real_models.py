@@ -76,7 +76,7 @@ def test_learned_merge_of_the_real_text_zoo_beats_task_arithmetic(tmp_path):
     from adamerge.app import runner
     from adamerge.app.cli import resolve_recipe
     from adamerge.app.config import load_recipe
-    from adamerge.learning.evaluate import average_accuracy
+    from adamerge.learning.evaluation import average_accuracy
     from benchmarks.zoos.text import build_text_zoo, default_zoo_dir
 
     zoo = build_text_zoo(DATA, default_zoo_dir())

@@ -20,7 +20,7 @@ from torch import nn
 from adamerge.io.checkpoints import save_safetensors, write_text
 from adamerge.app.config import save_recipe, shard_size_bytes
 from adamerge.core.scope import parameter_aliases
-from adamerge.learning.evaluate import average_accuracy
+from adamerge.learning.evaluation import average_accuracy
 from adamerge.app.mergekit.write import Coefficients, task_vector_processing, write_mergekit
 from adamerge.app.plots import coefficient_heatmap
 from adamerge.app.problem import MergeProblem

@@ -26,7 +26,7 @@ from adamerge.app.export import write_coefficients, write_common
 from adamerge.app.learners import learner_for
 from adamerge.app.mergekit.write import write_method_mergekit
 from adamerge.app.plots import training_curves
-from adamerge.app.problem import MergeProblem
+from adamerge.app.problems.problem import MergeProblem
 from adamerge.app.problems import build_problem
 from adamerge.app.rundir import changed_inputs, restore_log, resume_point, run_lock, write_inputs
 from adamerge.core.merged import FunctionalModel, MergedModel

@@ -5,7 +5,6 @@ the Trainer's loggers); and the label check before training."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import math
 
@@ -15,10 +14,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from adamerge.core.merged import FunctionalModel, MergedModel
-from adamerge.core.task_vectors import TaskVectors
+from adamerge.core.merged import FunctionalModel
 from adamerge.learning.data import CalibrationData
-from adamerge.learning.evaluate import check_labels, evaluate
+from adamerge.learning.evaluation import check_labels, evaluate
 from adamerge.tasks.base import HeadTask, TaskOutput
 
 # two batches of fixed logits (the identity backbone hands the inputs through as logits)
@@ -97,29 +95,6 @@ def test_labels_outside_the_head_are_refused_before_training_naming_the_task_and
         check_labels(FunctionalModel(nn.Linear(2, 2)), {"t": HeadTask("t", input_key="x")}, Data())
 
 
-def tiny_merge(sizes: tuple[int, int] = (7, 10)) -> tuple[MergedModel, dict[str, HeadTask], CalibrationData]:
-    """A merged 4 -> 3 backbone of two experts, task 'b' with its own 3 -> 5 head; ``sizes``
-    labelled rows, evaluated in batches of 4 (by default the last batch of each task is short)."""
-    generator = torch.Generator().manual_seed(3)
-    base = nn.Linear(4, 3)
-    experts = {}
-    for name in ("a", "b"):
-        expert = copy.deepcopy(base)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.5 * torch.randn(p.shape, generator=generator))
-        experts[name] = expert
-    merged = MergedModel(copy.deepcopy(base), TaskVectors.from_models(base, experts), init=0.4)
-    tasks = {"a": HeadTask("a", input_key="x"), "b": HeadTask("b", nn.Linear(3, 5), input_key="x")}
-    classes = {"a": 3, "b": 5}
-    datasets = {
-        name: [{"x": torch.randn(4, generator=generator), "label": int(torch.randint(classes[name], (), generator=generator))}
-               for _ in range(size)]
-        for name, size in zip("ab", sizes)
-    }
-    return merged, tasks, CalibrationData({}, evaluation=datasets, eval_batch_size=4)
-
-
 def plain_pass(merged, task, dataset, params) -> dict:
     """Every diagnostic from one forward over all the task's rows at once, by plain tensor arithmetic."""
     with torch.no_grad():
@@ -138,16 +113,8 @@ def plain_pass(merged, task, dataset, params) -> dict:
     }
 
 
-def assert_same_results(found: dict, expected: dict) -> None:
-    assert found.keys() == expected.keys()
-    for name in expected:
-        assert list(found[name]) == list(expected[name]), name  # eval.json keeps its keys, in order
-        for key, value in expected[name].items():
-            assert found[name][key] == (value if isinstance(value, (int, list)) else pytest.approx(value, rel=1e-5)), (name, key)
-
-
 @pytest.mark.parametrize("which", ["merge", "experts"])
-def test_the_lightning_evaluation_equals_one_plain_pass_over_the_rows(which):
+def test_the_lightning_evaluation_equals_one_plain_pass_over_the_rows(tiny_merge, assert_same_results, which):
     merged, tasks, data = tiny_merge()
     params = None if which == "merge" else merged.expert_parameters
     found = evaluate(merged, tasks, data, params=params)
@@ -162,7 +129,7 @@ def test_the_lightning_evaluation_equals_one_plain_pass_over_the_rows(which):
                                                                  merged.merged_parameters())["entropy"])
 
 
-def test_the_results_reach_the_trainers_loggers(tmp_path):
+def test_the_results_reach_the_trainers_loggers(tiny_merge, tmp_path):
     merged, tasks, data = tiny_merge()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="", version=""),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
@@ -180,46 +147,3 @@ def test_the_results_reach_the_trainers_loggers(tmp_path):
 def test_a_task_without_evaluation_rows_is_named():
     with pytest.raises(ValueError, match=r"task 't': no evaluation rows"):
         evaluate(FunctionalModel(nn.Identity()), {"t": HeadTask("t", input_key="x")}, evaluation_data({"t": []}), params={})
-
-
-# ---------------------------------------------------------------------- the progress bar
-
-
-def test_the_evaluation_bar_description_names_the_task():
-    from adamerge.learning.progress import TaskProgressBar
-
-    names = ["sst2", "rte"]
-    assert [TaskProgressBar.task_description(names, i) for i in range(2)] == ["evaluating sst2 (1/2)", "evaluating rte (2/2)"]
-
-
-class _Terminal:
-    def isatty(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize("trainer", ["one-device on a terminal", "the fit trainer's step bar"])
-def test_the_evaluation_bar_shows_task_names_not_dataloader_indices(monkeypatch, capsys, trainer):
-    from adamerge.learning.progress import StepProgressBar
-
-    merged, tasks, data = tiny_merge()
-    if trainer == "one-device on a terminal":
-        monkeypatch.setattr("sys.stderr", _Terminal())  # evaluation_trainer shows a bar on a terminal only
-        given = None
-    else:
-        given = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[StepProgressBar()],
-                          enable_model_summary=False, enable_checkpointing=False)
-    evaluate(merged, tasks, data, trainer=given)
-    screen = capsys.readouterr().out  # Lightning's bars write to stdout
-    assert "evaluating a (1/2)" in screen and "evaluating b (2/2)" in screen and "DataLoader" not in screen
-
-
-def test_no_evaluation_bar_without_a_terminal(capsys):
-    merged, tasks, data = tiny_merge()
-    evaluate(merged, tasks, data)
-    assert "evaluating" not in capsys.readouterr().out
