@@ -94,7 +94,11 @@ def _init(recipe: DictConfig, task_vectors: TaskVectors):
     if recipe.task_vectors.start is None:
         shapes = {key: tuple(task_vectors.shape(key)[1:]) for key in task_vectors.keys}
         return _per_tensor(init, list(task_vectors.expert_names), shapes)
-    experts = task_vectors.expert_names[1:]
+    return _start_init(init, task_vectors.expert_names[1:])
+
+
+def _start_init(init, experts: list[str]):
+    """With a data-free start: its vector at 1, the experts' at ``init`` (a number or one per expert)."""
     if isinstance(init, (int, float)):
         return {START: 1.0, **{name: float(init) for name in experts}}
     if isinstance(init, dict) and not any(isinstance(v, dict) for v in init.values()):
@@ -120,19 +124,25 @@ def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVe
 
 def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[MergeCoefficients | ElementCoefficients, list[str]]:
     """``coefficients`` laid out from the pretrained shapes alone (no task vector is read: progressive
-    learning reads them block by block), and the merged tensors' names."""
+    learning reads them block by block), and the merged tensors' names; with ``task_vectors.start``
+    the start's row comes first, at 1."""
     scope = merge_scope(recipe, problem)
     shapes = {
         name: tuple(p.shape) for name, p in problem.pretrained.named_parameters()
         if p.is_floating_point() and in_scope(name, **scope)
     }
     cfg = recipe.coefficients
+    experts = list(problem.experts)
+    names = [START, *experts] if recipe.task_vectors.start is not None else experts
     layout = build_layout(
-        list(problem.experts), shapes, cfg.granularity,
+        names, shapes, cfg.granularity,
         groups=to_plain(cfg.groups), chunks=to_plain(cfg.chunks), freeze=to_plain(cfg.freeze),
     )
     constraint = make_constraint(to_plain(cfg.constraint))
-    init = _per_tensor(to_plain(cfg.init), list(problem.experts), shapes)
+    if recipe.task_vectors.start is not None:
+        init = _start_init(to_plain(cfg.init), experts)
+    else:
+        init = _per_tensor(to_plain(cfg.init), experts, shapes)
     if layout.granularity == "element":
         return ElementCoefficients(layout, shapes, init=init, constraint=constraint), list(shapes)
     return MergeCoefficients(layout, init=init, constraint=constraint), list(shapes)
@@ -187,6 +197,21 @@ def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
         eval_batch_size=recipe.evaluation.batch_size,
         holdout=recipe.selection.holdout if recipe.selection is not None else 0.0,
     )
+
+
+def stage_start(recipe: DictConfig, problem: MergeProblem):
+    """``task_vectors.start`` for progressive learning: each stage's task vectors with the start
+    method's update of that stage's tensors first (computed from those tensors alone, so per-tensor
+    methods give exactly their whole-model merge), or None without a start."""
+    start = recipe.task_vectors.start
+    if start is None:
+        return None
+    args = to_plain(start.args)
+
+    def with_stage_start(vectors: TaskVectors, pretrained, include) -> TaskVectors:
+        return with_start(vectors, pretrained, problem.experts, start.method, args, include=include)
+
+    return with_stage_start
 
 
 def progressive_batches(recipe: DictConfig, problem: MergeProblem, data: CalibrationData) -> dict[str, list]:

@@ -20,6 +20,7 @@ from adamerge.core.granularities import GRANULARITIES, misplaced_options, option
 from adamerge.core.registry import Registry
 from adamerge.learning.contract import unhonoured_trainer_fields
 from adamerge.methods import METHODS
+from adamerge.methods.base import PER_TENSOR_METHODS
 from adamerge.objectives import OBJECTIVES
 from adamerge.objectives.balance import BALANCES
 
@@ -117,10 +118,12 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     if recipe.progressive is not None:
         if recipe.selection is not None or recipe.task_balance != "sum":
             problems.append("progressive learning has no `selection` or `task_balance` (every block matches its experts directly)")
-        if any(recipe.task_vectors[name] is not None for name in ("ties", "dare", "tsv", "start")):
+        if any(recipe.task_vectors[name] is not None for name in ("ties", "dare", "tsv")):
             problems.append(
-                "progressive learning reads one block's task vectors at a time: task_vectors.ties/dare/tsv/start are not supported"
+                "progressive learning reads one block's task vectors at a time: task_vectors.ties/dare/tsv are not "
+                "supported (task_vectors.start with a per-tensor method is)"
             )
+        problems += _per_tensor_start(recipe.task_vectors.start)
         chunks = recipe.coefficients.chunks
         if isinstance(chunks, DictConfig) and "importance_from" in chunks:
             problems.append("progressive learning takes explicit coefficients.chunks, not importance_from (it needs every task vector)")
@@ -138,6 +141,20 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     ):
         problems.append("coefficients.constraint: lo/hi need a constraint name (clamp or sigmoid)")
     return problems
+
+
+def _per_tensor_start(start) -> list[str]:
+    """A progressive run computes its start block by block: only a method that merges each tensor
+    from its own task vectors gives the same start as the whole model's merge."""
+    if start is None or start.method not in METHODS:
+        return []
+    if start.method not in PER_TENSOR_METHODS:
+        return [f"task_vectors.start.method {start.method!r} needs the whole model at once; progressive learning "
+                f"computes the start block by block: use one of {sorted(PER_TENSOR_METHODS)}"]
+    if start.method == "ties" and start.args.get("trim_scope", "model") != "tensor":
+        return ["task_vectors.start: TIES trims over the whole model by default; progressive learning computes the "
+                "start block by block: set task_vectors.start.args.trim_scope: tensor"]
+    return []
 
 
 def closest_hint(value: object, allowed) -> str:

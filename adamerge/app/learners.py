@@ -24,6 +24,7 @@ from adamerge.app.builders import (
     build_trainer,
     merge_scope,
     progressive_batches,
+    stage_start,
     task_weights,
 )
 from adamerge.app.checks import HONOURED_TRAINER_FIELDS, learner_name
@@ -96,7 +97,7 @@ class ProgressiveFit:
             weights=problem.pretrained_weights if stream else None,
             writer=ShardWriter(shards, stage_count(problem.pretrained)) if stream else None,
             features_dir=work_dir / "features" if recipe.progressive.features == "disk" else None,
-            device=placement.device,
+            device=placement.device, stage_vectors=stage_start(recipe, problem),
         )
         result = distiller.run()
         model = FunctionalModel(problem.pretrained)

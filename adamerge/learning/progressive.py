@@ -86,6 +86,11 @@ class ProgressiveDistiller:
     ``writer``: every stage's tensors (merged or not) are written to it as the stage ends.
     ``features_dir``: cached features live in memory-mapped files there instead of memory.
     ``low_rank``: LoRA experts' task vectors stay factored (``TaskVectors.from_models``).
+    ``stage_vectors(vectors, pretrained, include)``: each stage's task vectors transformed before its
+    merge, e.g. a data-free start's update of the stage's tensors put first
+    (:func:`adamerge.app.builders.stage_start`); ``pretrained`` is the module (a skeleton holding
+    this stage's tensors when streamed), ``include`` the stage's exact-name patterns.
+    ``device``: where the stage's tensors, task vectors, coefficients and batches live.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class ProgressiveDistiller:
         writer: ShardWriter | None = None,
         features_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
+        stage_vectors: Callable[[TaskVectors, torch.nn.Module, list[str]], TaskVectors] | None = None,
     ):
         if coefficients.layout.granularity == "task":
             raise ValueError(
@@ -145,6 +151,7 @@ class ProgressiveDistiller:
                 "streamed learning keeps the whole model's coefficients in memory: element-wise ones are as large "
                 "as the task vectors; use granularity layer, chunk or group"
             )
+        self.stage_vectors = stage_vectors
         self.streamed = StreamedModel(pretrained, weights, scope=self.keys, device=self.device) if weights is not None else None
         self.writer = writer
         self.features = FeatureFiles(features_dir) if features_dir is not None else None
@@ -285,6 +292,8 @@ class ProgressiveDistiller:
         vectors = TaskVectors.from_models(
             self.pretrained, self.experts, include=include, dtype=self.dtype, low_rank=self.low_rank, device=self.device
         )
+        if self.stage_vectors is not None:  # e.g. a data-free start's update of these tensors, first
+            vectors = self.stage_vectors(vectors, self.pretrained, include).to(device=self.device)
         return MergedModel(self.pretrained, vectors, coefficients=self.coefficients)
 
     @torch.no_grad()

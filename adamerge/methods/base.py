@@ -77,6 +77,12 @@ def merge_each(
 START = "start"
 """The name of the data-free merge's update among the vectors of :func:`with_start`."""
 
+PER_TENSOR_METHODS = frozenset({"average", "task_arithmetic", "tsv", "iso_c", "iso_cts", "wudi", "ties"})
+"""Methods whose update of a tensor depends on that tensor's task vectors alone, so a merge of any
+part of the model (one block, when learning progressively) is exactly that part of the whole
+merge. TIES only with ``trim_scope: tensor`` (its default trims over the whole model); LiNeS
+scales by depth over the scope and DARE draws one random stream over every key in order."""
+
 
 def with_start(tv: TaskVectors, pretrained: WeightsSource, experts: Experts, method: str, args: Mapping,
                include: Patterns = None, exclude: Patterns = None) -> TaskVectors:
@@ -88,7 +94,10 @@ def with_start(tv: TaskVectors, pretrained: WeightsSource, experts: Experts, met
         raise ValueError(f"an expert is named {START!r}, the name of the start vector: rename the expert")
     merged = METHODS.get(method)(pretrained, experts, include=include, exclude=exclude, **args)
     state, base = open_weights(merged), open_weights(pretrained)
-    vectors = {key: torch.cat([(state[key].float() - base[key].float()).to(tv.dtype)[None], tv[key]]) for key in tv.keys}
+    vectors = {}
+    for key in tv.keys:
+        update = state[key].float() - base[key].float().to(state[key].device)
+        vectors[key] = torch.cat([update.to(device=tv[key].device, dtype=tv.dtype)[None], tv[key]])
     return TaskVectors(vectors, (START, *tv.expert_names))
 
 
