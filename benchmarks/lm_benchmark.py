@@ -46,6 +46,7 @@ METHODS = {
     "progressive, element-wise": ("fit", "lm/progressive", [], "progressive"),
     "expert KL on TSV-M components": ("fit", "lm/tsv_expert_kl", [], "tsv_expert_kl"),
     "expert KL from WUDI": ("fit", "lm/wudi_expert_kl", [], "wudi_expert_kl"),
+    "streamed progressive from WUDI": ("fit", "lm/streamed_wudi", [], "streamed_wudi"),
 }
 BASE = "pretrained (SmolLM2-135M-Instruct)"
 EXPERTS = "experts (each on its own task)"
