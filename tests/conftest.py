@@ -2,7 +2,8 @@
 
 Model families: a pristine pretrained model, a few experts (the pretrained weights plus seeded
 noise, tied parameters kept tied) and an input; tests deep-copy ``pretrained`` before handing it
-to ``MergedModel``, which freezes its backbone in place. Then the resume harness (``crash``), a
+to ``MergedModel``, which freezes its backbone in place. Then a bf16 merge whose float32 sum is
+exact (``bf16_sum_case``), the resume harness (``crash``), a
 Lightning learner on a tiny MLP, a tiny labelled evaluation problem, the tiny BERT text zoo on
 disk with its recipes, and tiny Hugging Face models (CLIP, LoRA adapters, BERT/GPT-2/Llama
 problems). A builder shared as a plain function is handed out by a fixture of its name.
@@ -188,6 +189,28 @@ def bert() -> Family:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> Family:
     return FAMILIES[request.param]()
+
+
+# ---------------------------------------------------------------------- a bf16 merge summed exactly
+
+
+@pytest.fixture
+def bf16_sum_case():
+    """A bf16 ``[3, 4]`` base, two bf16 task vectors and two float32 coefficients that are not bf16
+    numbers, on grids (base: 2^-7, |base| < 4; τ: 2^-8, 0.5 <= |τ| < 2; c: 2^-12) on which
+    ``base + Σ_k c_k τ_k`` is exact in float32 in any order. Returns ``(base, taus, c, expected)``,
+    ``expected`` that sum rounded once to bf16. Entry ``[0, 0]`` is ``1 + c_0``: 1.30078125 + 2^-12
+    rounds up to 1.3046875, while ``c_0`` rounded to bf16 first gives the tie 1.30078125, which
+    rounds (to even) down to 1.296875."""
+    generator = torch.Generator().manual_seed(0)
+    base = (torch.empty(3, 4).uniform_(-3.9, 3.9, generator=generator) * 2**7).round() / 2**7
+    sign = torch.randint(0, 2, (2, 3, 4), generator=generator) * 2 - 1
+    taus = sign * torch.empty(2, 3, 4).uniform_(0.5, 1.99, generator=generator)
+    base, taus = base.to(torch.bfloat16), taus.to(torch.bfloat16)
+    base[0, 0], taus[0, 0, 0], taus[1, 0, 0] = 1.0, 1.0, 0.0
+    c = torch.tensor([0.30078125 + 2**-12, 0.5 - 2**-11])
+    expected = (base.float() + (c.view(2, 1, 1) * taus.float()).sum(dim=0)).to(torch.bfloat16)
+    return base, taus, c, expected
 
 
 # ---------------------------------------------------------------------- the resume harness

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.layouts import build_layout
@@ -118,3 +119,18 @@ def test_coefficients_keep_float32_and_their_values_when_the_model_is_cast(mlp):
         assert tensor.dtype == torch.float32 and torch.equal(tensor, before[name]), name
     merged.coefficients.to("meta", torch.float16)  # "meta" stands in for an accelerator
     assert {(t.device.type, t.dtype) for t in merged.coefficients.state_dict().values()} == {("meta", torch.float32)}
+
+
+def test_a_bf16_model_gets_the_float32_sum_rounded_once_and_float32_gradients(bf16_sum_case):
+    base, taus, c, expected = bf16_sum_case
+    model = nn.Linear(4, 3, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.copy_(base)
+    merged = MergedModel(model, TaskVectors({"weight": taus}, ["a", "b"]), "element", init=c.tolist())
+    weight = merged.merged_parameters()["weight"]
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, expected)
+    assert weight[0, 0] == 1.3046875  # c_0 rounded to bf16 first: 1.296875
+    grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    weight.backward(grad)
+    raw = merged.coefficients.raw[merged.coefficients._names["weight"]]
+    assert raw.grad.dtype == torch.float32 and torch.equal(raw.grad, grad.float() * taus.float())  # exact: 8-bit factors

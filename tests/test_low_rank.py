@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("peft")
 
 from adamerge import MergedModel, TaskVectors  # noqa: E402
-from adamerge.core.low_rank import LowRankStack  # noqa: E402
+from adamerge.core.low_rank import LowRankStack, merge_low_rank  # noqa: E402
 
 ADAPTERS = {  # two LoRA experts of different ranks and targets, one rsLoRA
     "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -43,6 +43,20 @@ def lora_zoo(tiny_llama, write_adapter, tmp_path_factory):
     for seed, (name, config) in enumerate(ADAPTERS.items(), start=1):
         write_adapter(base, folder / name, seed=seed, **config)
     return base, {name: str(folder / name) for name in ADAPTERS}
+
+
+def test_a_bf16_base_gets_the_float32_sum_rounded_once_and_float32_gradients(bf16_sum_case):
+    base, taus, c, expected = bf16_sum_case
+    left = torch.eye(3, dtype=torch.bfloat16).repeat(1, 2)  # τ_k = I · τ_k: [I I] @ [τ_0; τ_1]
+    right, owner = taus.reshape(6, 4), torch.tensor([0, 0, 0, 1, 1, 1])
+    row_coefficients = c.expand(3, 2).clone().requires_grad_()
+    merged = merge_low_rank(base, left, right, owner, row_coefficients)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
+    grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    merged.backward(grad)
+    by_hand = (taus.double() * grad.double()).sum(dim=2).t()  # [rows, K]
+    assert row_coefficients.grad.dtype == torch.float32
+    torch.testing.assert_close(row_coefficients.grad.double(), by_hand, rtol=1e-6, atol=1e-7)
 
 
 def test_lora_experts_stay_factored_and_equal_the_dense_vectors(lora_zoo, tmp_path):

@@ -364,6 +364,28 @@ def test_bf16_task_vectors_give_fp32_gradients(mlp, granularity):
         assert (mlp.run(merged) - mlp.run(merged32)).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("granularity", ["task", "chunk"])
+def test_a_bf16_model_gets_the_float32_sum_rounded_once_and_float32_gradients(bf16_sum_case, granularity):
+    base, taus, c, expected = bf16_sum_case
+    rounded_first = (base.float() + (c.to(torch.bfloat16).float().view(2, 1, 1) * taus.float()).sum(dim=0)).to(torch.bfloat16)
+    assert expected[0, 0] == 1.3046875 and rounded_first[0, 0] == 1.296875
+    model = nn.Linear(4, 3, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.copy_(base)
+    slots = 3 if granularity == "chunk" else 1  # chunk: one slot per row
+    tv = TaskVectors({"weight": taus}, ["a", "b"])
+    chunks = {"weight": slots} if granularity == "chunk" else None
+    merged = MergedModel(model, tv, granularity, init=c.view(2, 1).expand(2, slots), chunks=chunks)
+    weight = merged.merged_parameters()["weight"]
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, expected)
+    grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    weight.backward(grad)
+    by_hand = (taus.double() * grad.double()).sum(dim=2)  # [K, rows]: one row per chunk
+    by_hand = by_hand.sum(dim=1, keepdim=True) if granularity == "task" else by_hand
+    assert merged.coefficients.raw.grad.dtype == torch.float32
+    torch.testing.assert_close(merged.coefficients.raw.grad.double(), by_hand, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["mlp", "bert"])
 @pytest.mark.parametrize("chunks", [1, {".*": 1}])
 def test_chunk_with_m_one_equals_layer(request, name, chunks):

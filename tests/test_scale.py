@@ -60,7 +60,7 @@ def test_offloaded_task_vectors_stay_put_when_the_model_moves(mlp):
     assert resident.task_vector("0.weight").dtype == torch.float64
     assert offloaded.task_vector("0.weight").dtype == torch.bfloat16  # not converted, not copied
     assert offloaded.task_vector("0.weight").data_ptr() == tv["0.weight"].data_ptr()
-    assert offloaded.coefficients.raw.dtype == torch.float64
+    assert offloaded.coefficients.raw.dtype == torch.float32  # coefficients keep their dtype
     x = mlp.args[0].double()
     for model in (resident, offloaded):
         model(x).sum().backward()

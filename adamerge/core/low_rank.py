@@ -87,9 +87,11 @@ class LowRankStack:
 
 
 def merge_low_rank(base: Tensor, left: Tensor, right: Tensor, owner: Tensor, row_coefficients: Tensor) -> Tensor:
-    """``base + (left ⊙ row_coefficients[:, owner]) @ right``, in ``base``'s dtype and device;
+    """``base + (left ⊙ row_coefficients[:, owner]) @ right`` on ``base``'s device, computed in the
+    coefficients' dtype (or ``base``'s, if wider) and cast to ``base``'s dtype;
     ``row_coefficients`` is ``[m, K]``, the coefficient each row gives each expert."""
-    left = left.to(device=base.device, dtype=base.dtype)
-    right = right.to(device=base.device, dtype=base.dtype)
-    scaled = left * row_coefficients.to(base.dtype)[:, owner.to(base.device)]
-    return torch.addmm(base, scaled, right)
+    compute = torch.promote_types(row_coefficients.dtype, base.dtype)
+    left = left.to(device=base.device, dtype=compute)
+    right = right.to(device=base.device, dtype=compute)
+    scaled = left * row_coefficients.to(compute)[:, owner.to(base.device)]
+    return torch.addmm(base.to(compute), scaled, right).to(base.dtype)

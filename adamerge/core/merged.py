@@ -36,7 +36,9 @@ class _Merge(torch.autograd.Function):
     One node per step (not one per tensor) keeps Python and autograd overhead small. Each block
     (a contiguous range of a flattened tensor that reads one coefficient slot) is one fused
     ``addmv`` forward and one ``mv`` backward, so τ is read once per pass, in its storage dtype
-    and on its own device, and only ``K × BLOCK`` of it is ever converted at once.
+    and on its own device, and only ``K × BLOCK`` of it is ever converted at once. The sums run
+    in the coefficients' float32 (or the base's dtype, if wider): a bf16/fp16 model gets
+    ``(base + Σ_k c_k τ_k)`` cast once to its dtype, never coefficients rounded to it.
     """
 
     @staticmethod
@@ -46,15 +48,19 @@ class _Merge(torch.autograd.Function):
         columns: dict[tuple, Tensor] = {}  # [S, K]: the coefficients of each slot, per compute dtype and device
         merged = []
         for base, tau, tensor_blocks in zip(bases, taus, blocks):
-            where = (base.dtype, base.device)
+            compute = torch.promote_types(values.dtype, base.dtype)
+            where = (compute, base.device)
             if where not in columns:
-                columns[where] = values.to(dtype=base.dtype, device=base.device).t()
+                columns[where] = values.to(dtype=compute, device=base.device).t()
             flat_base, flat_tau = base.reshape(-1), tau.view(tau.shape[0], -1)
             out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
             flat_out = out.view(-1)
             for start, stop, slot in tensor_blocks:
-                vectors = flat_tau[:, start:stop].to(device=base.device, dtype=base.dtype, non_blocking=True)
-                torch.addmv(flat_base[start:stop], vectors.t(), columns[where][slot], out=flat_out[start:stop])
+                vectors = flat_tau[:, start:stop].to(device=base.device, dtype=compute, non_blocking=True)
+                if compute == base.dtype:
+                    torch.addmv(flat_base[start:stop], vectors.t(), columns[where][slot], out=flat_out[start:stop])
+                else:  # the sum in `compute`, then one rounding to the base's dtype
+                    flat_out[start:stop] = torch.addmv(flat_base[start:stop].to(compute), vectors.t(), columns[where][slot])
             merged.append(out)
         return tuple(merged)
 
@@ -65,10 +71,11 @@ class _Merge(torch.autograd.Function):
         for grad, tau, tensor_blocks in zip(grads, taus, ctx.blocks):
             if grad is None:  # this tensor did not reach the loss
                 continue
+            compute = torch.promote_types(ctx.values_dtype, grad.dtype)
             flat_grad, flat_tau = grad.reshape(-1), tau.view(tau.shape[0], -1)
             for start, stop, slot in tensor_blocks:
-                vectors = flat_tau[:, start:stop].to(device=grad.device, dtype=grad.dtype, non_blocking=True)
-                parts.append(vectors @ flat_grad[start:stop])
+                vectors = flat_tau[:, start:stop].to(device=grad.device, dtype=compute, non_blocking=True)
+                parts.append(vectors @ flat_grad[start:stop].to(compute))
                 slots.append(slot)
         K, S = ctx.values_shape
         grad_values = torch.zeros(S, K, dtype=ctx.values_dtype, device=ctx.values_device)
@@ -318,9 +325,10 @@ class MergedModel(FunctionalModel):
         return {key: merged[key] for key in self.keys}
 
     def _merge_elementwise(self, key: str, base: Tensor, index: int) -> Tensor:
-        """``θ_0 + Σ_k C_k ⊙ τ_k`` for one tensor (autograd gives ``∂L/∂C_k = ∂L/∂θ ⊙ τ_k``)."""
-        tau = getattr(self.vectors, f"t{index}").to(device=base.device, dtype=base.dtype)
-        return base + (self.coefficients.effective(key).to(base.dtype) * tau).sum(dim=0)
+        """``θ_0 + Σ_k C_k ⊙ τ_k`` for one tensor (autograd gives ``∂L/∂C_k = ∂L/∂θ ⊙ τ_k``),
+        summed in the coefficients' float32 (or wider) and cast to the base's dtype."""
+        tau = getattr(self.vectors, f"t{index}").to(device=base.device)
+        return (base + (self.coefficients.effective(key) * tau).sum(dim=0)).to(base.dtype)
 
     @torch.no_grad()
     def pretrained_parameters(self) -> dict[str, Tensor]:
