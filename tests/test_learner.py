@@ -7,6 +7,7 @@ import copy
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -186,6 +187,36 @@ def test_guarded_task_balance_pulls_harder_on_tasks_behind_their_start(mlp_probl
     learner.loss.initial = {"t0": t0 - 0.1, "t1": t1 + 0.1}  # t0 has fallen behind its start, t1 has not
     total, _ = learner.step_loss(batch)
     assert float(total) == pytest.approx(t0 + 3.0 * 0.1 + t1, rel=1e-5)
+
+
+def test_per_task_backward_applies_the_loss_scaler_and_injects_unscaled_gradients(mlp_problem):
+    """A trainer with a GradScaler (``16-mixed``): the per-task backwards, outside Lightning's
+    precision plugin, run scaled (fp16 gradients would underflow otherwise), and the coefficients
+    get the joint backward's gradients once Lightning's own scaling of the loss is undone."""
+    merged, tasks, data = mlp_problem()
+    batch = {n: {"inputs": torch.stack([r["inputs"] for r in data[n][:5]]), "index": torch.arange(5)} for n in tasks}
+    scale = 2.0**10
+    seen = []  # the gradient reaching task t0's logits, per backward
+
+    def record_gradient(module, args, out):
+        out.register_hook(lambda grad: seen.append(grad.clone()))
+
+    tasks["t0"].head.register_forward_hook(record_gradient)
+    grads = {}
+    for per_task, scaler in [(False, None), (True, None), (False, scale), (True, scale)]:
+        learner = CoefficientLearner(merged, tasks, build_objective("entropy"), per_task_backward=per_task)
+        if scaler is not None:  # Lightning's backward: the returned loss scaled, then unscaled gradients
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            learner.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+        merged.coefficients.raw.grad = None
+        loss, _ = learner.step_loss(batch)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        grads[per_task, scaler is not None] = merged.coefficients.raw.grad / (1.0 if scaler is None else scale)
+    plain, split, plain_scaled, split_scaled = seen
+    assert torch.equal(split_scaled, split * scale) and torch.equal(plain_scaled, plain * scale)
+    assert grads[False, False].abs().min() > 0
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, grads[False, False], rtol=1e-5, atol=1e-8, msg=str(key))
 
 
 @pytest.mark.parametrize("constraint", [Clamp(0.2, 0.4), Sigmoid(0.1, 0.5)], ids=["clamp", "sigmoid"])

@@ -60,6 +60,8 @@ class CoefficientLearner(L.LightningModule):
     ``per_task_backward``: run each task's forward and backward in turn against detached merged
     weights, so only one task's activations are alive at a time; the gathered weight gradients
     then go through the merge in one backward. Same gradients, less peak memory with many tasks.
+    Those backwards run outside Lightning's precision plugin, so they apply its loss scaler
+    (``16-mixed``) themselves.
     """
 
     def __init__(
@@ -126,22 +128,31 @@ class CoefficientLearner(L.LightningModule):
         params = self.merged.merged_parameters()
         split = self.per_task_backward and torch.is_grad_enabled()
         inputs = {k: v.detach().requires_grad_() for k, v in params.items()} if split else params
+        scaler = self._loss_scaler() if split else None
         total: Tensor | float = 0.0
         logs: dict[str, Tensor] = {}
         for name, weighted, loss, task_logs in self.loss.terms(self.merged, inputs, batch):
-            if split and weighted.requires_grad:
-                weighted.backward()  # frees this task's activations; gradients gather on `inputs`
+            if split and weighted.requires_grad:  # frees this task's activations; gradients gather on `inputs`
+                (weighted if scaler is None else scaler.scale(weighted)).backward()
                 weighted = weighted.detach()
             total = total + weighted
             logs[f"{name}/loss"] = loss.detach()
             logs.update({f"{name}/{k}": v for k, v in task_logs.items()})
         if split:
-            total = total + _InjectGradients.apply([inputs[k].grad for k in params], *params.values())
+            grads = [inputs[k].grad for k in params]
+            if scaler is not None:  # Lightning scales the returned loss again: inject unscaled gradients
+                scale = scaler.get_scale()
+                grads = [None if g is None else g / scale for g in grads]
+            total = total + _InjectGradients.apply(grads, *params.values())
         penalty = self.objective.penalty(self.merged)
         if penalty is not None:
             total = total + penalty
             logs["penalty"] = penalty.detach()
         return total, logs
+
+    def _loss_scaler(self):
+        """The trainer's gradient scaler (``16-mixed``), or None (no trainer, or no loss scaling)."""
+        return getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.step_loss(batch)
