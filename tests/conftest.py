@@ -700,3 +700,16 @@ def transformer_setups():
 @pytest.fixture(scope="session")
 def coefficients_for():
     return _coefficients_for
+
+
+def _skeleton_of(pretrained):
+    """A Hugging Face model of ``pretrained``'s class and config with every parameter on ``meta``."""
+    from adamerge.core.skeleton import parameters_on_meta
+
+    with parameters_on_meta():
+        return type(pretrained)(pretrained.config).eval()
+
+
+@pytest.fixture(scope="session")
+def skeleton_of():
+    return _skeleton_of

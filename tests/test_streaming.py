@@ -1,7 +1,9 @@
-"""Streamed progressive learning: on tiny BERT, GPT-2 and Llama models saved as (sharded)
-safetensors, the streamed run learns the same coefficients and writes the same merged weights
-as the in-memory run; only one stage's tensors are ever resident; the sharded output opens
-with ``from_pretrained``; resume mid-way is exact; features in memory-mapped files change nothing."""
+"""Streamed progressive learning end to end (learning/progressive over core/skeleton and io/shards,
+each tested on its own in test_skeleton.py and test_shards.py): on tiny BERT, GPT-2 and Llama
+models saved as (sharded) safetensors, the streamed run learns the same coefficients and writes the
+same merged weights as the in-memory run; only one stage's tensors are ever resident; the sharded
+output opens with ``from_pretrained``; resume mid-way is exact; features in memory-mapped files
+change nothing; the ``progressive.stream`` recipes."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from adamerge.core.merged import module_with_tensors  # noqa: E402
 from adamerge.learning.progressive import ProgressiveDistiller  # noqa: E402
 from adamerge.io.shards import INDEX, ShardWriter  # noqa: E402
 from adamerge.core import skeleton as skeleton_module  # noqa: E402
-from adamerge.core.skeleton import StreamedModel, parameters_on_meta  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -42,11 +43,6 @@ def saved(transformer_setups):
     return save
 
 
-def skeleton_of(pretrained):
-    with parameters_on_meta():
-        return type(pretrained)(pretrained.config).eval()
-
-
 @pytest.fixture
 def distill(coefficients_for):
     """``distill(pretrained, experts, tasks, batches, keys, granularity="chunk", **options)``: a
@@ -64,7 +60,7 @@ def distill(coefficients_for):
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
-def test_streamed_run_equals_the_in_memory_run(saved, distill, kind, tmp_path):
+def test_streamed_run_equals_the_in_memory_run(skeleton_of, saved, distill, kind, tmp_path):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, kind)
     _, in_memory = distill(copy.deepcopy(pretrained), experts, tasks, batches, keys)
     skeleton = skeleton_of(pretrained)
@@ -86,7 +82,7 @@ def test_streamed_run_equals_the_in_memory_run(saved, distill, kind, tmp_path):
         torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_only_the_current_stages_tensors_are_ever_resident(saved, distill, tmp_path, monkeypatch):
+def test_only_the_current_stages_tensors_are_ever_resident(skeleton_of, saved, distill, tmp_path, monkeypatch):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
     skeleton = skeleton_of(pretrained)
     prefix = B.find_blocks(skeleton)
@@ -107,7 +103,7 @@ def test_only_the_current_stages_tensors_are_ever_resident(saved, distill, tmp_p
     assert seen[-1][1] == {"model.norm.weight", "model.embed_tokens.weight"}  # the tied head reads the embedding
 
 
-def test_every_stage_hands_its_freed_memory_back_once_its_tensors_are_dropped(saved, distill, tmp_path, monkeypatch):
+def test_every_stage_hands_its_freed_memory_back_once_its_tensors_are_dropped(skeleton_of, saved, distill, tmp_path, monkeypatch):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
     skeleton = skeleton_of(pretrained)
     resident_at_trim = []
@@ -118,32 +114,7 @@ def test_every_stage_hands_its_freed_memory_back_once_its_tensors_are_dropped(sa
     assert resident_at_trim == [[]] * len(resident_at_trim)
 
 
-def _rss_mib() -> float:
-    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-    return int(status["VmRSS"].split()[0]) / 1024
-
-
-@pytest.mark.skipif(skeleton_module._malloc_trim() is None, reason="no glibc malloc_trim here")
-def test_freed_heap_holes_stay_resident_until_returned():
-    pieces = [bytearray(16 * 1024) for _ in range(4096)]  # 64 MiB of heap chunks, every page touched
-    for piece in pieces:
-        piece[::4096] = b"x" * len(piece[::4096])
-    before = _rss_mib()
-    del pieces[:-1:2]  # free every other chunk: holes between live ones, none at the heap's top
-    assert _rss_mib() > before - 8  # glibc keeps the holes resident
-    assert skeleton_module.return_freed_memory()
-    assert _rss_mib() < before - 24  # ~32 MiB of holes handed back
-    del pieces
-
-
-def test_skeleton_buffers_are_real_and_equal_a_built_models(transformer_setups, tmp_path):
-    pretrained, *_ = transformer_setups["llama"]()
-    skeleton = skeleton_of(pretrained)
-    for (name, buffer), (_, reference) in zip(skeleton.named_buffers(), pretrained.named_buffers()):
-        assert not buffer.is_meta and torch.equal(buffer, reference), name  # rotary tables computed as usual
-
-
-def test_streamed_resume_mid_way_is_exact(coefficients_for, saved, distill, crash, tmp_path):
+def test_streamed_resume_mid_way_is_exact(skeleton_of, coefficients_for, saved, distill, crash, tmp_path):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "gpt2")
     weights = open_weights(str(tmp_path / "base"))
     reference, result = distill(skeleton_of(pretrained), experts, tasks, batches, keys, weights=weights,
@@ -180,37 +151,11 @@ def test_features_in_memory_mapped_files_change_nothing(saved, distill, tmp_path
     assert len(list((tmp_path / "features").glob("*.bin"))) == 2 * sum(len(b) for b in batches.values())  # one stage's
 
 
-def test_element_wise_coefficients_are_refused_when_streaming(saved, distill, tmp_path):
+def test_element_wise_coefficients_are_refused_when_streaming(skeleton_of, saved, distill, tmp_path):
     pretrained, experts, tasks, batches, keys = saved(tmp_path, "llama")
     with pytest.raises(ValueError, match="element-wise ones are as large as the task vectors"):
         distill(skeleton_of(pretrained), experts, tasks, batches, keys, granularity="element",
                 weights=open_weights(str(tmp_path / "base")))
-
-
-def test_checkpoint_names_may_lack_the_base_prefix_and_missing_merged_tensors_are_refused(transformer_setups, tmp_path):
-    from safetensors.torch import save_file
-
-    pretrained, *_ = transformer_setups["bert"]()
-    encoder = {k.removeprefix("bert."): v.contiguous() for k, v in pretrained.state_dict().items() if k.startswith("bert.")}
-    save_file(encoder, str(tmp_path / "encoder.safetensors"))
-    weights = open_weights(str(tmp_path / "encoder.safetensors"))
-    scope = [k for k in pretrained.state_dict() if k.startswith("bert.")]
-    with pytest.warns(UserWarning, match="classifier.weight"):  # the placeholder head: zeros, outside the merge
-        streamed = StreamedModel(skeleton_of(pretrained), weights, scope=scope)
-    streamed.materialise(["bert.pooler.dense.weight"])
-    assert torch.equal(streamed.module.bert.pooler.dense.weight, pretrained.bert.pooler.dense.weight)
-    with pytest.raises(KeyError, match="no tensor 'classifier.weight'"):
-        StreamedModel(skeleton_of(pretrained), weights, scope=[*scope, "classifier.weight"])
-
-
-def test_shard_index_lists_every_tensor_with_its_total_size(tmp_path):
-    writer = ShardWriter(tmp_path, 2, rename=lambda key: None if key == "skip" else f"m.{key}")
-    writer.write(0, {"a": torch.zeros(3), "skip": torch.zeros(5)})
-    writer.write(1, {"b": torch.zeros(2, 2, dtype=torch.bfloat16)})
-    writer.finish()
-    index = json.loads((tmp_path / INDEX).read_text())
-    assert index["weight_map"] == {"m.a": "model-00001-of-00002.safetensors", "m.b": "model-00002-of-00002.safetensors"}
-    assert index["metadata"]["total_size"] == 3 * 4 + 4 * 2
 
 
 # ---------------------------------------------------------------------- the recipe: progressive.stream
