@@ -86,10 +86,8 @@ class ProgressiveDistiller:
     ``writer``: every stage's tensors (merged or not) are written to it as the stage ends.
     ``features_dir``: cached features live in memory-mapped files there instead of memory.
     ``low_rank``: LoRA experts' task vectors stay factored (``TaskVectors.from_models``).
-    ``stage_vectors(vectors, pretrained, include)``: each stage's task vectors transformed before its
-    merge, e.g. a data-free start's update of the stage's tensors put first
-    (:func:`adamerge.app.builders.stage_start`); ``pretrained`` is the module (a skeleton holding
-    this stage's tensors when streamed), ``include`` the stage's exact-name patterns.
+    ``stage_vectors(vectors, pretrained, include)``: a stage's task vectors transformed before its
+    merge, e.g. a data-free start's update put first (:func:`adamerge.app.builders.stage_start`).
     ``device``: where the stage's tensors, task vectors, coefficients and batches live.
     """
 
