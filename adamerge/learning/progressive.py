@@ -385,8 +385,7 @@ class ProgressiveDistiller:
 
 def _on_device(batch: dict, device: torch.device) -> dict:
     """The batch on ``device``: itself when it already is there, else a moved copy."""
-    tensors = [v for v in batch.values() if isinstance(v, Tensor)]
-    return batch if all(t.device == device for t in tensors) else move_data_to_device(batch, device)
+    return batch if all(v.device == device for v in batch.values() if isinstance(v, Tensor)) else move_data_to_device(batch, device)
 
 
 class _EmptyMerge:
