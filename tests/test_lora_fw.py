@@ -1,5 +1,6 @@
-"""FW-Merging with pool members given as PEFT LoRA adapter folders: the same walk as with the
-equivalent full experts (θ_0 + ΔW, merged by peft's merge_and_unload and saved as a normal model)."""
+"""A cross-cutting suite (io/lora with learning/frank_wolfe): FW-Merging with pool members given as
+PEFT LoRA adapter folders walks as with the equivalent full experts (θ_0 + ΔW, merged by peft's
+merge_and_unload and saved as a normal model)."""
 
 from __future__ import annotations
 

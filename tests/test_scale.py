@@ -1,6 +1,7 @@
-"""What speed and scale change must not change the results: the merge cut into blocks, task
-vectors offloaded (kept on the CPU, or memory-mapped) while the model moves, and the per-task
-backward that frees each task's activations before the next task runs."""
+"""A cross-cutting suite (core/merged, core/task_vectors, learning/learner): what speed and scale
+change must not change the results: the merge cut into blocks, task vectors offloaded (kept on
+the CPU, or memory-mapped) while the model moves, and the per-task backward that frees each
+task's activations before the next task runs."""
 
 from __future__ import annotations
 
