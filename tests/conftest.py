@@ -713,3 +713,155 @@ def _skeleton_of(pretrained):
 @pytest.fixture(scope="session")
 def skeleton_of():
     return _skeleton_of
+
+
+# ---------------------------------------------------------------------- data-free merges: examples and references
+
+
+def _assert_state(result, expected):
+    """A state dict with exactly ``expected``'s keys, each equal to its hand-written values."""
+    assert isinstance(result, dict)
+    assert set(result) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(result[key], torch.tensor(value), rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="session")
+def assert_state():
+    return _assert_state
+
+
+@pytest.fixture
+def hand_experts():
+    """θ_0 and two experts whose task vectors are τ_1: w = [1, -2, 3, 0], b = [1, 0] and
+    τ_2: w = [-3, 1, 2, 0], b = [0, 2]: (θ_0, [θ_1, θ_2])."""
+    theta0 = {"w": torch.tensor([0.0, 0.0, 0.0, 0.0]), "b": torch.tensor([1.0, 1.0])}
+    theta1 = {"w": torch.tensor([1.0, -2.0, 3.0, 0.0]), "b": torch.tensor([2.0, 1.0])}
+    theta2 = {"w": torch.tensor([-3.0, 1.0, 2.0, 0.0]), "b": torch.tensor([1.0, 3.0])}
+    return theta0, [theta1, theta2]
+
+
+class TiedLM(nn.Module):
+    """Embedding, a hidden layer and a head tied to the embedding, and a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(5, 3)
+        self.hidden = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embedding.weight
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.hidden(self.embedding(ids))) * self.scale)
+
+
+def _shifted_tied_lm(shifts):
+    """A seeded TiedLM and one expert per shift, every parameter of which is moved by that shift."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    experts = []
+    for shift in shifts:
+        expert = TiedLM()
+        expert.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(shift)
+        experts.append(expert)
+    return model, experts
+
+
+@pytest.fixture(scope="session")
+def shifted_tied_lm():
+    return _shifted_tied_lm
+
+
+class TinyEncoder(nn.Module):
+    """An embedding table, two linear layers and a LayerNorm: matrices and other tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.lin1 = nn.Linear(6, 5)
+        self.norm = nn.LayerNorm(5)
+        self.lin2 = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.lin2(self.norm(torch.tanh(self.lin1(self.embed(ids)))))
+
+
+@pytest.fixture
+def tiny_encoder_zoo():
+    """A seeded TinyEncoder and three experts (itself plus 0.1·noise): (model, experts)."""
+    torch.manual_seed(17)
+    model = TinyEncoder()
+    experts = []
+    for _ in range(3):
+        expert = TinyEncoder()
+        expert.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        experts.append(expert)
+    return model, experts
+
+
+class Float64Reference:
+    """Reference linear algebra for the SVD-based methods, computed independently of the package
+    (``torch.linalg`` on the whole matrix, in float64), and seeded random matrices."""
+
+    ATOL = 1e-4  # float32 SVDs of matrices with entries ~1
+
+    @staticmethod
+    def randn(*shape, seed: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+    @staticmethod
+    def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+        q, _ = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+        return q
+
+    @staticmethod
+    def svd64(x: torch.Tensor):
+        """``(U, S, V)`` with ``x = U diag(S) Vᵀ``, in float64."""
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u, s, vh.T
+
+    @classmethod
+    def truncate(cls, x: torch.Tensor, k: int) -> torch.Tensor:
+        u, s, v = cls.svd64(x)
+        return (u[:, :k] * s[:k]) @ v[:, :k].T
+
+    @classmethod
+    def column_projector(cls, x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """Orthogonal projector onto the column space of ``x`` (numerical rank by ``tol``)."""
+        u, s, _ = cls.svd64(x)
+        u = u[:, s > tol * s.max()]
+        return u @ u.T
+
+    @staticmethod
+    def inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(gram.double())
+        return (vectors * values.rsqrt()) @ vectors.T
+
+    @classmethod
+    def close(cls, actual, expected, atol=None):
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=cls.ATOL if atol is None else atol)
+
+    @classmethod
+    def mlp_zoo(cls):
+        """A two-layer MLP and three seeded perturbations of it: (base, experts)."""
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+        experts = []
+        for seed in range(3):
+            expert = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+            expert.load_state_dict({k: v + 0.1 * cls.randn(*v.shape, seed=seed) for k, v in base.state_dict().items()})
+            experts.append(expert)
+        return base, experts
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """:class:`Float64Reference`: independent float64 linear algebra and seeded matrices."""
+    return Float64Reference
