@@ -4,7 +4,7 @@ A data-free merge computes each tensor's merged update from that tensor's ``K`` 
 alone, so it never needs :class:`~adamerge.core.task_vectors.TaskVectors` (every expert's every
 tensor in float32: ``K`` models, 112 GB for a 7B with ``K = 4``). :class:`TaskVectorStream` reads
 one key of the ``K`` experts when asked, with the same checks, values and warnings as
-``TaskVectors.from_models``, and unmaps the experts' safetensors files before handing it back,
+``TaskVectors.from_models``, unmapping each expert's safetensors file once its tensor is read,
 so its memory is one key's ``[K, *shape]`` stack. TIES's trim over the whole model takes two
 more passes (:meth:`TaskVectorStream.magnitude_thresholds`) instead of holding the model.
 """
@@ -52,11 +52,8 @@ class TaskVectorStream:
         return len(self.keys)
 
     def __getitem__(self, key: str) -> Tensor:
-        """The ``K`` experts' ``τ`` of ``key``, read now; their files are unmapped before it returns."""
+        """The ``K`` experts' ``τ`` of ``key``, read now."""
         taus = self._low_rank(key) if key in self._factored else self._dense(key)
-        for weights in self._weights.values():
-            if hasattr(weights, "close"):
-                weights.close()
         self._unread.discard(key)
         if not self._unread:
             self._warn_unchanged()
@@ -66,16 +63,19 @@ class TaskVectorStream:
         reference = self.base[key]
         taus = torch.empty((self.num_experts, *reference.shape), dtype=torch.float32)
         for index, (name, weights) in enumerate(self._weights.items()):
-            tensor = weights[key]
-            check_tensor(f"expert {name!r}", key, tensor, reference)
-            if name in self._deltas:
-                taus[index] = self._sources[name].delta(key).to(taus.device)
-            else:
-                taus[index] = tensor.to(device=taus.device, dtype=torch.float32) - reference.to(
-                    device=taus.device, dtype=torch.float32
-                )
+            taus[index] = self._difference(name, key, reference, taus.device)
             self._changed[name] = self._changed[name] or bool(taus[index].any())
+            if hasattr(weights, "close"):
+                weights.close()  # its tensor is gone: the file's pages leave this process before the next expert's
         return taus
+
+    def _difference(self, name: str, key: str, reference: Tensor, device: torch.device) -> Tensor:
+        """One expert's ``θ_k − θ_0`` of ``key`` in float32 (``ΔW`` for a LoRA adapter over the pretrained weights)."""
+        tensor = self._weights[name][key]
+        check_tensor(f"expert {name!r}", key, tensor, reference)
+        if name in self._deltas:
+            return self._sources[name].delta(key).to(device)
+        return tensor.to(device=device, dtype=torch.float32) - reference.to(device=device, dtype=torch.float32)
 
     def _low_rank(self, key: str) -> Tensor:
         pairs = []
