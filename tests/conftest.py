@@ -865,3 +865,102 @@ class Float64Reference:
 def ref():
     """:class:`Float64Reference`: independent float64 linear algebra and seeded matrices."""
     return Float64Reference
+
+
+# ---------------------------------------------------------------------- objectives on a tiny MLP
+
+
+class ObjectiveKit:
+    """What the objective tests share: a merge of the ``make_mlp`` backbone (Linear(6,7) ReLU
+    Linear(7,5) Tanh Linear(5,3); tensors 0.*, 2.*, 4.*), the same merge written out explicitly,
+    entropy by hand, and a token-wise task on padded sequences with its calibration context."""
+
+    @staticmethod
+    def mlp_merge(granularity="layer", init=0.3, freeze=None, experts=("t0", "t1")):
+        """(base, named experts, MergedModel) of the MLP and seeded perturbations of it."""
+        from adamerge import MergedModel, TaskVectors
+
+        base = make_mlp()
+        named = {name: perturbed(base, seed=10 + k, scale=0.3) for k, name in enumerate(experts)}
+        merged = MergedModel(copy.deepcopy(base), TaskVectors.from_models(base, named), granularity, init=init, freeze=freeze)
+        return base, named, merged
+
+    @staticmethod
+    def explicit_model(base: nn.Module, experts: dict, weights: dict[str, float]) -> nn.Module:
+        """θ_0 + Σ_k w_k (θ_k − θ_0), written into a fresh copy of the base (task-wise weights)."""
+        state = {}
+        for key, theta0 in base.state_dict().items():
+            value = theta0.clone()
+            for name, w in weights.items():
+                value += w * (experts[name].state_dict()[key] - theta0)
+            state[key] = value
+        model = copy.deepcopy(base)
+        model.load_state_dict(state)
+        return model.eval()
+
+    @staticmethod
+    def explicit_hidden(model: nn.Module, x: torch.Tensor):
+        """(hidden0, hidden1, logits) of the MLP written out layer by layer."""
+        h0 = torch.relu(model[0](x))
+        h1 = torch.tanh(model[2](h0))
+        return h0, h1, model[4](h1)
+
+    @staticmethod
+    def hand_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        z = logits.double() / temperature
+        p = z.exp() / z.exp().sum(dim=-1, keepdim=True)
+        return -(p * p.log()).sum(dim=-1)
+
+    @staticmethod
+    def masked_mean(x, mask):
+        m = mask.to(x.dtype).unsqueeze(-1)
+        return (x * m).sum(dim=1) / m.sum(dim=1)
+
+    @staticmethod
+    def sequence_rows(n=7, seed=0):
+        """Rows with 4 tokens, 2 to 4 of them valid; padded tokens are huge so counting them would show."""
+        g = torch.Generator().manual_seed(seed)
+        rows = []
+        for i in range(n):
+            valid = 2 + i % 3
+            x = torch.randn(4, 6, generator=g)
+            x[valid:] *= 50.0
+            mask = torch.zeros(4, dtype=torch.long)
+            mask[:valid] = 1
+            rows.append({"inputs": x, "mask": mask})
+        return rows
+
+    @classmethod
+    def sequence_task(cls, name):
+        """A token-wise MLP task on ``[B, T, 6]`` inputs: its logits are the mean over the valid tokens
+        (the batch's mask), its hidden layers the ReLU and Tanh outputs; it counts its calls."""
+        from adamerge.tasks.base import HeadTask, TaskOutput
+
+        class MaskedSequenceTask(HeadTask):
+            def __init__(self):
+                super().__init__(name, hidden_modules=["1", "3"])  # ReLU output [B,T,7], Tanh output [B,T,5]
+                self.calls = 0
+
+            def forward(self, merged, params, batch, hidden_layers=()):
+                self.calls += 1
+                out = super().forward(merged, params, batch, hidden_layers)
+                return TaskOutput(cls.masked_mean(out.logits, batch["mask"]), out.hidden, mask=batch["mask"])
+
+        return MaskedSequenceTask()
+
+    @staticmethod
+    def context_for(merged, tasks, rows, batch_size=3):
+        """The objective's setup context: calibration batches of ``rows[task]`` in order."""
+        from adamerge.learning.data import ordered_batches
+        from adamerge.objectives import ObjectiveContext
+
+        return ObjectiveContext(
+            merged=merged, tasks=tasks, device=torch.device("cpu"),
+            calibration_batches=lambda task: ordered_batches(task, rows[task], batch_size),
+        )
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """:class:`ObjectiveKit`."""
+    return ObjectiveKit
