@@ -29,7 +29,7 @@ from adamerge.learning.data import TaskBatches  # noqa: E402
 from adamerge.learning.learner import CoefficientLearner  # noqa: E402
 from adamerge.core.merged import MergedModel  # noqa: E402
 from adamerge.objectives.entropy import Entropy, prediction_entropy  # noqa: E402
-from adamerge.app.problems import MergeProblem  # noqa: E402
+from adamerge.app.problems.problem import MergeProblem  # noqa: E402
 from adamerge.core.task_vectors import TaskVectors  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("ADAMERGE_TEXT_DATA", "/work/shared/data/text"))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from adamerge.objectives.entropy import Entropy
-from adamerge.app.problems import MergeProblem
+from adamerge.app.problems.problem import MergeProblem
 from adamerge.tasks.base import HeadTask
 
 TASKS, ROWS, EVALUATION_ROWS = ("t0", "t1"), 40, (21, 1)

@@ -22,7 +22,7 @@ from adamerge.core.granularities import GRANULARITIES  # noqa: E402
 from adamerge.app.config import RecipeError, load_recipe  # noqa: E402
 from adamerge.methods import METHODS  # noqa: E402
 from adamerge.objectives import OBJECTIVES  # noqa: E402
-from adamerge.app.problems import PROBLEM_BUILDERS  # noqa: E402
+from adamerge.app.problems import PROBLEM_KINDS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -50,7 +50,7 @@ def test_every_built_in_recipe_loads_and_validates(path):
     assert isinstance(recipe, DictConfig) and OmegaConf.is_readonly(recipe)
     text = OmegaConf.to_yaml(recipe)
     assert "${" not in text  # fully resolved
-    assert recipe.problem.kind in PROBLEM_BUILDERS or ":" in recipe.problem.kind
+    assert recipe.problem.kind in PROBLEM_KINDS or ":" in recipe.problem.kind
     assert recipe.coefficients.granularity in GRANULARITIES
     if recipe.method is not None:
         METHODS.get(recipe.method.name)

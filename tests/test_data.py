@@ -16,7 +16,7 @@ from adamerge.learning.data import (
     rows_to_batch,
     split_holdout,
 )
-from adamerge.app.problem import load_table
+from adamerge.app.problems.data import load_table
 
 
 def rows(n: int) -> list[dict]:

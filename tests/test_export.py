@@ -263,7 +263,7 @@ def tied_problem(config):
     """A dotted-path builder (``test_export:tied_problem``): a tied plain module and two experts."""
     from conftest import perturbed
 
-    from adamerge.app.problems import MergeProblem
+    from adamerge.app.problems.problem import MergeProblem
 
     torch.manual_seed(config.seed)
     pretrained = TiedNet()
@@ -315,11 +315,11 @@ def test_a_plain_module_that_fits_one_shard_is_one_file_safetensors_reloads(tmp_
     from safetensors import safe_open
     from safetensors.torch import load_model
 
-    from adamerge.app.export import save_state_dict
+    from adamerge.app.problems.problem import Exporter
 
     torch.manual_seed(1)
     module = TiedNet()
-    save_state_dict(module, tmp_path, 5 * 10**9)
+    Exporter().export(module, tmp_path, 5 * 10**9)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt", "out.weight": "tok.weight"} and "out.weight" not in handle.keys()

@@ -13,8 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from adamerge.app.config import load_recipe  # noqa: E402
-from adamerge.app.export import save_merged_model  # noqa: E402
+from adamerge.app.config import load_recipe, shard_size_bytes  # noqa: E402
 from adamerge.app.problems import build_problem  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -52,8 +51,8 @@ def test_hf_causal_lm_export_is_sharded_by_max_shard_size(tmp_path):
     problem = build_problem(recipe.problem)
     with torch.no_grad():
         problem.pretrained.model.norm.weight.add_(0.5)  # a merged model that is not the pretrained one
-    save_merged_model(problem.pretrained, problem, tmp_path / "small", "4KB")
-    save_merged_model(problem.pretrained, problem, tmp_path / "whole", "5GB")
+    problem.exporter.export(problem.pretrained, tmp_path / "small", shard_size_bytes("4KB"))
+    problem.exporter.export(problem.pretrained, tmp_path / "whole", shard_size_bytes("5GB"))
     assert_sharded_like(tmp_path / "small", tmp_path / "whole", LlamaForCausalLM)
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "small")
     assert torch.equal(reloaded.model.norm.weight, problem.pretrained.model.norm.weight)
@@ -73,7 +72,7 @@ def test_hf_sequence_classification_export_shards_encoder_and_task_classifiers(t
     recipe = load_recipe({"problem": {"kind": "hf_sequence_classification", "pretrained": str(tmp_path / "base"),
                                       "tasks": {"a": {"expert": str(tmp_path / "a")}}}})
     problem = build_problem(recipe.problem)
-    save_merged_model(problem.pretrained, problem, tmp_path / "small", "4KB")
-    save_merged_model(problem.pretrained, problem, tmp_path / "whole", "5GB")
+    problem.exporter.export(problem.pretrained, tmp_path / "small", shard_size_bytes("4KB"))
+    problem.exporter.export(problem.pretrained, tmp_path / "whole", shard_size_bytes("5GB"))
     assert_sharded_like(tmp_path / "small", tmp_path / "whole", BertModel)  # the merged encoder
     assert_sharded_like(tmp_path / "small" / "tasks" / "a", tmp_path / "whole" / "tasks" / "a", BertForSequenceClassification)

@@ -21,7 +21,8 @@ from adamerge.learning.data import CalibrationData
 from adamerge.learning.frank_wolfe import frank_wolfe_merge, schedule
 from adamerge.objectives import build_objective
 from adamerge.objectives.entropy import prediction_entropy
-from adamerge.app.problems import MergeProblem, register_problem
+from adamerge.app.problems import register_problem
+from adamerge.app.problems.problem import MergeProblem
 from adamerge.app import learners
 from adamerge.app.runner import fit
 from adamerge.tasks.base import HeadTask

@@ -1,5 +1,6 @@
 """Hugging Face settings on tiny models built from configs: sequence classifiers with per-task
-heads, CLIP zero-shot heads (and the ``hf_clip`` problem kind), causal LMs with a tied head."""
+heads, CLIP zero-shot heads, causal LMs with a tied head (the problem kinds: test_sequence_classification,
+test_clip, test_causal_lm)."""
 
 from __future__ import annotations
 
@@ -169,51 +170,6 @@ def test_clip_zero_shot_logits_match_an_explicit_computation(images, clip_zoo, t
     assert output.labels.tolist() == [0, 1, 2, 0]
 
 
-def test_hf_clip_problem_kind_loads_an_image_table(images, clip_zoo, tmp_path):
-    import datasets
-
-    from adamerge.app.config import load_recipe
-    from adamerge.app.problems import build_problem
-
-    features = datasets.Features({"picture": datasets.Image(), "y": datasets.Value("int64")})
-    for name, n in (("train", 5), ("test", 3)):
-        table = datasets.Dataset.from_dict({"picture": images(n, seed=n), "y": [i % 2 for i in range(n)]}, features=features)
-        table.to_parquet(str(tmp_path / f"{name}.parquet"))
-    recipe = load_recipe({
-        "problem": {
-            "kind": "hf_clip",
-            "pretrained": str(clip_zoo / "base"),
-            "tasks": {
-                "shapes": {
-                    "expert": str(clip_zoo / "e0"), "classnames": ["circle", "square"], "image": "picture",
-                    "label": "y", "calibration": {"path": str(tmp_path / "train.parquet")},
-                    "evaluation": {"path": str(tmp_path), "split": "test"},
-                },
-                "colors": {
-                    "expert": str(clip_zoo / "e1"), "classnames": ["red", "green", "blue"], "templates": ["{}"],
-                    "image": "picture", "label": "y", "calibration": {"path": str(tmp_path / "train.parquet"), "max_samples": 2},
-                },
-            },
-        }
-    })
-    problem = build_problem(recipe.problem)
-    assert sorted(problem.tasks) == ["colors", "shapes"] and problem.experts == {"shapes": str(clip_zoo / "e0"), "colors": str(clip_zoo / "e1")}
-    assert len(problem.calibration["shapes"]) == 5 and len(problem.calibration["colors"]) == 2
-    assert len(problem.evaluation["shapes"]) == 3 and "colors" not in problem.evaluation
-    assert problem.tasks["colors"].class_embeddings.shape == (3, 8)
-    batch = problem.collate([problem.calibration["shapes"][i] for i in range(3)])
-    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["labels"].tolist() == [0, 1, 0]
-    tv = TaskVectors.from_models(problem.pretrained, problem.experts, include=problem.include)
-    merged = MergedModel(problem.pretrained, tv, "task")
-    assert all(k.startswith(("vision_model.", "visual_projection.")) for k in merged.keys)
-    output = problem.tasks["shapes"](merged, merged.merged_parameters(), batch)
-    assert output.logits.shape == (3, 2) and torch.isfinite(output.logits).all()
-    with pytest.raises(ValueError, match="'nameless'.*classnames"):
-        bad = load_recipe({"problem": {"kind": "hf_clip", "pretrained": str(clip_zoo / "base"),
-                                       "tasks": {"nameless": {"expert": str(clip_zoo / "e0")}}}})
-        build_problem(bad.problem)
-
-
 # ---------------------------------------------------------------------- causal LM
 
 
@@ -300,27 +256,6 @@ def test_causal_lm_logits_are_the_target_rows_of_the_whole_merged_model(gpt2, to
     assert output.logits.shape == (sum(counts), len(tokenizer))
     assert (output.logits - torch.stack(expected_rows)).abs().max() < 1e-5
     assert torch.equal(output.mask, batch["attention_mask"])
-
-
-def test_hf_causal_lm_problem_kind(gpt2, tokenizer, tmp_path):
-    from adamerge.app.config import load_recipe
-    from adamerge.app.problems import build_problem
-
-    base, experts = gpt2
-    base.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    experts["e0"].save_pretrained(tmp_path / "e0")
-    (tmp_path / "qa.jsonl").write_text('{"q": "one two", "a": "three"}\n{"q": "four", "a": "five six"}\n')
-    recipe = load_recipe({"problem": {"kind": "hf_causal_lm", "pretrained": str(tmp_path / "base"), "max_length": 16,
-                                      "tasks": {"qa": {"expert": str(tmp_path / "e0"), "text": "q", "response": "a",
-                                                       "calibration": {"path": str(tmp_path / "qa.jsonl")}}}}})
-    problem = build_problem(recipe.problem)
-    assert isinstance(problem.tasks["qa"], hf.CausalLMTask) and problem.include is None
-    batch = problem.collate([problem.calibration["qa"][i] for i in range(2)])
-    assert batch["loss_mask"].sum(dim=1).tolist() == [1, 2]
-    merged = MergedModel(problem.pretrained, TaskVectors.from_models(problem.pretrained, problem.experts), "task")
-    output = problem.tasks["qa"](merged, merged.merged_parameters(), batch)
-    assert output.logits.shape == (3, len(tokenizer)) and output.sample_rows.tolist() == [1, 2]
 
 
 # ---------------------------------------------------------------------- string labels

@@ -132,7 +132,7 @@ def bad_names_builder(config):
     """A dotted-path builder that names its own tasks (as text_zoo or a user's builder does)."""
     from torch import nn
 
-    from adamerge.app.problems import MergeProblem
+    from adamerge.app.problems.problem import MergeProblem
 
     return MergeProblem(pretrained=nn.Linear(2, 2), experts={"/tmp/x": {}}, tasks={"/tmp/x": None}, calibration={})
 

@@ -17,66 +17,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from adamerge.io.checkpoints import save_safetensors, write_text
+from adamerge.io.checkpoints import write_text
 from adamerge.app.config import save_recipe, shard_size_bytes
-from adamerge.core.scope import parameter_aliases
 from adamerge.learning.evaluation import average_accuracy
 from adamerge.app.mergekit.write import Coefficients, task_vector_processing, write_mergekit
 from adamerge.app.plots import coefficient_heatmap
-from adamerge.app.problem import MergeProblem
-
-
-def save_merged_model(module: nn.Module, problem: MergeProblem, folder: Path, max_shard_size: str = "5GB") -> None:
-    """The merged model in the format its users open directly: the problem's own (a Hugging Face
-    folder), else the module's weights as safetensors shards (:func:`save_state_dict`); both split
-    into shards of at most ``max_shard_size`` with an index, as Hugging Face does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if problem.save_model is not None:
-        problem.save_model(module, folder, shard_size_bytes(max_shard_size))
-    else:
-        save_state_dict(module, folder, shard_size_bytes(max_shard_size))
-    if problem.save_extras is not None:
-        problem.save_extras(folder)
-
-
-def save_state_dict(module: nn.Module, folder: Path, max_shard_size: int) -> None:
-    """A plain module's weights laid out as Hugging Face lays out a checkpoint, by huggingface_hub's
-    shard splitter: ``model.safetensors`` when they fit one shard, else ``model-0000i-of-0000n.safetensors``
-    and ``model.safetensors.index.json``. safetensors stores shared storage once: a tied parameter is kept
-    under its first name in ``named_parameters`` and each alias is recorded as ``alias: name`` in the
-    metadata; loading into the module (``huggingface_hub.load_torch_model(model, folder, strict=False)``)
-    fills the alias through the tie."""
-    from huggingface_hub import save_torch_state_dict
-
-    save_torch_state_dict(module.state_dict(), folder, max_shard_size=max_shard_size,
-                          shared_tensors_to_discard=list(parameter_aliases(module)))
-
-
-def save_streamed_model(shards: Path, problem: MergeProblem, folder: Path) -> None:
-    """A streamed run's merged model: its shards moved (or, where names change, rewritten one at a
-    time) into ``folder`` with the index and the config; it never exists whole in memory."""
-    from safetensors import safe_open
-
-    from adamerge.io.shards import ShardWriter
-
-    files = sorted(shards.glob("model-*-of-*.safetensors"))
-    folder.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            keys = list(handle.keys())
-            if all(problem.exported_key(k) == k for k in keys):
-                tensors = None
-            else:
-                tensors = {problem.exported_key(k): handle.get_tensor(k) for k in keys if problem.exported_key(k) is not None}
-        if tensors is None:
-            os.replace(file, folder / file.name)
-        else:
-            save_safetensors(tensors, folder / file.name, metadata={"format": "pt"})
-    ShardWriter(folder, len(files)).finish()
-    if problem.save_config is not None:
-        problem.save_config(folder)
-    if problem.save_extras is not None:
-        problem.save_extras(folder)
+from adamerge.app.problems.problem import MergeProblem
 
 
 def results_table(results: Mapping[str, Mapping[str, Mapping]]) -> str:
@@ -198,9 +144,9 @@ def write_common(
     if recipe.export.merged_model:
         target = folder / "merged"
         if isinstance(module, Path):
-            save_streamed_model(module, problem, target)
+            problem.exporter.export_streamed(module, target)
         else:
-            save_merged_model(module, problem, target, recipe.export.max_shard_size)
+            problem.exporter.export(module, target, shard_size_bytes(recipe.export.max_shard_size))
         write_text(target / "README.md", model_card(recipe, problem, how, results, coefficients))
 
 

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -374,7 +375,7 @@ def build_digits_zoo(
     if directory is not None and not rebuild and _matches(directory, config):
         try:
             models = _load(directory, config)
-        except (OSError, KeyError, RuntimeError, ValueError):
+        except (OSError, KeyError, RuntimeError, ValueError, SafetensorError):
             models = None  # damaged cache: build again
     if models is None:
         models = _train_models(config, data)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from adamerge.app.checks import check_name
 from adamerge.app.config import DataSourceConfig, ProblemConfig, TaskConfig
-from adamerge.app.hf_problems import causal_lm_problem, sequence_classification_problem
-from adamerge.app.problem import MergeProblem
+from adamerge.app.problems.causal_lm import causal_lm_problem
+from adamerge.app.problems.problem import MergeProblem
+from adamerge.app.problems.sequence_classification import sequence_classification_problem
 
 TEXT_DATA = os.environ.get("ADAMERGE_TEXT_DATA", "../shared/data/text")  # the shared text tasks
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adamerge.app.config import to_plain
 from adamerge.app.mergekit.methods import NoMergekit, to_mergekit
-from adamerge.app.problem import MergeProblem
+from adamerge.app.problems.problem import MergeProblem
 from adamerge.core.coefficients import MergeCoefficients
 from adamerge.core.element import ElementCoefficients
 from adamerge.core.scope import in_scope
