@@ -1,6 +1,7 @@
 """Sizes that keep the code readable: a module holds one idea (≲ 400 lines), a function one step
 (≲ 60 lines of body, its signature and docstring not counted). The exceptions below say why.
-Tests stand alone: no test file imports another (what several share is a conftest fixture)."""
+Tests mirror the package: every module with behaviour has its test file, and no test file imports
+another (what several share is a conftest fixture)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,44 @@ def imported_test_modules(path: Path) -> set[str]:
 def test_no_test_file_imports_another():
     imports = {path.name: sorted(found) for path in sorted(TESTS.glob("*.py")) if (found := imported_test_modules(path))}
     assert imports == {}, f"test files importing other test files (share a conftest fixture instead): {imports}"
+
+
+# module -> why it has no test file of its name
+UNMIRRORED: dict[str, str] = {}
+
+
+def has_behaviour(path: Path) -> bool:
+    """A module defines a function or a class (re-exporting ``__init__``s and constants do not)."""
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) for n in ast.parse(path.read_text()).body)
+
+
+def mirror_names() -> dict[str, list[str]]:
+    """Module (relative to the package) -> the test file names that mirror it: ``test_<module>.py``
+    (a package's ``__init__`` by the package's name) for the one shallowest module of that name,
+    ``test_<package>_<module>.py`` for any."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if has_behaviour(path):
+            parts = path.relative_to(PACKAGE.parent).with_suffix("").parts  # ("adamerge", "core", "scope")
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            name, package = parts[-1], parts[-2] if len(parts) > 1 else parts[-1]
+            modules[path.relative_to(PACKAGE).as_posix()] = (name, package, len(parts))
+    names = {}
+    for module, (name, package, depth) in modules.items():
+        rivals = [d for other, (n, _, d) in modules.items() if n == name and other != module]
+        alone = all(depth < d for d in rivals)  # the one shallowest module of its name
+        names[module] = ([f"test_{name}.py"] if alone else []) + [f"test_{package}_{name}.py"]
+    return names
+
+
+def test_every_module_with_behaviour_has_its_test_file():
+    missing = {module: names[0] for module, names in mirror_names().items()
+               if module not in UNMIRRORED and not any((TESTS / n).exists() for n in names)}
+    assert missing == {}, f"modules without a test file of their name (module: expected file): {missing}"
+
+
+def test_every_stated_unmirrored_module_still_lacks_its_file():
+    names = mirror_names()
+    stale = [m for m in UNMIRRORED if m not in names or any((TESTS / n).exists() for n in names[m])]
+    assert stale == [], f"no longer needed in UNMIRRORED: {stale}"
