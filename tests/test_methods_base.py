@@ -152,3 +152,24 @@ def test_embedding_keys_by_module_type_and_tied_alias():
     tables = ["bert.embeddings.word_embeddings.weight", "model.embed_tokens.weight", "transformer.wte.weight"]
     names = tables + ["encoder.layer.0.attention.self.query.weight", "lm_head.weight"]
     assert embedding_keys(model.state_dict(), names) == set(tables)
+
+
+def test_merging_on_a_device_hands_every_rule_its_task_vectors_there_and_keeps_the_result_on_the_host():
+    """The device plumbing of every data-free merge (``merge_each``), checked with the meta device:
+    each key's task vectors reach the rule on it, the merged model stays where θ_0 is."""
+    from adamerge.methods.base import merge_each, merging_on, task_vectors
+
+    base = nn.Linear(3, 2)
+    experts = {name: {k: v + 1.0 for k, v in base.state_dict().items()} for name in ("a", "b")}
+    seen = []
+
+    def rule(key, taus):
+        seen.append(taus.device)
+        return torch.zeros(taus.shape[1:], device=taus.device) if taus.device.type == "cpu" else None
+
+    with merging_on("meta"):
+        merged = merge_each(base, task_vectors(base, experts, None, None), rule)
+    assert seen == [torch.device("meta")] * 2 and all(p.device.type == "cpu" for p in merged.parameters())
+    seen.clear()
+    merge_each(base, task_vectors(base, experts, None, None), rule)  # outside: where they are read
+    assert seen == [torch.device("cpu")] * 2

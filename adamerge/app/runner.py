@@ -36,6 +36,7 @@ from adamerge.learning.data import CalibrationData
 from adamerge.learning.evaluation import check_labels, evaluate
 from adamerge.learning.placement import Placement, resolve_placement
 from adamerge.methods import METHODS
+from adamerge.methods.base import merging_on
 
 
 def setup_process(recipe: DictConfig) -> Placement:
@@ -178,7 +179,8 @@ def merge(recipe: DictConfig | str) -> RunResult:
 
 def _merge_and_evaluate(recipe: DictConfig, problem: MergeProblem, placement: Placement):
     method = METHODS.get(recipe.method.name)
-    module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **to_plain(recipe.method.args))
+    with merging_on(placement.device):
+        module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **to_plain(recipe.method.args))
     model = FunctionalModel(problem.pretrained)
     results = {}
     if recipe.evaluation.enabled and problem.evaluation:

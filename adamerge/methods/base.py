@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -60,15 +62,33 @@ def apply_deltas(pretrained: WeightsSource, deltas: Mapping[str, Tensor]) -> Mer
     return merged.result
 
 
+_DEVICE: ContextVar[torch.device | None] = ContextVar("merge_device", default=None)
+
+
+@contextmanager
+def merging_on(device: torch.device | str) -> Iterator[None]:
+    """Data-free merges run inside compute on ``device``: each key's ``K`` task vectors are read on
+    the host, moved there, merged (SVDs, WUDI's solve, TIES' election) and the update moved back
+    into the host's merged model before the next key is read. The runner sets the recipe's device."""
+    token = _DEVICE.set(torch.device(device))
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
 def merge_each(
     pretrained: WeightsSource, tv: TaskVectorStream, rule: Callable[[str, Tensor], Tensor | None],
     desc: str = "merging tensors",
 ) -> MergeResult:
     """``θ_0 + rule(key, τ)`` for every key of the scope, ``τ`` its ``[K, *shape]`` task vectors,
-    read and merged one key at a time; a key whose rule gives ``None`` keeps ``θ_0``."""
+    read and merged one key at a time (on :func:`merging_on`'s device); a key whose rule gives
+    ``None`` keeps ``θ_0``."""
     merged = MergedWeights(pretrained)
+    device = _DEVICE.get()
     for key in progress(tv.keys, desc, total=len(tv), unit="tensor"):
-        delta = rule(key, tv[key])
+        taus = tv[key]
+        delta = rule(key, taus if device is None else taus.to(device, non_blocking=True))
         if delta is not None:
             merged.add(key, delta)
     return merged.result
