@@ -519,3 +519,22 @@ def test_forward_with_swaps_extra_tensors(mlp):
     reference[4].load_state_dict(head.state_dict())
     with torch.no_grad():
         assert (merged.forward_with(params, *mlp.args) - reference(*mlp.args)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_offloaded_vectors_are_pinned_and_contiguous_where_a_gpu_is_present(monkeypatch, offload):
+    """Pinned host memory is what makes the merge's block copies to the GPU asynchronous; this
+    machine has no GPU, so its presence and the pinning are stood in for."""
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
+    base = make_mlp()
+    experts = {f"e{k}": perturbed(base, seed=k) for k in range(2)}
+    tv = TaskVectors(
+        {key: t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() == 3 else t for key, t in TaskVectors.from_models(base, experts).items()},
+        ("e0", "e1"),
+    )
+    merged = MergedModel(copy.deepcopy(base), tv, "layer", offload_vectors=offload)
+    buffers = list(merged.vectors.buffers())
+    assert all(b.is_contiguous() for b in buffers)
+    assert len(pinned) == (len(buffers) if offload else 0)

@@ -165,13 +165,21 @@ class FunctionalModel(nn.Module):
 
 
 class _VectorStore(nn.Module):
-    """The task vectors, as non-persistent buffers. Offloaded, they stay where they are (CPU
-    memory, possibly memory-mapped from safetensors) whatever ``.to()``/``.cuda()``/``.half()``
-    does to the model, and the merge copies each block to the model's device as it needs it."""
+    """The task vectors, as non-persistent buffers. Offloaded, they stay in host memory whatever
+    ``.to()``/``.cuda()``/``.half()`` does to the model, and the merge copies each block to the
+    model's device as it needs it: where a GPU is present they are kept contiguous in pinned
+    (page-locked) memory, so those copies are asynchronous."""
 
     def __init__(self, offload: bool = False):
         super().__init__()
         self.offload = offload
+
+    def keep(self, name: str, tensor: Tensor) -> None:
+        """Hold ``tensor`` as buffer ``name``: contiguous, and pinned when offloaded next to a GPU."""
+        tensor = tensor.contiguous()
+        if self.offload and torch.cuda.is_available() and tensor.device.type == "cpu":
+            tensor = tensor.pin_memory()
+        self.register_buffer(name, tensor, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
         return self if self.offload else super()._apply(fn, recurse)
@@ -219,11 +227,11 @@ class MergedModel(FunctionalModel):
         for index, key in enumerate(self.keys):  # contiguous: the merge reads flat views of them
             factors = None if elementwise else task_vectors.low_rank(key)  # element-wise needs them dense
             if factors is None:
-                self.vectors.register_buffer(f"t{index}", task_vectors[key].contiguous(), persistent=False)
+                self.vectors.keep(f"t{index}", task_vectors[key])
                 continue
             self._low_rank.add(index)
             for part in ("left", "right", "owner"):
-                self.vectors.register_buffer(f"t{index}_{part}", getattr(factors, part), persistent=False)
+                self.vectors.keep(f"t{index}_{part}", getattr(factors, part))
         if coefficients is None:
             layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, freeze=freeze)
             if layout.granularity == "element":
