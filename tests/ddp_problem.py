@@ -1,8 +1,9 @@
-"""A tiny merge problem that a training subprocess can build by dotted path
-(``problem.kind: ddp_problem:build``, with ``tests/`` on ``PYTHONPATH``), and an entropy
-objective that records each process's final coefficients (only rank 0 writes a run directory).
-Task t0 has 21 labelled evaluation rows (two processes share them 11 + 10), t1 has 1 (the
-second process has none of t1's rows and must still join in the sums)."""
+"""A support module, not a test file: the training subprocesses of test_ddp.py load it by dotted
+path (``problem.kind: ddp_problem:build``, with ``tests/`` on ``PYTHONPATH``), where no pytest
+fixture reaches. A tiny merge problem, and an entropy objective that records each process's
+final coefficients (only rank 0 writes a run directory). Task t0 has 21 labelled evaluation rows
+(two processes share them 11 + 10), t1 has 1 (the second process has none of t1's rows and must
+still join in the sums)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 coefficients agree across ranks and match a single-process run with the same global batch (each
 rank takes its slice of it); the evaluation that follows runs on both processes, each on its
 share of the rows, and writes what one process evaluating the same coefficients finds (and logs
-it to the run's CSV log). Its subprocesses build their problem from tests/ddp_problem.py."""
+it to the run's CSV log). Its subprocesses build their problem with ddp_problem.py, beside this file."""
 
 from __future__ import annotations
 
