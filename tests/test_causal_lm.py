@@ -89,3 +89,24 @@ def test_a_streamed_export_is_its_shards_with_config_generation_config_and_token
     written = AutoModelForCausalLM.from_pretrained(folder).state_dict()
     base = open_weights(str(lm_dir / "base"))
     assert all(torch.equal(written[k], base[k]) for k in base)
+
+
+def test_problem_dtype_loads_the_model_in_it_and_reads_the_experts_in_it(lm_dir, tmp_path):
+    """``problem.dtype: bfloat16`` over float32 checkpoints, and bf16 experts over a bf16 base: both merge."""
+    problem = problem_of(lm_dir)
+    assert next(problem.pretrained.parameters()).dtype == torch.float32  # auto: as saved
+    recipe = load_recipe({"problem": {"kind": "hf_causal_lm", "pretrained": str(lm_dir / "base"), "dtype": "bfloat16",
+                                      "tasks": {"qa": {"expert": str(lm_dir / "e0")}}}})
+    halved = build_problem(recipe.problem)
+    assert {p.dtype for p in halved.pretrained.parameters()} == {torch.bfloat16}
+    tv = TaskVectors.from_models(halved.pretrained, halved.experts)  # float32 expert files, read in bf16
+    base, expert = dict(open_weights(str(lm_dir / "base"))), dict(open_weights(str(lm_dir / "e0")))
+    key = tv.keys[0]
+    assert torch.equal(tv[key][0], expert[key].bfloat16().float() - base[key].bfloat16().float())
+    for name in ("base", "e0"):  # a bf16 zoo over a bf16 base, the checkpoints' own dtype
+        transformers.AutoModelForCausalLM.from_pretrained(lm_dir / name, dtype=torch.bfloat16).save_pretrained(tmp_path / name)
+    transformers.AutoTokenizer.from_pretrained(lm_dir / "base").save_pretrained(tmp_path / "base")
+    native = build_problem(load_recipe({"problem": {"kind": "hf_causal_lm", "pretrained": str(tmp_path / "base"),
+                                                    "tasks": {"qa": {"expert": str(tmp_path / "e0")}}}}).problem)
+    assert next(native.pretrained.parameters()).dtype == torch.bfloat16
+    assert MergedModel(native.pretrained, TaskVectors.from_models(native.pretrained, native.experts), "task").merged_parameters()

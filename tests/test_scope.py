@@ -52,8 +52,9 @@ def test_errors_name_the_expert_and_the_key():
     check_keys("e", {**base, "extra.w": torch.zeros(1)}, base, keys, {}, None, "extra")  # excluded: fine
     with pytest.raises(ValueError, match=r"shape mismatch for 'w': expert 'e' has \(3, 2\), the pretrained model has \(2, 3\)"):
         check_tensor("expert 'e'", "w", torch.zeros(3, 2), base["w"])
-    with pytest.raises(ValueError, match=r"dtype mismatch for 'w': expert 'e' is torch.float16"):
-        check_tensor("expert 'e'", "w", torch.zeros(2, 3, dtype=torch.float16), base["w"])
+    check_tensor("expert 'e'", "w", torch.zeros(2, 3, dtype=torch.bfloat16), base["w"])  # floating: read in float32
+    with pytest.raises(ValueError, match=r"dtype mismatch for 'w': expert 'e' is torch.int32"):
+        check_tensor("expert 'e'", "w", torch.zeros(2, 3, dtype=torch.int32), base["w"])
     with pytest.raises(ValueError, match=r"expert 'e' has non-finite values \(NaN/inf\) in 'b'"):
         check_tensor("expert 'e'", "b", torch.tensor([0.0, float("nan")]), base["b"])
 

@@ -185,11 +185,15 @@ def test_shape_mismatch(pool):
         TaskVectors.from_models(pretrained, [expert])
 
 
-def test_dtype_mismatch(pool):
+def test_experts_are_read_in_the_pretrained_models_dtype_and_other_kinds_are_refused(pool):
     pretrained, expert = pool
-    expert["0.bias"] = expert["0.bias"].double()
-    with pytest.raises(ValueError, match=r"dtype mismatch for '0\.bias': expert 'expert_0' is torch\.float64"):
-        TaskVectors.from_models(pretrained, [expert])
+    full = TaskVectors.from_models(pretrained, [expert])
+    halved = {**expert, "0.bias": expert["0.bias"].bfloat16()}
+    expected = halved["0.bias"].float() - pretrained.state_dict()["0.bias"]
+    assert torch.equal(TaskVectors.from_models(pretrained, [halved])["0.bias"][0], expected)
+    assert torch.equal(TaskVectors.from_models(pretrained, [{**expert, "0.bias": expert["0.bias"].double()}])["0.bias"], full["0.bias"])
+    with pytest.raises(ValueError, match=r"dtype mismatch for '0\.bias': expert 'expert_0' is torch\.int64"):
+        TaskVectors.from_models(pretrained, [{**expert, "0.bias": expert["0.bias"].long()}])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -60,6 +60,8 @@ class ProblemConfig:
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     experts: dict[str, str] = field(default_factory=dict)  # extra experts with no task of their own
     max_length: int = 128
+    # the dtype the pretrained model is loaded in (auto: the checkpoint's own); experts are read in it
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0  # built-in zoos: the seed they are built with
     cache_dir: Optional[str] = None  # built-in zoos: where they are cached
     options: dict[str, Any] = field(default_factory=dict)  # passed to a dotted-path builder

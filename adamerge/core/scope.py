@@ -89,14 +89,15 @@ def expert_tensors(
     exclude: Patterns = None,
     role: str = "expert",
 ) -> Iterator[tuple[str, Tensor]]:
-    """An expert's ``(key, tensor)`` over the scope, read one tensor at a time, each checked
-    against the pretrained one (keys, shape, dtype, finite values); errors name the expert and the key."""
+    """An expert's ``(key, tensor)`` over the scope, read one tensor at a time in the pretrained
+    tensor's dtype (``problem.dtype`` chooses it), each checked against the pretrained one (keys,
+    shape, dtype kind, finite values); errors name the expert and the key."""
     who = f"{role} {name!r}"
     weights = expert_weights(name, source, pretrained, base, keys, include, exclude, role)
     for key in keys:
         tensor = weights[key]
         check_tensor(who, key, tensor, base[key])
-        yield key, tensor
+        yield key, tensor.to(base[key].dtype)
 
 
 def expert_weights(
@@ -121,16 +122,17 @@ def expert_weights(
 
 
 def check_tensor(who: str, key: str, tensor: Tensor, reference: Tensor) -> None:
-    """One tensor of a model against the pretrained one: same shape and dtype, finite values."""
+    """One tensor of a model against the pretrained one: same shape, both floating point or the same
+    dtype (a bf16 expert over a float32 model is read in float32, and the other way round), finite values."""
     if tensor.shape != reference.shape:
         raise ValueError(
             f"shape mismatch for {key!r}: {who} has {tuple(tensor.shape)}, "
             f"the pretrained model has {tuple(reference.shape)}"
         )
-    if tensor.dtype != reference.dtype:
+    if tensor.dtype != reference.dtype and not (tensor.is_floating_point() and reference.is_floating_point()):
         raise ValueError(
             f"dtype mismatch for {key!r}: {who} is {tensor.dtype}, the pretrained "
-            f"model is {reference.dtype}; load both in the same dtype"
+            f"model is {reference.dtype}; only floating-point tensors are read in the pretrained model's dtype"
         )
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{who} has non-finite values (NaN/inf) in {key!r}")

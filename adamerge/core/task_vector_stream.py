@@ -75,6 +75,7 @@ class TaskVectorStream:
         check_tensor(f"expert {name!r}", key, tensor, reference)
         if name in self._deltas:
             return self._sources[name].delta(key).to(device)
+        tensor = tensor.to(reference.dtype)  # read in the pretrained model's dtype, as TaskVectors.from_models
         return tensor.to(device=device, dtype=torch.float32) - reference.to(device=device, dtype=torch.float32)
 
     def _low_rank(self, key: str) -> Tensor:

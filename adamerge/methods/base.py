@@ -77,6 +77,10 @@ def merging_on(device: torch.device | str) -> Iterator[None]:
         _DEVICE.reset(token)
 
 
+def _moved(taus: Tensor, device: torch.device | None) -> Tensor:
+    return taus if device is None else taus.to(device, non_blocking=True)
+
+
 def merge_each(
     pretrained: WeightsSource, tv: TaskVectorStream, rule: Callable[[str, Tensor], Tensor | None],
     desc: str = "merging tensors",
@@ -87,8 +91,7 @@ def merge_each(
     merged = MergedWeights(pretrained)
     device = _DEVICE.get()
     for key in progress(tv.keys, desc, total=len(tv), unit="tensor"):
-        taus = tv[key]
-        delta = rule(key, taus if device is None else taus.to(device, non_blocking=True))
+        delta = rule(key, _moved(tv[key], device))  # no name holds the stack past its key
         if delta is not None:
             merged.add(key, delta)
     return merged.result

@@ -100,7 +100,12 @@ def head_keys(model: nn.Module, weights: Mapping[str, Tensor]) -> list[str]:
     return [k for k in weights if not k.startswith(prefix)]
 
 
-def load_sequence_classifier(pretrained: str, num_labels: int = 2, empty: bool = False) -> nn.Module:
+def torch_dtype(dtype: str) -> str | torch.dtype:
+    """A recipe's ``problem.dtype`` as ``from_pretrained`` takes it (``"auto"``: the checkpoint's own)."""
+    return dtype if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_sequence_classifier(pretrained: str, num_labels: int = 2, empty: bool = False, dtype: str = "auto") -> nn.Module:
     """The backbone: a sequence classifier holding the pretrained encoder (its head is a placeholder).
     ``empty``: its structure only, every parameter on ``meta`` (a streamed run reads them later)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -109,8 +114,13 @@ def load_sequence_classifier(pretrained: str, num_labels: int = 2, empty: bool =
         if empty:
             config = AutoConfig.from_pretrained(pretrained, num_labels=num_labels)
             with parameters_on_meta():
-                return AutoModelForSequenceClassification.from_config(config).eval()
-        return AutoModelForSequenceClassification.from_pretrained(pretrained, num_labels=num_labels).eval()
+                return AutoModelForSequenceClassification.from_config(config, **_config_dtype(dtype)).eval()
+        return AutoModelForSequenceClassification.from_pretrained(pretrained, num_labels=num_labels, dtype=torch_dtype(dtype)).eval()
+
+
+def _config_dtype(dtype: str) -> dict:
+    """``from_config``'s dtype argument: none for ``auto`` (the config's own)."""
+    return {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
 
 
 def sequence_classification_tasks(
@@ -238,13 +248,13 @@ def clip_class_embeddings(clip_model: nn.Module, tokenizer, classnames: Sequence
     return torch.stack(per_class)
 
 
-def load_clip(pretrained: str) -> tuple[nn.Module, nn.Module]:
+def load_clip(pretrained: str, dtype: str = "auto") -> tuple[nn.Module, nn.Module]:
     """(vision backbone with projection, full CLIP model for the text tower) from one directory."""
     from transformers import CLIPModel, CLIPVisionModelWithProjection
 
     with quiet_transformers():
-        vision = CLIPVisionModelWithProjection.from_pretrained(pretrained).eval()
-        full = CLIPModel.from_pretrained(pretrained).eval()
+        vision = CLIPVisionModelWithProjection.from_pretrained(pretrained, dtype=torch_dtype(dtype)).eval()
+        full = CLIPModel.from_pretrained(pretrained, dtype=torch_dtype(dtype)).eval()
     return vision, full
 
 
@@ -283,15 +293,15 @@ class CausalLMTask(Task):
         )
 
 
-def load_causal_lm(pretrained: str, empty: bool = False) -> nn.Module:
+def load_causal_lm(pretrained: str, empty: bool = False, dtype: str = "auto") -> nn.Module:
     """The pretrained causal LM; ``empty``: its structure only, parameters on ``meta``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with quiet_transformers():
         if empty:
             with parameters_on_meta():
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained)).eval()
-        return AutoModelForCausalLM.from_pretrained(pretrained).eval()
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained), **_config_dtype(dtype)).eval()
+        return AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype(dtype)).eval()
 
 
 def tokenize_prompts(dataset, tokenizer, text: str, response: str | None, max_length: int, task: str):

@@ -24,7 +24,7 @@ def causal_lm_problem(config: ProblemConfig, streamed: bool = False) -> MergePro
     experts = experts_of(config)
     if not experts:
         raise ValueError("problem kind 'hf_causal_lm' needs experts (problem.tasks.<name>.expert or problem.experts)")
-    backbone = load_pretrained(config.pretrained, lambda path: hf.load_causal_lm(path, empty=streamed))
+    backbone = load_pretrained(config.pretrained, lambda path: hf.load_causal_lm(path, empty=streamed, dtype=config.dtype))
     tokenizer = load_pretrained(config.pretrained, AutoTokenizer.from_pretrained)
 
     def prepare(table, name: str, task: TaskConfig, labelled: bool):

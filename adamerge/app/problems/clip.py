@@ -21,7 +21,7 @@ def clip_problem(config: ProblemConfig) -> MergeProblem:
     from adamerge.tasks import hf
 
     require(config, "pretrained", "tasks", "experts")
-    vision, full = load_pretrained(config.pretrained, hf.load_clip)
+    vision, full = load_pretrained(config.pretrained, lambda path: hf.load_clip(path, config.dtype))
     processor = load_pretrained(config.pretrained, AutoProcessor.from_pretrained)
     tokenizer = getattr(processor, "tokenizer", processor)
     image_processor = getattr(processor, "image_processor", processor)

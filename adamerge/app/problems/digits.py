@@ -15,6 +15,8 @@ def digits_problem(config: ProblemConfig) -> MergeProblem:
     from adamerge.tasks.base import HeadTask
     from adamerge.zoo.digits import build_digits_zoo
 
+    if config.dtype != "auto":
+        raise ValueError(f"problem.dtype is {config.dtype!r}: the digits zoo is float32 (problem.dtype is for Hugging Face kinds)")
     zoo = build_digits_zoo(cache_dir=config.cache_dir, seed=config.seed, **config.options)
     hidden = [f"norms.{i}" for i in range(len(zoo.settings.hidden))] + [f"layers.{len(zoo.settings.hidden)}"]
     names = list(zoo.tasks)

@@ -26,7 +26,7 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
     from adamerge.tasks import hf
 
     require(config, "pretrained", "tasks", "experts")
-    backbone = load_pretrained(config.pretrained, lambda path: hf.load_sequence_classifier(path, empty=streamed))
+    backbone = load_pretrained(config.pretrained, lambda path: hf.load_sequence_classifier(path, empty=streamed, dtype=config.dtype))
     tokenizer = load_pretrained(config.pretrained, AutoTokenizer.from_pretrained)
     experts = experts_of(config)
     heads = {n: _classifier_of(backbone, n, config.tasks[n].expert) for n in config.tasks}
