@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from adamerge.app.config import DataSourceConfig
 from adamerge.learning.data import (
@@ -279,3 +280,27 @@ def test_by_length_orders_rows_by_their_token_count_and_leaves_other_rows_alone(
     assert by_length(rows, [2, 0]) == [0, 2]
     plain = [{"x": 1}, {"x": 2}]
     assert by_length(plain, [1, 0]) == [1, 0]
+
+
+def test_worker_threads_build_the_same_stream_and_its_state_counts_what_was_handed_out():
+    """Batches built ahead by threads are the in-line stream's, in order; the state is the count of
+    batches consumed (not built), so a resumed stream continues exactly."""
+    tasks = {name: TaskBatches(name, [{"x": torch.tensor([float(i)])} for i in range(size)], batch_size=3, seed=1)
+             for name, size in (("a", 10), ("b", 7))}
+    inline, threaded = iter(MultiTaskStream(tasks)), MultiTaskStream(tasks, workers=2)
+    taken = [next(iter_) for iter_ in [iter(threaded)] for _ in range(5)]
+    for batch in taken:
+        expected = next(inline)
+        assert all(torch.equal(batch[t]["x"], expected[t]["x"]) for t in tasks)
+    assert threaded.state_dict() == {"step": 5}
+    resumed = MultiTaskStream(tasks, workers=2)
+    resumed.load_state_dict(threaded.state_dict())
+    assert torch.equal(next(iter(resumed))["a"]["x"], next(inline)["a"]["x"])
+
+
+def test_pinned_batches_for_a_gpu(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)  # no GPU here to pin for
+    tasks = {"a": TaskBatches("a", [{"x": torch.tensor([1.0])}] * 4, batch_size=2)}
+    batch = next(iter(MultiTaskStream(tasks, pin_memory=True)))
+    assert any(t is batch["a"]["x"] for t in pinned) and any(t is batch["a"]["index"] for t in pinned)

@@ -64,3 +64,21 @@ def test_an_interrupted_progressive_run_resumes_after_its_last_block(recipe_dict
 
     a, b = load_file(whole / "coefficients.safetensors"), load_file(resumed / "coefficients.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batches_built_by_worker_threads_learn_the_same_coefficients(recipe_dict, zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = [runner.fit(load_recipe(recipe_dict(zoo, tmp_path, name=f"w{workers}", trainer={**QUIET, "max_steps": 4,
+                                                                                           "data_workers": workers})))
+            for workers in (0, 2)]
+    a, b = (load_file(run.run_dir / "coefficients.safetensors") for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_learner_declares_the_trainer_fields_the_recipe_check_holds_it_to():
+    from adamerge.app.checks import HONOURED_TRAINER_FIELDS
+    from adamerge.app.learners import LEARNERS
+
+    assert set(LEARNERS) == set(HONOURED_TRAINER_FIELDS)
+    assert all(LEARNERS.get(name).trainer_fields == fields for name, fields in HONOURED_TRAINER_FIELDS.items())

@@ -26,6 +26,7 @@ from adamerge.core.scope import in_scope
 from adamerge.core.task_vectors import TaskVectors
 from adamerge.learning.data import CalibrationData, by_length, ordered_batches
 from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
+from adamerge.learning.placement import resolve_placement
 from adamerge.learning.progress import StepProgressBar
 from adamerge.learning.selection import LabelFreeSelection
 from adamerge.methods.base import START, with_start
@@ -196,6 +197,8 @@ def build_data(recipe: DictConfig, problem: MergeProblem) -> CalibrationData:
         evaluation=problem.evaluation,
         eval_batch_size=recipe.evaluation.batch_size,
         holdout=recipe.selection.holdout if recipe.selection is not None else 0.0,
+        workers=recipe.trainer.data_workers,
+        pin_memory=resolve_placement(recipe.trainer).on_gpu,
     )
 
 

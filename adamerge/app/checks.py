@@ -65,7 +65,8 @@ def _registered(recipe: DictConfig) -> dict[str, tuple[str, Registry]]:
 # distillation and FW-Merging run their own loops on one device in float32.
 HONOURED_TRAINER_FIELDS = {
     "coefficients": frozenset({"max_steps", "devices", "strategy", "precision", "log_every_n_steps",
-                               "checkpoint_every_n_steps", "per_task_backward", "loggers", "callbacks", "extra"}),
+                               "checkpoint_every_n_steps", "per_task_backward", "loggers", "callbacks", "extra",
+                               "data_workers"}),
     "progressive": frozenset({"devices"}),
     "frank_wolfe": frozenset({"devices"}),
 }

@@ -152,6 +152,7 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch CPU threads (1 is fastest for tiny models on a busy machine)
     per_task_backward: bool = False  # one task's activations alive at a time (same gradients, less memory)
     tf32: bool = True  # on GPUs that have it, float32 matmuls in TF32 (false: full float32)
+    data_workers: int = 0  # threads building the next calibration batches (tokenising, image processing) while a step runs
     # Lightning's own surface: loggers beside the CSV log the run keeps (e.g. {class_path:
     # lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: tb}}), callbacks the same
     # way, and any other Trainer argument (e.g. {gradient_clip_val: 1.0})

@@ -10,7 +10,9 @@ have seen without the interruption.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import lightning as L
@@ -83,12 +85,20 @@ class TaskBatches:
 
 
 class MultiTaskStream:
-    """Endless ``{task: batch}`` stream with one counter as its whole state (Lightning-resumable)."""
+    """Endless ``{task: batch}`` stream with one counter as its whole state (Lightning-resumable).
 
-    def __init__(self, tasks: Mapping[str, TaskBatches], length: int | None = None):
+    Batch ``s`` is a pure function of ``s``, so ``workers`` threads can build the next batches
+    (read rows, tokenise, run an image processor, collate) while the device trains on this one,
+    and the state is still only the count of batches handed out. ``pin_memory``: batches are
+    returned in page-locked memory, so their copy to a GPU is asynchronous.
+    """
+
+    def __init__(self, tasks: Mapping[str, TaskBatches], length: int | None = None, workers: int = 0,
+                 pin_memory: bool = False):
         self.tasks = dict(tasks)
         self.step = 0
         self.length = length
+        self.workers, self.pin_memory = workers, pin_memory
 
     def __len__(self) -> int:
         """Steps per Lightning epoch: the whole run when given (one progress bar over all steps),
@@ -97,11 +107,29 @@ class MultiTaskStream:
             return self.length
         return max(math.ceil(len(t) / t.global_batch_size) for t in self.tasks.values())
 
+    def build(self, step: int) -> dict[str, dict]:
+        """Batch ``step`` of every task (pinned when asked)."""
+        batch = {name: task.batch(step) for name, task in self.tasks.items()}
+        if self.pin_memory:
+            batch = {name: {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                     for name, b in batch.items()}
+        return batch
+
     def __iter__(self) -> Iterator[dict[str, dict]]:
-        while True:
-            batch = {name: task.batch(self.step) for name, task in self.tasks.items()}
-            self.step += 1
-            yield batch
+        if not self.workers:
+            while True:
+                batch = self.build(self.step)
+                self.step += 1
+                yield batch
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="adamerge-batches") as pool:
+            ahead = deque(pool.submit(self.build, s) for s in range(self.step, self.step + 2 * self.workers))
+            upcoming = self.step + len(ahead)
+            while True:
+                batch = ahead.popleft().result()
+                ahead.append(pool.submit(self.build, upcoming))
+                upcoming += 1
+                self.step += 1
+                yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step}
@@ -161,8 +189,11 @@ class CalibrationData(L.LightningDataModule):
         evaluation: Mapping[str, Sequence] | None = None,
         eval_batch_size: int = 64,
         holdout: float = 0.0,
+        workers: int = 0,
+        pin_memory: bool = False,
     ):
         super().__init__()
+        self.workers, self.pin_memory = workers, pin_memory
         if not calibration and not evaluation:
             raise ValueError("no calibration data (and no evaluation data): give at least one task some")
         for name, dataset in calibration.items():
@@ -178,6 +209,7 @@ class CalibrationData(L.LightningDataModule):
         return self._collate[task] if isinstance(self._collate, Mapping) else self._collate
 
     def train_dataloader(self) -> MultiTaskStream:
+        """The stream of ``{task: batch}``: ``workers`` threads build upcoming batches; pinned for a GPU."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
         return MultiTaskStream(
@@ -188,6 +220,8 @@ class CalibrationData(L.LightningDataModule):
                 for name, dataset in self.calibration.items()
             },
             length=steps,
+            workers=self.workers,
+            pin_memory=self.pin_memory,
         )
 
     def calibration_batches(self, task: str, batch_size: int | None = None):
