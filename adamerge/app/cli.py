@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("fit", "learn merge coefficients as a recipe says, evaluate, export a run directory"),
-        ("merge", "run a data-free merge recipe (task arithmetic, TIES, DARE, ...)"),
+        ("merge", "run a merge method recipe: data-free (task arithmetic, TIES, ...) or on calibration inputs (RegMean, ...)"),
     ):
         command = commands.add_parser(name, help=text, description=text, parents=[common])
         command.add_argument("recipe", nargs="?" if name == "merge" else None,

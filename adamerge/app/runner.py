@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -37,6 +38,7 @@ from adamerge.learning.evaluation import check_labels, evaluate
 from adamerge.learning.placement import Placement, resolve_placement
 from adamerge.methods import METHODS
 from adamerge.methods.base import merging_on
+from adamerge.methods.calibration import Calibration, needs_calibration
 
 
 def setup_process(recipe: DictConfig) -> Placement:
@@ -159,7 +161,8 @@ def _keep_training_log(recipe: DictConfig, learned: LearnedMerge, staging: Path)
 
 
 def merge(recipe: DictConfig | str) -> RunResult:
-    """Run a data-free merge method, evaluate it, and export a run directory."""
+    """Run a merge method (data-free, or data-driven on the calibration inputs), evaluate it, and
+    export a run directory."""
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.method is None:
         raise ValueError("this recipe has no 'method' section; learn coefficients with `adamerge fit`")
@@ -168,7 +171,8 @@ def merge(recipe: DictConfig | str) -> RunResult:
     inputs = record_inputs()
     problem = build_problem(recipe.problem)
     module, merged, results = _merge_and_evaluate(recipe, problem, placement)
-    how = f"data-free `{recipe.method.name}` {to_plain(recipe.method.args)}"
+    kind = "data-driven" if needs_calibration(METHODS.get(recipe.method.name)) else "data-free"
+    how = f"{kind} `{recipe.method.name}` {to_plain(recipe.method.args)}"
     with atomic_directory(run_dir, recipe.overwrite) as staging:
         write_common(staging, recipe, problem, module, how, results)
         write_inputs(staging, inputs, problem.description)
@@ -178,9 +182,14 @@ def merge(recipe: DictConfig | str) -> RunResult:
 
 
 def _merge_and_evaluate(recipe: DictConfig, problem: MergeProblem, placement: Placement):
-    method = METHODS.get(recipe.method.name)
+    method, extra = METHODS.get(recipe.method.name), {}
+    if needs_calibration(method):  # a data-driven method runs each expert on its own task's calibration batches
+        data = build_data(recipe, problem)
+        batches = {task: partial(data.calibration_batches, task, recipe.trainer.batch_size) for task in data.calibration}
+        extra["calibration"] = Calibration(problem.pretrained, problem.tasks, batches, placement.device)
     with merging_on(placement.device):
-        module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **to_plain(recipe.method.args))
+        module = method(problem.pretrained, problem.experts, **merge_scope(recipe, problem), **extra,
+                        **to_plain(recipe.method.args))
     model = FunctionalModel(problem.pretrained)
     results = {}
     if recipe.evaluation.enabled and problem.evaluation:

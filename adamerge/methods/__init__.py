@@ -1,4 +1,4 @@
-"""Data-free merges with fixed coefficients, one module per method, registered by name.
+"""Merges with fixed coefficients, data-free or data-driven, one module per method, registered by name.
 
 Every method computes a merged task vector per tensor and returns ``θ_0 + merged``: an
 ``nn.Module`` (a merged copy) when ``pretrained`` is a module, else a state dict. Tensors
@@ -14,11 +14,18 @@ outside the merge scope keep their pretrained values. ``τ_k = θ_k − θ_0``, 
 - ``iso_cts``:          common + task-specific singular directions, flat spectrum (Marczak et al., 2025).
 - ``wudi``:             per linear layer, Adam on ``Σ_k ‖(τ_m − τ_k) τ_kᵀ‖²/‖τ_k‖²`` (Cheng et al., 2025).
 
+Data-driven methods (``calibration.data_driven``) also run each expert on a few unlabelled inputs
+of its own task (a :class:`~adamerge.methods.calibration.Calibration`, built by ``adamerge merge``):
+
+- ``regmean``:          per linear layer ``Wᵀ = (Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ`` from input Grams (Jin et al., 2023).
+- ``regmean_plusplus``: the same layer by layer, inputs from the merged earlier layers (Nguyen et al., 2025).
+
 Each method's module (``adamerge/methods/<name>.py``) documents the exact definition, the
 paper's defaults and what happens to non-matrix tensors; the ``*_delta`` functions compute
 one tensor's merged update from stacked task vectors ``[K, m, n]`` (the registered methods
 are thin wrappers over them). ``base`` holds the registry (``METHODS``), ``svd`` the shared
-SVD helpers.
+SVD helpers, ``experts`` the reading of one expert at a time, ``calibration`` what data-driven
+methods run on.
 """
 
 from adamerge.methods.base import METHODS, MergeResult, apply_deltas, embedding_keys
@@ -27,6 +34,7 @@ from adamerge.methods.dare import dare
 from adamerge.methods.iso_c import iso_c, iso_c_delta
 from adamerge.methods.iso_cts import iso_cts, iso_cts_components, iso_cts_delta, iso_cts_sizes
 from adamerge.methods.lines import layer_depths, lines
+from adamerge.methods.regmean import regmean, regmean_plusplus
 from adamerge.methods.task_arithmetic import task_arithmetic
 from adamerge.methods.ties import ties
 from adamerge.methods.tsv import tsv, tsv_components, tsv_delta
@@ -47,6 +55,8 @@ __all__ = [
     "iso_cts_sizes",
     "layer_depths",
     "lines",
+    "regmean",
+    "regmean_plusplus",
     "task_arithmetic",
     "ties",
     "tsv",
