@@ -19,6 +19,7 @@ of its own task (a :class:`~adamerge.methods.calibration.Calibration`, built by 
 
 - ``regmean``:          per linear layer ``Wᵀ = (Σ_k G̃_k)⁻¹ Σ_k G̃_k W_kᵀ`` from input Grams (Jin et al., 2023).
 - ``regmean_plusplus``: the same layer by layer, inputs from the merged earlier layers (Nguyen et al., 2025).
+- ``fisher``:           per entry ``Σ_k F_k θ_k / Σ_k F_k``, diagonal Fisher weights (Matena & Raffel, 2022).
 
 Each method's module (``adamerge/methods/<name>.py``) documents the exact definition, the
 paper's defaults and what happens to non-matrix tensors; the ``*_delta`` functions compute
@@ -31,6 +32,7 @@ methods run on.
 from adamerge.methods.base import METHODS, MergeResult, apply_deltas, embedding_keys
 from adamerge.methods.average import average
 from adamerge.methods.dare import dare
+from adamerge.methods.fisher import fisher
 from adamerge.methods.iso_c import iso_c, iso_c_delta
 from adamerge.methods.iso_cts import iso_cts, iso_cts_components, iso_cts_delta, iso_cts_sizes
 from adamerge.methods.lines import layer_depths, lines
@@ -47,6 +49,7 @@ __all__ = [
     "average",
     "dare",
     "embedding_keys",
+    "fisher",
     "iso_c",
     "iso_c_delta",
     "iso_cts",
