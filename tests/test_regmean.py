@@ -1,6 +1,6 @@
 """RegMean and RegMean++ against their closed forms, computed here by hand in float64 on tiny models
 (numpy's solve, never the package's helpers); a recipe through `adamerge merge` end to end, and
-a task without calibration data refused by name."""
+a task without calibration data refused by name, and no data-driven method as a learning start."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from adamerge.app import cli, runner
+from adamerge.app.config import RecipeError, load_recipe
 from adamerge.io.checkpoints import open_weights
 from adamerge.methods import METHODS
 from adamerge.methods.calibration import Calibration
@@ -181,3 +182,10 @@ def test_a_recipe_with_a_task_lacking_calibration_data_is_refused_naming_it(zoo,
     err = capsys.readouterr().err
     assert err.startswith("error: task 'b' has no calibration data") and len(err.splitlines()) == 1
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_data_driven_method_cannot_be_a_learning_start(zoo, recipe_dict, tmp_path):
+    recipe = recipe_dict(zoo, tmp_path, task_vectors={"start": {"method": "regmean"}})
+    with pytest.raises(RecipeError, match=r"task_vectors.start.method 'regmean' runs the experts on calibration data"):
+        load_recipe(recipe)
+    load_recipe(recipe_dict(zoo, tmp_path, task_vectors={"start": {"method": "sequential_projection"}}))  # data-free

@@ -21,6 +21,7 @@ from adamerge.core.registry import Registry
 from adamerge.learning.contract import unhonoured_trainer_fields
 from adamerge.methods import METHODS
 from adamerge.methods.base import PER_TENSOR_METHODS
+from adamerge.methods.calibration import needs_calibration
 from adamerge.objectives import OBJECTIVES
 from adamerge.objectives.balance import BALANCES
 
@@ -105,7 +106,7 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     problems = []
     learned = [name for name in ("frank_wolfe", "progressive", "selection") if recipe[name] is not None]
     if recipe.method is not None and learned:
-        problems.append(f"`method` (a data-free merge) cannot be combined with {', '.join(f'`{n}`' for n in learned)}")
+        problems.append(f"`method` (a merge without learning) cannot be combined with {', '.join(f'`{n}`' for n in learned)}")
     if recipe.frank_wolfe is not None and recipe.progressive is not None:
         problems.append("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
     if recipe.frank_wolfe is not None and recipe.frank_wolfe.inner_granularity == "element":
@@ -158,6 +159,15 @@ def _per_tensor_start(start) -> list[str]:
     return []
 
 
+def _data_free_start(start) -> list[str]:
+    """A start is merged before any data is read: a method that runs the experts on calibration data
+    cannot be one."""
+    if start is None or start.method not in METHODS or not needs_calibration(METHODS.get(start.method)):
+        return []
+    return [f"task_vectors.start.method {start.method!r} runs the experts on calibration data; a start is merged "
+            "without data: use a data-free method, or run it with `adamerge merge` (method: {name: ...})"]
+
+
 def closest_hint(value: object, allowed) -> str:
     """`` (did you mean 'x'?)`` for the allowed value closest to a mistyped one, else nothing."""
     close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
@@ -170,6 +180,6 @@ def check_recipe(recipe: DictConfig, trainer_defaults, origin: str = "recipe") -
     for key, (name, registry) in _registered(recipe).items():
         if name not in registry:
             raise RecipeError(f"{origin}: {key}: {registry.unknown_message(name)}")
-    problems = _exclusive(recipe) + _unhonoured(recipe, trainer_defaults)
+    problems = _exclusive(recipe) + _data_free_start(recipe.task_vectors.start) + _unhonoured(recipe, trainer_defaults)
     if problems:
         raise RecipeError(f"{origin}: {problems[0]}")

@@ -13,6 +13,8 @@ outside the merge scope keep their pretrained values. ``τ_k = θ_k − θ_0``, 
 - ``iso_c``:            ``Σ_k τ_k`` with a flat spectrum (Marczak et al., 2025).
 - ``iso_cts``:          common + task-specific singular directions, flat spectrum (Marczak et al., 2025).
 - ``wudi``:             per linear layer, Adam on ``Σ_k ‖(τ_m − τ_k) τ_kᵀ‖²/‖τ_k‖²`` (Cheng et al., 2025).
+- ``sequential_projection``: OPCM, the experts folded in one at a time, each projected away from
+  the merge so far, rescaled to the mean ``‖τ_k‖`` (Tang et al., 2025).
 
 Data-driven methods (``calibration.data_driven``) also run each expert on a few unlabelled inputs
 of its own task (a :class:`~adamerge.methods.calibration.Calibration`, built by ``adamerge merge``):
@@ -37,6 +39,7 @@ from adamerge.methods.iso_c import iso_c, iso_c_delta
 from adamerge.methods.iso_cts import iso_cts, iso_cts_components, iso_cts_delta, iso_cts_sizes
 from adamerge.methods.lines import layer_depths, lines
 from adamerge.methods.regmean import regmean, regmean_plusplus
+from adamerge.methods.sequential_projection import sequential_projection
 from adamerge.methods.task_arithmetic import task_arithmetic
 from adamerge.methods.ties import ties
 from adamerge.methods.tsv import tsv, tsv_components, tsv_delta
@@ -60,6 +63,7 @@ __all__ = [
     "lines",
     "regmean",
     "regmean_plusplus",
+    "sequential_projection",
     "task_arithmetic",
     "ties",
     "tsv",
