@@ -58,7 +58,7 @@ def test_an_objective_path_is_imported_when_built_and_element_is_not_a_soft_fw_g
     ({"frank_wolfe": {}, "progressive": {}}, "not both"),
     ({"progressive": {}, "task_balance": "guarded"}, "no `selection` or `task_balance`"),
     ({"progressive": {}, "task_vectors": {"dare": {}}}, "ties/dare"),
-    ({"progressive": {}, "task_vectors": {"start": {"method": "wudi"}}}, "ties/dare/tsv/start"),
+    ({"progressive": {}, "objectives": [], "task_vectors": {"start": {"method": "dare"}}}, "'dare' needs the whole model"),
     ({"progressive": {}, "coefficients": {"granularity": "task"}}, "spans every block"),
     ({"progressive": {}, "coefficients": {"granularity": "chunk", "chunks": {"importance_from": "x", "budget": 2}}},
      "not importance_from"),

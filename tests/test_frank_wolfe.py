@@ -154,7 +154,7 @@ def test_task_balance_applies_to_the_frank_wolfe_objective(balance):
         task_balance=balance,
     )
     assert result.history[0]["objective_before"] == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="task_balance"):
+    with pytest.raises(ValueError, match="unknown task balance 'max'"):
         frank_wolfe_merge(copy.deepcopy(pretrained), pool, tasks, data, build_objective("entropy"), task_balance="max")
 
 

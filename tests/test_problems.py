@@ -36,8 +36,9 @@ def streamable(config, streamed=False):
 
 
 def test_the_built_in_kinds_are_registered_and_an_unknown_one_gets_the_closest():
-    assert PROBLEM_KINDS.names() == ["digits", "hf_causal_lm", "hf_clip", "hf_sequence_classification"]
-    assert [kind for kind in PROBLEM_KINDS.names() if streams(PROBLEM_KINDS.get(kind))] == [
+    built_in = [kind for kind in PROBLEM_KINDS.names() if PROBLEM_KINDS.get(kind).__module__.startswith("adamerge.")]
+    assert built_in == ["digits", "hf_causal_lm", "hf_clip", "hf_sequence_classification"]  # tests may register more
+    assert [kind for kind in built_in if streams(PROBLEM_KINDS.get(kind))] == [
         "hf_causal_lm", "hf_sequence_classification"]
     with pytest.raises(UnknownNameError, match="unknown problem kind 'hf_casual_lm' \\(did you mean 'hf_causal_lm'\\?\\)"):
         build_problem(ProblemConfig(kind="hf_casual_lm"))
