@@ -127,7 +127,7 @@ def test_a_run_interrupted_after_a_check_resumes_to_the_same_coefficients_and_ch
 def test_a_recipe_with_selection_exports_the_selected_step(zoo, recipe_dict, tmp_path, monkeypatch):
     made = []
     build_selection = learners.build_selection
-    monkeypatch.setattr(learners, "build_selection", lambda recipe: made.append(build_selection(recipe)) or made[-1])
+    monkeypatch.setattr(learners, "build_selection", lambda *args: made.append(build_selection(*args)) or made[-1])
     selection = {"objective": {"name": "entropy"}, "holdout": 4, "every_n_steps": 2}
     result = runner.fit(load_recipe(recipe_dict(zoo, tmp_path, selection=selection, export={"plot": False, "mergekit": False})))
     (callback,) = made
@@ -136,3 +136,24 @@ def test_a_recipe_with_selection_exports_the_selected_step(zoo, recipe_dict, tmp
     assert chosen["step"] in (0, 2, 4) and callback.checked_step == 4
     saved = load_file(str(result.run_dir / "coefficients.safetensors"))
     assert torch.equal(saved["raw"], callback.best["state"]["raw"])
+
+
+def test_a_selection_objective_the_run_trains_on_shares_its_targets(zoo, recipe_dict, tmp_path, monkeypatch):
+    """expert_kl trained and selected on: one instance, its expert targets computed once over the
+    calibration set (held-out rows included), not a second copy; another objective is its own."""
+    from adamerge.objectives.alignment import ExpertKL
+
+    made, setups = [], []
+    build_selection = learners.build_selection
+    monkeypatch.setattr(learners, "build_selection", lambda *args: made.append(build_selection(*args)) or made[-1])
+    original = ExpertKL.setup
+    monkeypatch.setattr(ExpertKL, "setup", lambda self, context: setups.append(self) or original(self, context))
+    selection = {"objective": {"name": "expert_kl"}, "holdout": 4, "every_n_steps": 2}
+    recipe = recipe_dict(zoo, tmp_path, name="shared", selection=selection, objectives=[{"name": "expert_kl"}],
+                         export={"plot": False, "mergekit": False})
+    runner.fit(load_recipe(recipe))
+    (callback,) = made
+    assert len(setups) == 1 and setups[0] is callback.objective
+    assert callback.best is not None  # the shared targets served the held-out checks
+    other = learners.build_selection(load_recipe({**recipe, "objectives": [{"name": "entropy"}]}), None)
+    assert isinstance(other.objective, ExpertKL)

@@ -159,11 +159,16 @@ def build_objectives(recipe: DictConfig) -> Objective:
     return WeightedObjectives(parts, names=[o.name for o in recipe.objectives])
 
 
-def build_selection(recipe: DictConfig) -> LabelFreeSelection | None:
-    """``selection``: the callback keeping the coefficients with the best held-out criterion."""
+def build_selection(recipe: DictConfig, training: Objective | None = None) -> LabelFreeSelection | None:
+    """``selection``: the callback keeping the coefficients with the best held-out criterion. When its
+    objective is one the run trains on (same name and arguments), it is that instance of ``training``,
+    whose expert targets over the calibration set serve the held-out rows too (not a second copy)."""
     if recipe.selection is None:
         return None
-    objective = build_objective(recipe.selection.objective.name, **to_plain(recipe.selection.objective.args))
+    spec = (recipe.selection.objective.name, to_plain(recipe.selection.objective.args))
+    parts = list(training.parts) if isinstance(training, WeightedObjectives) else [training]
+    shared = [part for o, part in zip(recipe.objectives, parts) if part is not None and (o.name, to_plain(o.args)) == spec]
+    objective = shared[0] if shared else build_objective(spec[0], **spec[1])
     return LabelFreeSelection(objective, recipe.selection.every_n_steps)
 
 

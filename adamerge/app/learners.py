@@ -57,7 +57,8 @@ class CoefficientFit:
 
     def learn(self, recipe: DictConfig, problem, data, placement: Placement, work_dir: Path, resume: Path | None) -> LearnedMerge:
         merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
-        learner, selection, trainer = build_learner(recipe, problem, merged), build_selection(recipe), build_trainer(recipe, work_dir)
+        learner = build_learner(recipe, problem, merged)
+        selection, trainer = build_selection(recipe, learner.objective), build_trainer(recipe, work_dir)
         if selection is not None:
             trainer.callbacks.insert(0, selection)  # before the checkpoint callback: a checkpoint holds its latest check
         if resume is not None:

@@ -60,9 +60,10 @@ class LabelFreeSelection(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, learner: L.LightningModule) -> None:
-        if not self._ready:
+        trained = [learner.objective, *getattr(learner.objective, "parts", ())]
+        if not self._ready and not any(self.objective is o for o in trained):  # a shared one: the learner sets it up
             self.objective.setup(learner.objective_context())
-            self._ready = True
+        self._ready = True
 
     def on_train_start(self, trainer: L.Trainer, learner: L.LightningModule) -> None:
         if trainer.global_step % self.every_n_steps == 0:
