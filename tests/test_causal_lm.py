@@ -18,7 +18,7 @@ from adamerge.app.problems import build_problem  # noqa: E402
 from adamerge.io.checkpoints import open_weights  # noqa: E402
 from adamerge.io.shards import ShardWriter  # noqa: E402
 from adamerge.tasks.hf import CausalLMTask  # noqa: E402
-from conftest import perturbed  # noqa: E402
+from fixtures.families import perturbed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from adamerge import TaskVectors
 from adamerge.methods.experts import ExpertReader
-from conftest import make_mlp, perturbed
+from fixtures.families import make_mlp, perturbed
 
 
 def test_task_vectors_are_what_task_vectors_hold_for_every_kind_of_source(tmp_path):

@@ -261,7 +261,7 @@ class TiedNet(torch.nn.Module):
 
 def tied_problem(config):
     """A dotted-path builder (``test_export:tied_problem``): a tied plain module and two experts."""
-    from conftest import perturbed
+    from fixtures.families import perturbed
 
     from adamerge.app.problems.problem import MergeProblem
 

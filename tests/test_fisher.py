@@ -18,7 +18,7 @@ from adamerge.methods import METHODS
 from adamerge.methods.calibration import Calibration
 from adamerge.methods.fisher import FisherSums, diagonal_fisher
 from adamerge.tasks.base import HeadTask
-from conftest import perturbed
+from fixtures.families import perturbed
 
 
 def inputs(seed: int, rows: int = 7) -> torch.Tensor:

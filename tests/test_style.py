@@ -1,7 +1,8 @@
 """Sizes that keep the code readable: a module holds one idea (≲ 400 lines), a function one step
 (≲ 60 lines of body, its signature and docstring not counted). The exceptions below say why.
 Tests mirror the package: every module with behaviour has its test file, and no test file imports
-another (what several share is a conftest fixture)."""
+another (what several share is a fixture of ``tests/fixtures``, loaded by the conftest); the
+conftest and the fixture modules are held to the same module size."""
 
 from __future__ import annotations
 
@@ -76,9 +77,21 @@ def imported_test_modules(path: Path) -> set[str]:
     return {name for name in found if name == "tests" or name.startswith("test_")} - {path.stem}
 
 
+def support_modules() -> list[Path]:
+    """The modules under ``tests/`` that are not test files: the conftest, the fixture modules, helpers."""
+    return [path for path in sorted(TESTS.rglob("*.py")) if not path.name.startswith("test_")]
+
+
 def test_no_test_file_imports_another():
-    imports = {path.name: sorted(found) for path in sorted(TESTS.glob("*.py")) if (found := imported_test_modules(path))}
-    assert imports == {}, f"test files importing other test files (share a conftest fixture instead): {imports}"
+    modules = sorted(TESTS.glob("test_*.py")) + support_modules()
+    imports = {path.relative_to(TESTS).as_posix(): sorted(found) for path in modules if (found := imported_test_modules(path))}
+    assert imports == {}, f"test or support modules importing test files (share a fixture of tests/fixtures instead): {imports}"
+
+
+def test_support_modules_hold_one_idea():
+    long = {path.relative_to(TESTS).as_posix(): lines for path in support_modules()
+            if (lines := len(path.read_text().splitlines())) > MODULE_LINES}
+    assert long == {}, f"support modules of tests/ over {MODULE_LINES} lines (split them by what they build): {long}"
 
 
 # module -> why it has no test file of its name

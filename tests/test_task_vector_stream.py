@@ -16,7 +16,7 @@ from adamerge.core.task_vector_stream import TaskVectorStream
 from adamerge.io.checkpoints import LazySafetensors, LazyWeights
 from adamerge.methods import METHODS
 from adamerge.methods.base import merge_each
-from conftest import make_mlp, perturbed
+from fixtures.families import make_mlp, perturbed
 
 
 def test_each_key_is_what_task_vectors_hold(tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 
 from adamerge import TaskVectors
 from adamerge.core.scope import name_experts
-from conftest import make_bert, make_mlp, perturbed
+from fixtures.families import make_bert, make_mlp, perturbed
 
 # ---------------------------------------------------------------------- building
 
