@@ -1,6 +1,7 @@
-"""The jobs a recipe describes, read top to bottom: ``fit`` (learn coefficients), ``merge``
-(a data-free method) and ``evaluate_run`` (re-evaluate a finished run). Each job validates,
-sets up (one builder per recipe section, :mod:`adamerge.app.builders`), trains, then saves.
+"""The jobs a recipe describes, read top to bottom: ``fit`` (learn a merge with the recipe's
+learner, :mod:`adamerge.app.learners`), ``merge`` (a data-free or data-driven method) and
+``evaluate_run`` (re-evaluate a finished run). Each job resolves its device, validates, sets up
+(one builder per recipe section, :mod:`adamerge.app.builders`), trains, then saves.
 
 ``fit`` trains in ``<output_dir>.partial`` (checkpoints and live logs) and resumes from
 there when interrupted; only a complete run is renamed to ``<output_dir>``.
@@ -48,7 +49,6 @@ def setup_process(recipe: DictConfig) -> Placement:
     import datasets
 
     placement = resolve_placement(recipe.trainer)
-
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
 
