@@ -10,8 +10,6 @@ have TF32, float32 matmuls use it (``trainer.tf32: false`` keeps full float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 GPU_NAMES = ("gpu", "cuda")
@@ -23,23 +21,15 @@ class NoAcceleratorError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
-    """The accelerator Lightning gets (``cpu`` / ``gpu``), the devices and precision, and this
-    process's device for the work done outside Lightning."""
+    """The accelerator the recipe resolves to (``cpu`` / ``gpu``) and this process's device for
+    the work done outside Lightning (which takes ``trainer.accelerator`` and ``devices`` itself)."""
 
     accelerator: str
-    devices: Any
-    precision: Any
     device: torch.device
 
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
-
-    def trainer_arguments(self) -> dict[str, Any]:
-        """``accelerator``/``devices`` for a one-device Lightning Trainer on ``device``."""
-        if self.on_gpu:
-            return {"accelerator": "gpu", "devices": [self.device.index or 0]}
-        return {"accelerator": "cpu", "devices": 1}
 
 
 def resolve_placement(trainer: Any) -> Placement:
@@ -62,4 +52,4 @@ def resolve_placement(trainer: Any) -> Placement:
         torch.backends.cudnn.allow_tf32 = bool(getattr(trainer, "tf32", True))
     else:
         device = torch.device("cpu")
-    return Placement("gpu" if gpu else "cpu", trainer.devices, trainer.precision, device)
+    return Placement("gpu" if gpu else "cpu", device)
