@@ -10,6 +10,7 @@ have TF32, float32 matmuls use it (``trainer.tf32: false`` keeps full float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 import torch
 
 GPU_NAMES = ("gpu", "cuda")
