@@ -22,10 +22,9 @@ class NoAcceleratorError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
-    """The accelerator the recipe resolves to (``cpu`` / ``gpu``) and this process's device for
-    the work done outside Lightning (which takes ``trainer.accelerator`` and ``devices`` itself)."""
+    """This process's device for the work done outside Lightning (which takes
+    ``trainer.accelerator`` and ``devices`` itself)."""
 
-    accelerator: str
     device: torch.device
 
     @property
@@ -53,4 +52,4 @@ def resolve_placement(trainer: Any) -> Placement:
         torch.backends.cudnn.allow_tf32 = bool(getattr(trainer, "tf32", True))
     else:
         device = torch.device("cpu")
-    return Placement("gpu" if gpu else "cpu", device)
+    return Placement(device)
