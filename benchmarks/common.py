@@ -9,8 +9,10 @@ so scripts can skip cleanly without them.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -198,6 +200,15 @@ def timed(fn: Callable, *args) -> float:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def in_fresh_process(script: str, *args: str) -> dict:
+    """Run ``script --child args...`` in a new interpreter (memory measured from a clean process)
+    and return the JSON its last output line holds."""
+    done = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def rss_mb(field: str = "VmRSS") -> float:

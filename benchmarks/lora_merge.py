@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import reset_peak_rss, rss_mb  # noqa: E402
+from common import in_fresh_process, reset_peak_rss, rss_mb  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, HEADS = 1024, 2816, 4, 2048, 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -101,13 +100,6 @@ def run(folder: Path, experts: int, rank: int, low_rank: bool, steps: int) -> di
     }
 
 
-def in_fresh_process(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {args} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--child":
         folder, experts, rank, low_rank, steps = argv[1:]
@@ -126,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for experts in args.experts:
             row = {"experts": experts}
             for label, flag in (("low_rank", "1"), ("dense", "0")):
-                row[label] = in_fresh_process(folder, str(experts), str(args.rank), flag, str(args.steps))
+                row[label] = in_fresh_process(__file__, folder, str(experts), str(args.rank), flag, str(args.steps))
             rows.append(row)
             print(json.dumps(row), flush=True)
     lines = [

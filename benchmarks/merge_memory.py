@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import reset_peak_rss, rss_mb  # noqa: E402
+from common import in_fresh_process, reset_peak_rss, rss_mb  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB, HEADS = 512, 1408, 4096, 8
 
@@ -80,13 +79,6 @@ def run(folder: Path, experts: int, method: str) -> dict:
     }
 
 
-def in_fresh_process(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {args} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--child":
         folder, experts, method = argv[1:]
@@ -103,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.out) as folder:
         make_models(Path(folder), max(args.experts), args.layers)
         for experts in args.experts:
-            rows.append({"experts": experts, **in_fresh_process(folder, str(experts), args.method)})
+            rows.append({"experts": experts, **in_fresh_process(__file__, folder, str(experts), args.method)})
             print(json.dumps(rows[-1]), flush=True)
     lines = [
         f"`{args.method}` on a Llama-style model (hidden {HIDDEN}, {args.layers} layers, vocabulary {VOCAB}), "
