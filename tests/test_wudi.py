@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import adamerge as am
 from adamerge.methods import METHODS, wudi_delta, wudi_loss
@@ -21,7 +22,7 @@ def stack(k: int, m: int, n: int, seed: int) -> torch.Tensor:
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the most elements any aten op returns while active."""
+    """Records the most elements any aten op allocates while active (a view of an input's storage allocates nothing)."""
 
     def __init__(self):
         super().__init__()
@@ -29,8 +30,9 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                 self.numel = max(self.numel, tensor.numel())
         return out
 
@@ -39,9 +41,10 @@ class LargestTensor(TorchDispatchMode):
 def test_gram_offset_is_the_three_operand_einsum(shape):
     taus = stack(*shape, seed=1)
     anchor = taus.sum(dim=0) + stack(1, *shape[1:], seed=2)[0]
-    weighted = inverse_square_norms(taus).view(-1, 1, 1) * taus
-    naive = torch.einsum("kin,kjn,kjo->io", anchor.unsqueeze(0) - taus, weighted, taus)
-    torch.testing.assert_close(gram_offset(anchor, taus, weighted), naive, rtol=1e-12, atol=1e-12)
+    weights = inverse_square_norms(taus)
+    torch.testing.assert_close(weights, 1 / taus.square().sum(dim=(1, 2)), rtol=1e-12, atol=0)
+    naive = torch.einsum("kin,kjn,kjo->io", anchor.unsqueeze(0) - taus, weights.view(-1, 1, 1) * taus, taus)
+    torch.testing.assert_close(gram_offset(anchor, taus, weights), naive, rtol=1e-12, atol=1e-12)
 
 
 def test_a_tall_matrix_never_builds_an_m_by_m_intermediate():
@@ -55,6 +58,18 @@ def test_a_tall_matrix_never_builds_an_m_by_m_intermediate():
     with recorder:
         torch.einsum("kin,kjn,kjo->io", taus, taus, taus)
     assert recorder.numel >= 64 * 64
+
+
+def test_the_solve_never_copies_the_stack_of_task_matrices():
+    taus = stack(4, 64, 8, seed=4).float()  # one task's matrix 512 elements, the stack 2048
+    recorder = LargestTensor()
+    with recorder:
+        wudi_delta(taus, iterations=2, device="cpu")
+    assert recorder.numel == 64 * 8  # m × n: the start, the merged matrix, Adam's moments; never [K, m, n]
+    # the recorder sees a copy of the stack (the weighted stack the Gram was once built from)
+    with recorder:
+        inverse_square_norms(taus).view(-1, 1, 1) * taus
+    assert recorder.numel == taus.numel()
 
 
 def test_wudi_loss_is_the_papers_objective(ref):

@@ -26,9 +26,11 @@ The optimiser runs on CUDA when available (``device="auto"``); results come back
 task vectors' device. Adam is fed the exact gradient of :func:`wudi_loss` (what autograd
 gives), ``2 Σ_k w_k (τ_m − τ_k) τ_kᵀτ_k`` with ``w_k = 1/‖τ_k‖_F²``, computed in whichever of
 two equivalent orders is cheaper for the shape: with the ``n × n`` Gram ``Σ_k w_k τ_kᵀτ_k`` a
-step is one ``(m × n)(n × n)`` product instead of autograd's ``2K`` products through ``m × m``,
-and the Gram's constant offset is formed task by task through the smaller of ``m × m`` and
-``n × n`` (an untied LM head never builds vocabulary²: ``benchmarks/wudi_memory.py``).
+step is one ``(m × n)(n × n)`` product instead of autograd's ``2K`` products through ``m × m``.
+The Gram and its constant offset are formed task by task, the offset through the smaller of
+``m × m`` and ``n × n``: an untied LM head never builds vocabulary², nor any copy of the
+``[K, m, n]`` stack, so the solve holds the stack and a few ``m × n`` matrices
+(``benchmarks/wudi_memory.py``, ``benchmarks/llama3_memory.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ Others = Literal["pretrained", "mean"]
 
 def inverse_square_norms(taus: Tensor) -> Tensor:
     """``w_k = 1/‖τ_k‖_F²`` (``[K]``); a zero task vector gets weight 0 (its term is 0 anyway)."""
-    norms = taus.flatten(1).square().sum(dim=1)
+    norms = torch.linalg.vector_norm(taus.flatten(1), dim=1).square()  # a reduction: no squared copy of the stack
     inverse = 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny)
     return torch.where(norms > 0, inverse, torch.zeros_like(norms))
 
@@ -80,16 +82,17 @@ def wudi_gradient(taus: Tensor, anchor: Tensor | None = None) -> Callable[[Tenso
     ``lr``-sized steps.
     """
     num_tasks, m, n = taus.shape
-    weighted = inverse_square_norms(taus).view(-1, 1, 1) * taus
+    weights = inverse_square_norms(taus)
     if n <= 2 * num_tasks * m:  # n × n Gram: one m·n² product per step
         anchor = taus.sum(dim=0) if anchor is None else anchor
-        gram = torch.einsum("kin,kio->no", weighted, taus)  # A = Σ_k w_k τ_kᵀ τ_k
-        offset = gram_offset(anchor, taus, weighted)
+        gram = sum(w * (tau.T @ tau) for w, tau in zip(weights, taus))  # A = Σ_k w_k τ_kᵀ τ_k, task by task
+        offset = gram_offset(anchor, taus, weights)
 
         def gradient(merged: Tensor) -> Tensor:
             return 2.0 * ((merged - anchor) @ gram + offset)
 
     else:  # few, wide rows: K products through m × m per step
+        weighted = weights.view(-1, 1, 1) * taus
 
         def gradient(merged: Tensor) -> Tensor:
             residual = (merged.unsqueeze(0) - taus) @ weighted.transpose(1, 2)
@@ -98,13 +101,13 @@ def wudi_gradient(taus: Tensor, anchor: Tensor | None = None) -> Callable[[Tenso
     return gradient
 
 
-def gram_offset(anchor: Tensor, taus: Tensor, weighted: Tensor) -> Tensor:
-    """``Σ_k (a − τ_k) (w_k τ_k)ᵀ τ_k`` (``m × n``), one task at a time, through the smaller of the
+def gram_offset(anchor: Tensor, taus: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_k w_k (a − τ_k) τ_kᵀ τ_k`` (``m × n``), one task at a time, through the smaller of the
     ``m × m`` and ``n × n`` intermediates (an untied LM head's ``m × m`` is vocabulary², far past memory)."""
     offset = torch.zeros_like(anchor)
-    for tau, left in zip(taus, weighted):
+    for tau, w in zip(taus, weights):
         residual = anchor - tau
-        offset += (residual @ left.T) @ tau if tau.shape[0] <= tau.shape[1] else residual @ (left.T @ tau)
+        offset += (w * (residual @ tau.T)) @ tau if tau.shape[0] <= tau.shape[1] else residual @ (w * (tau.T @ tau))
     return offset
 
 
