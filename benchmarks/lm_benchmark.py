@@ -47,6 +47,9 @@ METHODS = {
     "expert KL on TSV-M components": ("fit", "lm/tsv_expert_kl", [], "tsv_expert_kl"),
     "expert KL from WUDI": ("fit", "lm/wudi_expert_kl", [], "wudi_expert_kl"),
     "streamed progressive from WUDI": ("fit", "lm/streamed_wudi", [], "streamed_wudi"),
+    "streamed expert KL from WUDI": ("fit", "lm/streamed_expert_kl", [], "streamed_expert_kl"),
+    "RegMean": ("merge", "lm/regmean", [], "regmean"),
+    "RegMean++": ("merge", "lm/regmean_plusplus", [], "regmean_plusplus"),
 }
 BASE = "pretrained (SmolLM2-135M-Instruct)"
 EXPERTS = "experts (each on its own task)"

@@ -82,3 +82,68 @@ def test_every_learner_declares_the_trainer_fields_the_recipe_check_holds_it_to(
 
     assert set(LEARNERS) == set(HONOURED_TRAINER_FIELDS)
     assert all(LEARNERS.get(name).trainer_fields == fields for name, fields in HONOURED_TRAINER_FIELDS.items())
+
+
+def causal_lm_tasks(transformer_setups, tmp_path):
+    """The tiny Llama zoo of ``transformer_setups`` on disk, the pretrained model sharded, with a
+    word tokenizer and eight prompt/answer rows per task: (problem section, in-memory experts)."""
+    import json
+
+    from transformers import BertTokenizer
+
+    model, experts, *_ = transformer_setups["llama"]()
+    words = "the cat dog sat ran on mat red blue big small house tree".split()
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rows = "\n".join(json.dumps({"q": " ".join(words[i:i + 3]), "a": words[(i + 5) % len(words)]}) for i in range(8))
+    tasks = {}
+    for name, expert in experts.items():
+        expert.save_pretrained(tmp_path / name)
+        (tmp_path / f"{name}.jsonl").write_text(rows)
+        source = {"path": str(tmp_path / f"{name}.jsonl")}
+        tasks[name] = {"expert": str(tmp_path / name), "text": "q", "response": "a", "calibration": source, "evaluation": source}
+    return {"kind": "hf_causal_lm", "pretrained": str(tmp_path / "base"), "max_length": 16, "tasks": tasks}
+
+
+def test_a_streamed_fit_learns_what_the_in_memory_fit_learns_and_writes_the_model_shard_by_shard(transformer_setups, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from adamerge.core.coefficients import MergeCoefficients
+    from adamerge.io.checkpoints import open_weights
+
+    problem = causal_lm_tasks(transformer_setups, tmp_path)
+
+    def fit(name, stream):
+        return runner.fit(load_recipe({
+            "name": name, "output_dir": str(tmp_path / name), "problem": problem,
+            "task_vectors": {"start": {"method": "wudi", "args": {"iterations": 5, "lr": 1.0e-3}}},
+            "coefficients": {"granularity": "layer", "init": 0.0}, "objectives": [{"name": "expert_kl"}],
+            "task_balance": "guarded", "optimizer": {"lr": 0.05},
+            "trainer": {**QUIET, "batch_size": 2, "max_steps": 4, "stream": stream}, "evaluation": {"batch_size": 4},
+        })).run_dir
+
+    streamed, in_memory = fit("streamed", True), fit("in_memory", False)
+    learned = MergeCoefficients.load(streamed / "coefficients.safetensors")().detach()
+    reference = MergeCoefficients.load(in_memory / "coefficients.safetensors")().detach()
+    assert not torch.equal(reference, MergeCoefficients.load(in_memory / "coefficients.safetensors").initial)
+    torch.testing.assert_close(learned, reference, rtol=1e-4, atol=1e-5)
+    reloaded = AutoModelForCausalLM.from_pretrained(streamed / "merged").state_dict()
+    for key, tensor in open_weights(str(in_memory / "merged")).items():
+        torch.testing.assert_close(reloaded[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_streamed_fit_refuses_what_it_cannot_stream(recipe_dict, zoo, tmp_path):
+    from adamerge.app.config import RecipeError
+
+    for trainer, coefficients, match in [
+        ({"per_task_backward": True}, {}, "per_task_backward"),
+        ({}, {"granularity": "element"}, "element-wise ones are as large"),
+    ]:
+        with pytest.raises(RecipeError, match=match):
+            load_recipe(recipe_dict(zoo, tmp_path, trainer={**QUIET, "stream": True, **trainer},
+                                    **({"coefficients": coefficients} if coefficients else {})))
+    with pytest.raises(RecipeError, match="needs the whole model at once"):
+        load_recipe(recipe_dict(zoo, tmp_path, trainer={**QUIET, "stream": True},
+                                task_vectors={"start": {"method": "dare"}}))

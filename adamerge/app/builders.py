@@ -29,6 +29,7 @@ from adamerge.learning.learner import CheckpointFiles, CoefficientLearner
 from adamerge.learning.placement import resolve_placement
 from adamerge.learning.progress import StepProgressBar
 from adamerge.learning.selection import LabelFreeSelection
+from adamerge.learning.streamed_merge import StreamedMergedModel
 from adamerge.methods.base import START, with_start
 from adamerge.methods.tsv import tsv_task_vectors
 from adamerge.objectives import Objective, WeightedObjectives, build_objective
@@ -124,6 +125,17 @@ def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVe
 
 
 def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[MergeCoefficients | ElementCoefficients, list[str]]:
+def build_streamed_merged(recipe: DictConfig, problem: MergeProblem, device, work_dir: Path) -> StreamedMergedModel:
+    """``trainer.stream``: the merged model read, merged and dropped block by block as it runs; each
+    block's task vectors (and a ``task_vectors.start``'s update of it) cached in the run's work folder."""
+    coefficients, keys = build_coefficients(recipe, problem)
+    return StreamedMergedModel(
+        problem.pretrained, problem.pretrained_weights, problem.experts, coefficients, keys, work_dir / "vectors",
+        dtype=recipe.task_vectors.dtype, device=device, stage_vectors=stage_start(recipe, problem),
+        progress=recipe.trainer.progress_bar,
+    )
+
+
     """``coefficients`` laid out from the pretrained shapes alone (no task vector is read: progressive
     learning reads them block by block), and the merged tensors' names; with ``task_vectors.start``
     the start's row comes first, at 1."""

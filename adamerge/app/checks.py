@@ -67,7 +67,7 @@ def _registered(recipe: DictConfig) -> dict[str, tuple[str, Registry]]:
 HONOURED_TRAINER_FIELDS = {
     "coefficients": frozenset({"max_steps", "devices", "strategy", "precision", "log_every_n_steps",
                                "checkpoint_every_n_steps", "per_task_backward", "loggers", "callbacks", "extra",
-                               "data_workers"}),
+                               "data_workers", "stream"}),
     "progressive": frozenset({"devices"}),
     "frank_wolfe": frozenset({"devices"}),
 }
@@ -136,6 +136,8 @@ def _exclusive(recipe: DictConfig) -> list[str]:
                 "progressive.stream keeps every coefficient in memory: element-wise ones are as large as the task "
                 "vectors; use coefficients.granularity layer, chunk or group"
             )
+    if recipe.trainer.stream and learner_name(recipe) == "coefficients":
+        problems += _streamed_fit(recipe)
     layout_options = {name: recipe.coefficients[name] for name in option_names() if name in recipe.coefficients}
     problems += misplaced_options(recipe.coefficients.granularity, layout_options, label=lambda name: f"coefficients.{name}")
     if recipe.coefficients.constraint.name == "none" and (
@@ -145,17 +147,41 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     return problems
 
 
+def _streamed_fit(recipe: DictConfig) -> list[str]:
+    """``trainer.stream`` merges each block from its own tensors when it runs."""
+    problems = []
+    if recipe.trainer.per_task_backward:
+        problems.append("trainer.per_task_backward detaches the whole merged model; with trainer.stream every block is "
+                        "merged inside the backward already: remove it")
+    if recipe.coefficients.granularity == "element":
+        problems.append("trainer.stream keeps every coefficient in memory: element-wise ones are as large as the task "
+                        "vectors; use coefficients.granularity task, layer, chunk or group")
+    if recipe.coefficients.granularity == "spectral":
+        problems.append("trainer.stream lays coefficients out from shapes alone: coefficients.granularity 'spectral' needs "
+                        "each expert's SVD; use task, layer, chunk or group")
+    if any(recipe.task_vectors[name] is not None for name in ("ties", "dare", "tsv")):
+        problems.append("trainer.stream reads one block's task vectors at a time: task_vectors.ties/dare/tsv are not "
+                        "supported (task_vectors.start with a per-tensor method is)")
+    devices = recipe.trainer.devices
+    if not (devices == 1 or (not isinstance(devices, (int, str)) and len(devices) == 1)):
+        problems.append(f"trainer.devices is {devices!r}: trainer.stream runs on one device; use 1 or [index]")
+    chunks = recipe.coefficients.chunks
+    if isinstance(chunks, DictConfig) and "importance_from" in chunks:
+        problems.append("trainer.stream takes explicit coefficients.chunks, not importance_from (it needs every task vector)")
+    return problems + _per_tensor_start(recipe.task_vectors.start)
+
+
 def _per_tensor_start(start) -> list[str]:
     """A progressive run computes its start block by block: only a method that merges each tensor
     from its own task vectors gives the same start as the whole model's merge."""
     if start is None or start.method not in METHODS:
         return []
     if start.method not in PER_TENSOR_METHODS:
-        return [f"task_vectors.start.method {start.method!r} needs the whole model at once; progressive learning "
-                f"computes the start block by block: use one of {sorted(PER_TENSOR_METHODS)}"]
+        return [f"task_vectors.start.method {start.method!r} needs the whole model at once; progressive and streamed "
+                f"learning compute the start block by block: use one of {sorted(PER_TENSOR_METHODS)}"]
     if start.method == "ties" and start.args.get("trim_scope", "model") != "tensor":
-        return ["task_vectors.start: TIES trims over the whole model by default; progressive learning computes the "
-                "start block by block: set task_vectors.start.args.trim_scope: tensor"]
+        return ["task_vectors.start: TIES trims over the whole model by default; progressive and streamed learning "
+                "compute the start block by block: set task_vectors.start.args.trim_scope: tensor"]
     return []
 
 

@@ -21,6 +21,7 @@ from adamerge.app.builders import (
     build_objectives,
     build_selection,
     build_task_vectors,
+    build_streamed_merged,
     build_trainer,
     merge_scope,
     progressive_batches,
@@ -53,10 +54,14 @@ class CoefficientFit:
     trainer_fields = HONOURED_TRAINER_FIELDS["coefficients"]
 
     def streamed(self, recipe: DictConfig) -> bool:
-        return False
+        return bool(recipe.trainer.stream)
 
     def learn(self, recipe: DictConfig, problem, data, placement: Placement, work_dir: Path, resume: Path | None) -> LearnedMerge:
-        merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
+        stream = self.streamed(recipe)
+        if stream:
+            merged = build_streamed_merged(recipe, problem, placement.device, work_dir)
+        else:
+            merged = build_merged(recipe, problem, build_task_vectors(recipe, problem))
         learner = build_learner(recipe, problem, merged)
         selection, trainer = build_selection(recipe, learner.objective), build_trainer(recipe, work_dir)
         if selection is not None:
@@ -69,8 +74,13 @@ class CoefficientFit:
         if selection is not None:
             files["selection.json"] = json.dumps({"step": selection.best["step"], "criterion": selection.best["value"]}, indent=1)
         how = f"{merged.layout.granularity}-wise coefficients learned with {[o.name for o in recipe.objectives]}"
-        return LearnedMerge(model=merged, export=merged.to_module(), how=how, coefficients=merged.coefficients,
-                            files=files, log_dir=work_dir, trainer=trainer)
+        if not stream:
+            return LearnedMerge(model=merged, export=merged.to_module(), how=how, coefficients=merged.coefficients,
+                                files=files, log_dir=work_dir, trainer=trainer)
+        shards = merged.write_merged(work_dir / "merged")  # evaluation holds the merged model whole; export reads the shards
+        params = {k: v.to(placement.device) for k, v in open_weights(str(shards)).items()} if recipe.evaluation.enabled else None
+        return LearnedMerge(model=FunctionalModel(problem.pretrained), export=shards, how=how + ", streamed block by block",
+                            params=params, coefficients=merged.coefficients, files=files, log_dir=work_dir, trainer=trainer)
 
 
 @LEARNERS.register("progressive")

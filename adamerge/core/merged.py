@@ -87,6 +87,12 @@ class _Merge(torch.autograd.Function):
 
 
 def row_slots(rows: int, slots: tuple[int, ...]) -> list[int]:
+def merge_into(values: Tensor, bases: list[Tensor], blocks: list[list[tuple[int, int, int]]], taus: list[Tensor]) -> tuple[Tensor, ...]:
+    """``base + Σ_k values[k, slot] τ_k`` for each tensor, blocks as :func:`merge_blocks` cuts them,
+    in one autograd node (gradients reach ``values`` only)."""
+    return _Merge.apply(values, bases, blocks, *taus)
+
+
     """The coefficient slot of every row of a tensor (its row chunks, as ``chunk_sizes``)."""
     return [slot for slot, size in zip(slots, chunk_sizes(rows, len(slots))) for _ in range(size)]
 
@@ -326,7 +332,8 @@ class MergedModel(FunctionalModel):
         bases = [base[self.keys[index]] for index in dense]
         merged = {}
         if dense:
-            merged.update(zip([self.keys[i] for i in dense], _Merge.apply(values, bases, [self._blocks[i] for i in dense], *taus)))
+            merged.update(zip([self.keys[i] for i in dense], merge_into(columns, bases, [self._blocks[i] for i in dense], taus)))
+        merged.update(self._spectral.add_components(merged, self.keys, columns, self.vectors, base))
         for index in self._low_rank:  # LoRA experts' factors: one product per tensor, τ never formed
             key, slots = self.keys[index], self._row_slots[index].to(values.device)
             merged[key] = merge_low_rank(base[key], *self._factors(index), values[:, slots].t())
