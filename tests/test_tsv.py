@@ -12,6 +12,7 @@ import adamerge as am
 from adamerge.methods import METHODS, tsv_components, tsv_delta
 from adamerge.methods.svd import orthogonalize
 from adamerge.methods.tsv import tsv_split, tsv_task_vectors
+from fixtures.allocations import LargestTensor
 
 # ---------------------------------------------------------------------------- TSV-M
 
@@ -23,6 +24,17 @@ def test_tsv_keeps_the_top_floor_r_over_k_components_of_each_task(ref):
     for k in range(3):
         block = slice(2 * k, 2 * k + 2)
         ref.close((u[:, block] * s[block]) @ v[:, block].T, ref.truncate(taus[k], 2))
+
+
+def test_tsv_decomposes_one_task_matrix_at_a_time():
+    taus = torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(5))  # one task's matrix 512 elements
+    recorder = LargestTensor()
+    with recorder:
+        tsv_delta(taus)
+    assert recorder.numel == 64 * 8  # one task's U (or the merged matrix), never the K tasks' U at once
+    with recorder:  # the recorder sees a batched SVD's U
+        torch.linalg.svd(taus, full_matrices=False)
+    assert recorder.numel == taus.numel()
 
 
 def test_tsv_whitening_is_the_nearest_orthonormal_matrix(ref):

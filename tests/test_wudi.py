@@ -9,32 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import adamerge as am
 from adamerge.methods import METHODS, wudi_delta, wudi_loss
 from adamerge.methods.wudi import gram_offset, inverse_square_norms, wudi_gradient
+from fixtures.allocations import LargestTensor
 
 
 def stack(k: int, m: int, n: int, seed: int) -> torch.Tensor:
     return torch.randn(k, m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements any aten op allocates while active (a view of an input's storage allocates nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
-                self.numel = max(self.numel, tensor.numel())
-        return out
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 9), (3, 12, 4)], ids=["m<n", "m>n"])

@@ -45,10 +45,11 @@ def tsv_components(taus: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _stacked_components(taus: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`tsv_components` and the task each component came from."""
+    """:func:`tsv_components` and the task each component came from. One task's SVD at a time: its
+    kept ``1/K`` of the components are copied out before the next, so the full ``U`` of only one
+    task matrix is alive (a batched SVD would hold all ``K``: as much again as the stack)."""
     num_tasks, m, n = taus.shape
-    u, s, v = top_components(taus, min(m, n) // num_tasks)
-    parts = [nonzero(u[k], s[k], v[k], (m, n)) for k in range(num_tasks)]
+    parts = [nonzero(*top_components(tau, min(m, n) // num_tasks), (m, n)) for tau in taus]
     owner = torch.cat([torch.full((len(p[1]),), k) for k, p in enumerate(parts)])
     return (
         torch.cat([p[0] for p in parts], dim=1),
