@@ -65,6 +65,9 @@ def test_an_objective_path_is_imported_when_built_and_element_is_not_a_soft_fw_g
     ({"coefficients": {"granularity": "layer", "chunks": 2}}, "only used with granularity 'chunk'"),
     ({"coefficients": {"granularity": "task", "groups": "block"}}, "only used with granularity 'group'"),
     ({"coefficients": {"constraint": {"lo": 0.0}}}, "lo/hi need a constraint name"),
+    ({"progressive": {}, "coefficients": {"granularity": "spectral"}}, "'spectral' needs each expert's SVD"),
+    ({"coefficients": {"granularity": "layer", "rank": 2}}, "coefficients.rank is only used with granularity 'spectral'"),
+    ({"frank_wolfe": {"mode": "soft", "inner_granularity": "spectral"}}, "inner_granularity is 'spectral'; soft FW"),
 ])
 def test_sections_that_exclude_each_other_are_refused_at_load(sections, message):
     with pytest.raises(RecipeError, match=message):
@@ -74,6 +77,8 @@ def test_sections_that_exclude_each_other_are_refused_at_load(sections, message)
 def test_a_good_recipe_passes_and_stays_read_only():
     recipe = load_recipe(BASE, ["coefficients.granularity=element", "progressive.epochs=3", "objectives=[]"])
     assert recipe.coefficients.granularity == "element" and recipe.progressive.epochs == 3
+    adarank = load_recipe(BASE, ["coefficients.granularity=spectral", "coefficients.rank=8", "coefficients.constraint.name=mask"])
+    assert adarank.coefficients.rank == 8 and adarank.coefficients.constraint.name == "mask"
     from omegaconf import OmegaConf
 
     assert OmegaConf.is_readonly(recipe)

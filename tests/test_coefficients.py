@@ -95,7 +95,7 @@ def test_layout_errors():
         build_layout(EXPERTS, SHAPES, "chunk", chunks={"head.w": 4})
     with pytest.raises(ValueError, match=r"m=4 exceeds"):
         build_layout(EXPERTS, SHAPES, "chunk", chunks=4)
-    with pytest.raises(ValueError, match=r"unknown granularity 'neuron'; use one of \['chunk', 'element', 'group', 'layer', 'task'\]"):
+    with pytest.raises(ValueError, match=r"unknown granularity 'neuron'; use one of \['chunk', 'element', 'group', 'layer', 'spectral', 'task'\]"):
         build_layout(EXPERTS, SHAPES, "neuron")
     with pytest.raises(ValueError, match="'groups' is only used with granularity 'group'"):
         build_layout(EXPERTS, SHAPES, "layer", groups="block")

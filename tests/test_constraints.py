@@ -1,5 +1,6 @@
 """Coefficient constraints: a sigmoid's initial values come back exactly and its output stays in its
-range, a clamp projects the raw values back after a step, bad specs and bounds are named."""
+range, a clamp projects the raw values back after a step, a mask is exactly lo or hi with the
+straight-through gradient of its relaxation, bad specs and bounds are named."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from adamerge import Clamp, MergeCoefficients, Sigmoid, build_layout
-from adamerge.core.constraints import Constraint, make_constraint
+from adamerge.core.constraints import Constraint, Mask, make_constraint
 
 EXPERTS = ("a", "b")
 SHAPES = {"emb.weight": (10, 4), "layers.0.w": (6, 4), "layers.0.b": (6,), "layers.1.w": (6, 4), "head.w": (3, 4)}
@@ -78,7 +79,7 @@ def test_make_constraint_specs():
     assert isinstance(make_constraint("sigmoid"), Sigmoid)
     same = Sigmoid(0, 3)
     assert make_constraint(same) is same
-    with pytest.raises(ValueError, match=r"unknown constraint 'tanh'; use one of \['none', 'clamp', 'sigmoid'\]"):
+    with pytest.raises(ValueError, match=r"unknown constraint 'tanh'; use one of \['none', 'clamp', 'sigmoid', 'mask'\]"):
         make_constraint("tanh")
     with pytest.raises(ValueError, match="lo < hi"):
         Clamp(1.0, 1.0)
@@ -87,3 +88,27 @@ def test_make_constraint_specs():
     unbounded = make_constraint(None)
     raw = torch.tensor([-5.0, 7.0])
     assert torch.equal(unbounded.to_effective(raw), raw)
+
+
+def test_a_mask_is_lo_or_hi_with_the_straight_through_gradient_of_its_relaxation():
+    mask = Mask(lo=0.0, hi=0.3, temperature=10.0)
+    raw = torch.tensor([-2.0, -0.1, 0.0, 1e-6, 0.1, 5.0], requires_grad=True)
+    effective = mask.to_effective(raw)
+    assert torch.equal(effective, torch.tensor([0.0, 0.0, 0.0, 0.3, 0.3, 0.3]))  # m > 0 keeps, exactly
+    weights = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
+    (effective * weights).sum().backward()
+    p = torch.sigmoid(raw.detach() / 10.0)
+    torch.testing.assert_close(raw.grad, weights * 0.3 * p * (1 - p) / 10.0)  # λ·σ'(m/T)/T
+
+
+def test_a_mask_starts_at_its_values_and_refuses_any_other():
+    layout = build_layout(EXPERTS, SHAPES, "layer")
+    init = torch.tensor([[0.5, -1.0, 0.5, 0.5, -1.0], [-1.0, 0.5, 0.5, -1.0, 0.5]])
+    coefficients = MergeCoefficients(layout, init=init, constraint={"name": "mask", "lo": -1.0, "hi": 0.5})
+    assert torch.equal(coefficients(), init) and torch.equal(coefficients.residual, torch.zeros(2, 5))
+    assert torch.equal(coefficients.raw.detach(), torch.where(init > 0, 0.1, -0.1))  # AdaRank's starting logits
+    assert make_constraint(coefficients.constraint.describe()).describe() == {"name": "mask", "lo": -1.0, "hi": 0.5, "temperature": 10.0}
+    with pytest.raises(ValueError, match=r"initial coefficient 0.30000001192092896 is neither of the mask's values 0.0 and 1.0"):
+        MergeCoefficients(layout, init=0.3, constraint="mask")
+    with pytest.raises(ValueError, match="temperature > 0"):
+        Mask(temperature=0.0)

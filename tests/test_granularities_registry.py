@@ -10,7 +10,7 @@ from adamerge.core.granularities.registry import GRANULARITIES, misplaced_option
 
 
 def test_the_built_in_rules_and_their_options():
-    assert GRANULARITIES.names() == ["chunk", "element", "group", "layer", "task"]
+    assert GRANULARITIES.names() == ["chunk", "element", "group", "layer", "spectral", "task"]
     assert GRANULARITIES.get("chunk").options == ("chunks",) and GRANULARITIES.get("layer").options == ()
     assert option_names() >= {"chunks", "groups"}
 

@@ -45,11 +45,11 @@ def rule():
 
 
 def test_the_built_in_rules_are_registered_in_order_with_their_options():
-    assert list(GRANULARITIES) == ["task", "layer", "group", "chunk", "element"]
+    assert list(GRANULARITIES) == ["task", "layer", "group", "chunk", "element", "spectral"]
     assert {name: r.options for name, r in GRANULARITIES.items()} == {
-        "task": (), "layer": (), "group": ("groups",), "chunk": ("chunks",), "element": (),
+        "task": (), "layer": (), "group": ("groups",), "chunk": ("chunks",), "element": (), "spectral": ("rank",),
     }
-    assert option_names() == {"groups", "chunks"}
+    assert option_names() == {"groups", "chunks", "rank"}
 
 
 def test_a_registered_rule_is_found_and_the_closest_to_an_unknown_name(kind):
@@ -57,7 +57,7 @@ def test_a_registered_rule_is_found_and_the_closest_to_an_unknown_name(kind):
     with pytest.raises(ValueError) as caught:
         build_layout(("x",), SHAPES, "kinds")
     assert str(caught.value) == (
-        "unknown granularity 'kinds' (did you mean 'kind'?); use one of ['chunk', 'element', 'group', 'kind', 'layer', 'task']"
+        "unknown granularity 'kinds' (did you mean 'kind'?); use one of ['chunk', 'element', 'group', 'kind', 'layer', 'spectral', 'task']"
     )
 
 

@@ -119,12 +119,12 @@ def build_merged(recipe: DictConfig, problem: MergeProblem, task_vectors: TaskVe
         constraint=make_constraint(to_plain(cfg.constraint)),
         groups=to_plain(cfg.groups),
         chunks=resolve_chunks(to_plain(cfg.chunks), task_vectors),
+        rank=cfg.rank,
         freeze=to_plain(cfg.freeze),
         offload_vectors=recipe.task_vectors.offload,
     )
 
 
-def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[MergeCoefficients | ElementCoefficients, list[str]]:
 def build_streamed_merged(recipe: DictConfig, problem: MergeProblem, device, work_dir: Path) -> StreamedMergedModel:
     """``trainer.stream``: the merged model read, merged and dropped block by block as it runs; each
     block's task vectors (and a ``task_vectors.start``'s update of it) cached in the run's work folder."""
@@ -136,6 +136,7 @@ def build_streamed_merged(recipe: DictConfig, problem: MergeProblem, device, wor
     )
 
 
+def build_coefficients(recipe: DictConfig, problem: MergeProblem) -> tuple[MergeCoefficients | ElementCoefficients, list[str]]:
     """``coefficients`` laid out from the pretrained shapes alone (no task vector is read: progressive
     learning reads them block by block), and the merged tensors' names; with ``task_vectors.start``
     the start's row comes first, at 1."""

@@ -109,9 +109,9 @@ def _exclusive(recipe: DictConfig) -> list[str]:
         problems.append(f"`method` (a merge without learning) cannot be combined with {', '.join(f'`{n}`' for n in learned)}")
     if recipe.frank_wolfe is not None and recipe.progressive is not None:
         problems.append("a recipe runs FW-Merging (`frank_wolfe`) or progressive distillation (`progressive`), not both")
-    if recipe.frank_wolfe is not None and recipe.frank_wolfe.inner_granularity == "element":
-        soft = [name for name in GRANULARITIES if name != "element"]
-        problems.append(f"frank_wolfe.inner_granularity is 'element'; soft FW-Merging takes one of {soft}")
+    if recipe.frank_wolfe is not None and recipe.frank_wolfe.inner_granularity in ("element", "spectral"):
+        soft = [name for name in GRANULARITIES if name not in ("element", "spectral")]
+        problems.append(f"frank_wolfe.inner_granularity is {recipe.frank_wolfe.inner_granularity!r}; soft FW-Merging takes one of {soft}")
     if recipe.frank_wolfe is not None and recipe.selection is not None:
         problems.append(
             "FW-Merging (`frank_wolfe`) has no `selection`: its state is the merged weights themselves, and keeping "
@@ -131,6 +131,9 @@ def _exclusive(recipe: DictConfig) -> list[str]:
             problems.append("progressive learning takes explicit coefficients.chunks, not importance_from (it needs every task vector)")
         if recipe.coefficients.granularity == "task":
             problems.append("progressive learning trains one block at a time: coefficients.granularity 'task' spans every block")
+        if recipe.coefficients.granularity == "spectral":
+            problems.append("progressive learning lays coefficients out from shapes alone: coefficients.granularity 'spectral' "
+                            "needs each expert's SVD; use layer, chunk, group or element")
         if recipe.progressive.stream and recipe.coefficients.granularity == "element":
             problems.append(
                 "progressive.stream keeps every coefficient in memory: element-wise ones are as large as the task "
@@ -143,7 +146,7 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     if recipe.coefficients.constraint.name == "none" and (
         recipe.coefficients.constraint.lo is not None or recipe.coefficients.constraint.hi is not None
     ):
-        problems.append("coefficients.constraint: lo/hi need a constraint name (clamp or sigmoid)")
+        problems.append("coefficients.constraint: lo/hi need a constraint name (clamp, sigmoid or mask)")
     return problems
 
 

@@ -109,18 +109,19 @@ class TaskVectorConfig:
 
 @dataclass
 class ConstraintConfig:
-    name: Literal["none", "clamp", "sigmoid"] = "none"
+    name: Literal["none", "clamp", "sigmoid", "mask"] = "none"  # mask: lo or hi, learned by a relaxation (AdaRank)
     lo: Optional[float] = None
     hi: Optional[float] = None
 
 
 @dataclass
 class CoefficientConfig:
-    granularity: str = "layer"  # task | layer | group | chunk | element (one per entry)
+    granularity: str = "layer"  # task | layer | group | chunk | element (one per entry) | spectral (one per singular component)
     init: Any = 0.3  # a number, one per expert, one per expert and tensor ({expert: {tensor: value}}), or a coefficients.safetensors path
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
     groups: Any = None  # group: "block", a list of regexes or {name: regex}
     chunks: Any = None  # chunk: an int or {name or regex: m}
+    rank: Optional[int] = None  # spectral: components with their own coefficient per matrix, one more for the rest
     freeze: Optional[list[str]] = None  # regexes of tensors whose coefficients stay at init
 
 

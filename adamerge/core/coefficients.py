@@ -86,12 +86,15 @@ class MergeCoefficients(Float32Module):
         return self().detach()
 
     def row_values(self, key: str, values: Tensor | None = None) -> Tensor:
-        """``[K, rows]``: the coefficient applied to every row of tensor ``key``."""
+        """``[K, rows]``: the coefficient applied to every row of tensor ``key`` (its row chunks'; a
+        matrix's ``spectral`` slots scale singular components, which span every row, and have none)."""
         values = self() if values is None else values
         slots = self.layout.tensor_slots[key]
         rows = self.layout.rows[key]
         if len(slots) == 1:
             return values[:, slots[0]].unsqueeze(1).expand(-1, rows)
+        if self.layout.granularity == "spectral":
+            raise ValueError(f"spectral coefficients scale singular components, not rows: {key!r} has no coefficient per row")
         sizes = torch.tensor(chunk_sizes(rows, len(slots)), device=values.device)
         return values[:, list(slots)].repeat_interleave(sizes, dim=1)
 
@@ -172,7 +175,8 @@ def resolve_init(init: InitSpec, layout: CoefficientLayout) -> Tensor:
 
 def _transfer(previous: MergeCoefficients, layout: CoefficientLayout) -> Tensor:
     """Start a new layout from earlier coefficients: each new slot gets the element-weighted
-    mean of the earlier values over the entries it covers (task-wise → layer-wise, layer → chunk...)."""
+    mean of the earlier values over the entries it covers (task-wise → layer-wise, layer → chunk...;
+    a singular component of a ``spectral`` matrix covers all of it). The same layout keeps the values."""
     if tuple(previous.layout.expert_names) != tuple(layout.expert_names):
         raise ValueError(
             f"init coefficients are for experts {list(previous.layout.expert_names)}, "
@@ -183,11 +187,17 @@ def _transfer(previous: MergeCoefficients, layout: CoefficientLayout) -> Tensor:
         raise ValueError(f"init coefficients do not cover tensor {missing[0]!r} ({len(missing)} missing)")
     with torch.no_grad():
         values = previous()
+        if previous.layout == layout:
+            return values.clone()
         total = torch.zeros(layout.num_experts, layout.num_slots, dtype=torch.float64)
         weight = torch.zeros(layout.num_slots, dtype=torch.float64)
         for key, slots in layout.tensor_slots.items():
             rows = previous.row_values(key, values).double()
             per_row = layout.numels[key] / layout.rows[key]
+            if layout.granularity == "spectral" and len(slots) > 1:  # each component spans every row
+                total[:, list(slots)] += rows.sum(dim=1, keepdim=True) * per_row
+                weight[list(slots)] += layout.numels[key]
+                continue
             start = 0
             for slot, size in zip(slots, chunk_sizes(layout.rows[key], len(slots))):
                 total[:, slot] += rows[:, start : start + size].sum(dim=1) * per_row

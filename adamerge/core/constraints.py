@@ -1,7 +1,9 @@
 """Constraints on merge coefficients: how stored (raw) values map to effective ones.
 
 ``clamp`` keeps coefficients in ``[lo, hi]`` by projection after each step (AdaMerging);
-``sigmoid`` stores logits, as Expert Merging does, so every value stays strictly inside.
+``sigmoid`` stores logits, as Expert Merging does, so every value stays strictly inside;
+``mask`` makes every coefficient ``lo`` or ``hi``, a binary mask learned through a relaxation
+(AdaRank's per-component masks).
 """
 
 from __future__ import annotations
@@ -95,11 +97,51 @@ class Sigmoid(Constraint):
         return raw
 
 
+class Mask(Constraint):
+    """Binary coefficients, ``lo`` or ``hi``: AdaRank's masks (Lee et al., "AdaRank: Adaptive Rank
+    Pruning for Enhanced Model Merging", ICLR 2026, arXiv 2503.22178), scaled by the task
+    coefficient λ = ``hi`` (``lo = 0`` drops what the coefficient scales).
+
+    The raw value is a logit ``m``. Forward: ``hi`` where ``sigmoid(m / T) > 0.5`` (``m > 0``),
+    else ``lo``. Backward: the straight-through estimator of the relaxation
+    ``lo + (hi - lo)·sigmoid(m / T)``, so ``∂c/∂m = (hi - lo)·sigmoid'(m / T) / T``. An initial
+    value must be ``lo`` or ``hi`` and starts at logit ``∓0.1`` (AdaRank's released code; its
+    temperature for task-arithmetic starts is 10): ``0.1 / lr`` Adam steps of one sign flip it.
+    Departure: AdaRank's code also trains a layer-wise λ jointly with the masks; here λ is fixed.
+    """
+
+    name = "mask"
+    START = 0.1
+
+    def __init__(self, lo: float = 0.0, hi: float = 1.0, temperature: float = 10.0):
+        if not lo < hi:
+            raise ValueError(f"mask needs lo < hi, got [{lo}, {hi}]")
+        if not temperature > 0:
+            raise ValueError(f"mask needs a temperature > 0, got {temperature}")
+        self.lo, self.hi, self.temperature = float(lo), float(hi), float(temperature)
+
+    def to_effective(self, raw: Tensor) -> Tensor:
+        relaxed = (self.hi - self.lo) * torch.sigmoid(raw / self.temperature)
+        hard = torch.where(raw > 0, self.hi, self.lo).to(raw.dtype)
+        return hard + (relaxed - relaxed.detach())  # exactly lo or hi; the relaxation's gradient
+
+    def to_raw(self, effective: Tensor) -> Tensor:
+        on, off = effective == self.hi, effective == self.lo
+        if not bool((on | off).all()):
+            bad = effective[~(on | off)].flatten()[0].item()
+            raise ValueError(f"initial coefficient {bad} is neither of the mask's values {self.lo} and {self.hi}")
+        return torch.where(on, self.START, -self.START).float()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "temperature": self.temperature}
+
+
 ConstraintSpec = Union[Constraint, str, Mapping, None]
 
 
 def make_constraint(spec: ConstraintSpec) -> Constraint:
-    """``None``/``"none"``, ``"clamp"``, ``"sigmoid"``, ``{"name": "clamp", "lo": 0, "hi": 1}`` or an instance."""
+    """``None``/``"none"``, ``"clamp"``, ``"sigmoid"``, ``"mask"``, ``{"name": "clamp", "lo": 0, "hi": 1}``
+    (a mask also takes ``temperature``) or an instance."""
     if isinstance(spec, Constraint):
         return spec
     if spec is None:
@@ -108,7 +150,7 @@ def make_constraint(spec: ConstraintSpec) -> Constraint:
         spec = {"name": spec}
     options = dict(spec)
     name = options.pop("name", None)
-    kinds = {"none": Constraint, "clamp": Clamp, "sigmoid": Sigmoid}
+    kinds = {"none": Constraint, "clamp": Clamp, "sigmoid": Sigmoid, "mask": Mask}
     if name not in kinds:
         raise ValueError(f"unknown constraint {name!r}; use one of {list(kinds)}")
     if name == "none":

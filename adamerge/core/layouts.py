@@ -2,9 +2,10 @@
 
 A registered granularity rule (:mod:`adamerge.core.granularities`) names each tensor's slots:
 one for the whole model (``task``), one per tensor (``layer``), one per group of tensors
-(``group``), ``m`` per tensor over contiguous row chunks (``chunk``), or one per tensor holding
-a value per entry (``element``, see :mod:`adamerge.core.element`). Every slot holds one value
-per expert, so all coefficients together are a ``[K, S]`` matrix.
+(``group``), ``m`` per tensor over contiguous row chunks (``chunk``), one per tensor holding
+a value per entry (``element``, see :mod:`adamerge.core.element`), or one per singular component
+of a matrix (``spectral``, see :mod:`adamerge.core.spectral`). Every slot holds one value per
+expert, so all coefficients together are a ``[K, S]`` matrix.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from adamerge.core.coefficients import InitSpec, MergeCoefficients
 from adamerge.core.element import ElementCoefficients
 from adamerge.core.low_rank import LowRankStack, merge_low_rank
 from adamerge.core.scope import parameter_aliases
+from adamerge.core.spectral import SpectralMatrices
 from adamerge.core.task_vectors import TaskVectors
 
 
@@ -86,13 +87,13 @@ class _Merge(torch.autograd.Function):
         return (grad_values.t(), None, None, *([None] * len(taus)))
 
 
-def row_slots(rows: int, slots: tuple[int, ...]) -> list[int]:
 def merge_into(values: Tensor, bases: list[Tensor], blocks: list[list[tuple[int, int, int]]], taus: list[Tensor]) -> tuple[Tensor, ...]:
     """``base + Σ_k values[k, slot] τ_k`` for each tensor, blocks as :func:`merge_blocks` cuts them,
     in one autograd node (gradients reach ``values`` only)."""
     return _Merge.apply(values, bases, blocks, *taus)
 
 
+def row_slots(rows: int, slots: tuple[int, ...]) -> list[int]:
     """The coefficient slot of every row of a tensor (its row chunks, as ``chunk_sizes``)."""
     return [slot for slot, size in zip(slots, chunk_sizes(rows, len(slots))) for _ in range(size)]
 
@@ -203,7 +204,9 @@ class MergedModel(FunctionalModel):
     The ``pretrained`` module is frozen in place and kept in eval mode (pass a copy to keep
     yours trainable). ``coefficients`` shares an existing coefficient module whose layout
     covers these tensors (and possibly more: progressive distillation merges one block at a
-    time against the whole model's coefficients). ``offload_vectors=True`` keeps the task vectors in host memory (as
+    time against the whole model's coefficients). ``granularity="spectral"`` (``rank=``) gives each
+    singular component of every expert's matrix its own coefficient (:mod:`adamerge.core.spectral`).
+    ``offload_vectors=True`` keeps the task vectors in host memory (as
     given: e.g. ``TaskVectors.load`` memory-maps its file) when the model moves to an
     accelerator; each step then streams them to it block by block (``K × BLOCK`` entries at a time).
     """
@@ -218,6 +221,7 @@ class MergedModel(FunctionalModel):
         *,
         groups: GroupSpec = None,
         chunks: ChunkSpec = None,
+        rank: int | None = None,
         freeze: str | list[str] | None = None,
         offload_vectors: bool = False,
         coefficients: MergeCoefficients | ElementCoefficients | None = None,
@@ -227,11 +231,11 @@ class MergedModel(FunctionalModel):
         self.keys = list(task_vectors.keys)
         self._check_scope(task_vectors)
         shapes = {key: tuple(task_vectors.shape(key)[1:]) for key in self.keys}
-        elementwise = granularity == "element" or isinstance(coefficients, ElementCoefficients)
+        dense_only = (granularity if coefficients is None else coefficients.layout.granularity) in ("element", "spectral")
         self.vectors = _VectorStore(offload_vectors)
         self._low_rank: set[int] = set()  # indices of the keys merged from LoRA factors
         for index, key in enumerate(self.keys):  # contiguous: the merge reads flat views of them
-            factors = None if elementwise else task_vectors.low_rank(key)  # element-wise needs them dense
+            factors = None if dense_only else task_vectors.low_rank(key)  # element-wise and spectral need τ dense
             if factors is None:
                 self.vectors.keep(f"t{index}", task_vectors[key])
                 continue
@@ -239,7 +243,7 @@ class MergedModel(FunctionalModel):
             for part in ("left", "right", "owner"):
                 self.vectors.keep(f"t{index}_{part}", getattr(factors, part))
         if coefficients is None:
-            layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, freeze=freeze)
+            layout = build_layout(self.expert_names, shapes, granularity, groups=groups, chunks=chunks, rank=rank, freeze=freeze)
             if layout.granularity == "element":
                 coefficients = ElementCoefficients(layout, shapes, init=init, constraint=constraint)
             else:
@@ -248,7 +252,9 @@ class MergedModel(FunctionalModel):
             _check_shared(coefficients.layout, self.expert_names, shapes)
         self.coefficients = coefficients
         layout = coefficients.layout
-        self._blocks = [merge_blocks(layout.rows[key], layout.numels[key], layout.tensor_slots[key]) for key in self.keys]
+        self._spectral = SpectralMatrices(layout, self.keys, self.vectors, {k: t.device for k, t in self.base_tensors().items()})
+        self._blocks = [merge_blocks(layout.rows[key], layout.numels[key], self._spectral.dense_slots(i, layout.tensor_slots[key]))
+                        for i, key in enumerate(self.keys)]
         self._row_slots = {
             index: torch.tensor(row_slots(layout.rows[self.keys[index]], layout.tensor_slots[self.keys[index]]))
             for index in self._low_rank
@@ -327,9 +333,10 @@ class MergedModel(FunctionalModel):
         if isinstance(self.coefficients, ElementCoefficients):
             return {key: self._merge_elementwise(key, base[key], i) for i, key in enumerate(self.keys)}
         values = self.coefficients()
+        columns = self._spectral.columns(values, self.coefficients.initial)  # spectral anchors appended
         dense = [index for index in range(len(self.keys)) if index not in self._low_rank]
         taus = [getattr(self.vectors, f"t{index}") for index in dense]
-        bases = [base[self.keys[index]] for index in dense]
+        bases = [self._spectral.base(index, base[self.keys[index]], values.dtype) for index in dense]
         merged = {}
         if dense:
             merged.update(zip([self.keys[i] for i in dense], merge_into(columns, bases, [self._blocks[i] for i in dense], taus)))

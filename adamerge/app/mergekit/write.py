@@ -81,7 +81,7 @@ def mergekit_config(coefficients: Coefficients, problem: MergeProblem, processed
         if layout.granularity == "element":
             raise NoMergekit("element-wise coefficients have no mergekit equivalent")
         if any(len(slots) > 1 for slots in layout.tensor_slots.values()):
-            raise NoMergekit("chunk-wise coefficients have no mergekit equivalent")
+            raise NoMergekit(f"{layout.granularity}-wise coefficients have no mergekit equivalent")
         base, experts, note = _checkpoints(problem, list(layout.keys))
     except NoMergekit as reason:
         return None, str(reason)

@@ -5,7 +5,7 @@ registry); importing this package registers the built-in ones.
 """
 
 # registers them, from the coarsest to the finest
-from adamerge.core.granularities import task, layer, group, chunk, element  # noqa: F401, I001
+from adamerge.core.granularities import task, layer, group, chunk, element, spectral  # noqa: F401, I001
 from adamerge.core.granularities.chunk import ChunkSpec
 from adamerge.core.granularities.group import GroupSpec, block_of, module_of
 from adamerge.core.granularities.registry import (
