@@ -38,7 +38,7 @@ def test_a_bad_closed_choice_names_its_key_and_the_closest_value(override, key, 
                          "use one of ['guarded', 'initial', 'log', 'sum']"),
     ("method.name=tise", "recipe: method.name: unknown merge method 'tise' (did you mean 'ties'?); use one of ["),
     ("objectives=[{name: entrophy}]", "recipe: objectives[0].name: unknown objective 'entrophy' "
-                                      "(did you mean 'entropy'?); use one of ['alignment', "),
+                                      "(did you mean 'entropy'?); use one of ['accuracy', 'alignment', "),
 ])
 def test_an_unknown_registered_name_is_reported_in_the_registry_format(override, message):
     with pytest.raises(RecipeError) as error:
@@ -109,3 +109,36 @@ def test_the_lightning_learner_honours_every_trainer_field_and_the_others_the_co
               "trainer.accelerator=cpu", "trainer.devices=[0]"]
     assert load_recipe(BASE, ["progressive.epochs=1", "objectives=[]", *common]).trainer.batch_size == 3
     assert load_recipe(BASE, ["frank_wolfe.iterations=1", *common]).trainer.tf32 is False
+    assert load_recipe(BASE, ["optimizer.name=cmaes", *common]).trainer.threads == 1
+
+
+CMAES = ["optimizer.name=cmaes"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["coefficients.granularity=element"], "recipe: coefficients.granularity is 'element' (one coefficient per entry); "
+                                           "CMA-ES searches at most 1000: use task, layer, group or chunk"),
+    (["optimizer.args={popsize: 8, lr: 0.1}"], "recipe: optimizer.args.lr is not a CMA-ES argument; "
+                                               "use ['popsize', 'sigma0', 'generations']"),
+    (["optimizer.args.generations=0"], "recipe: optimizer.args.generations is 0; use an integer >= 1"),
+    (["progressive.epochs=1", "objectives=[]"], "recipe: optimizer.name cmaes searches the coefficients itself; "
+                                                "it cannot be combined with `progressive`"),
+    (["selection.every_n_steps=5"], "it cannot be combined with `selection`"),
+    (["objectives=[{name: accuracy}, {name: entropy}]"], "recipe: objectives[0].name scores each task's validation rows; "
+                                                         "list it alone in objectives"),
+    (["trainer.max_steps=2"], "trainer.max_steps is set, but the cmaes learner does not use it (it runs optimizer.args.generations)"),
+])
+def test_what_cmaes_cannot_search_is_refused_at_load_naming_the_field(overrides, message):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(BASE, [*CMAES, *overrides])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_accuracy_and_cmaes_arguments_belong_to_cmaes():
+    with pytest.raises(RecipeError, match=r"^recipe: objectives\[0\]\.name is 'accuracy', which has no gradient: only "
+                                          r"optimizer\.name cmaes searches it$"):
+        load_recipe(BASE, ["objectives=[{name: accuracy}]"])
+    with pytest.raises(RecipeError, match=r"^recipe: optimizer\.args are CMA-ES's; optimizer\.name is 'adam'"):
+        load_recipe(BASE, ["optimizer.args={popsize: 8}"])
+    recipe = load_recipe(BASE, [*CMAES, "objectives=[{name: accuracy}]", "optimizer.args={popsize: 8, sigma0: 0.3}"])
+    assert recipe.optimizer.args == {"popsize": 8, "sigma0": 0.3}

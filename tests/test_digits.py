@@ -239,8 +239,12 @@ def test_datasets_conversion(built):
     calibration = zoo.dataset("rotated", "calibration")
     assert calibration.column_names == ["pixels"]  # unlabelled
     assert len(calibration) == len(zoo.calibration["rotated"])
-    with pytest.raises(ValueError, match="unknown split"):
-        zoo.dataset("rotated", "validation")
+    validation = zoo.dataset("rotated", "validation")  # the calibration images, labelled
+    assert validation["pixels"] == calibration["pixels"]
+    assert validation["label"] == zoo.calibration_labels["rotated"].tolist()
+    assert set(zoo.calibration_labels["rotated"].tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        zoo.dataset("rotated", "holdout")
     with pytest.raises(KeyError, match="unknown task"):
         zoo.dataset("nope")
 

@@ -1,6 +1,6 @@
 """The one loader every problem kind reads its tasks' data with (adamerge.app.problems.data):
 calibration rows only where a task names data, unlabelled; evaluation rows only where it has an
-evaluation section, labelled; each split read as the recipe says and prepared by the kind.
+evaluation (or validation) section, labelled; each split read as the recipe says and prepared by the kind.
 (``load_table`` itself is tested in test_data.py.)"""
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def test_each_task_gets_the_splits_it_names_prepared_by_the_kind(tmp_path):
         "a": TaskConfig(calibration=DataSourceConfig(path=str(tmp_path / "a"), split="train", max_samples=4, shuffle=True),
                         evaluation=DataSourceConfig(path=str(tmp_path / "a"))),
         "b": TaskConfig(expert="b-only"),  # an expert merged without data
-        "c": TaskConfig(evaluation=DataSourceConfig(path=str(tmp_path / "c.jsonl"), skip=2)),
+        "c": TaskConfig(evaluation=DataSourceConfig(path=str(tmp_path / "c.jsonl"), skip=2),
+                        validation=DataSourceConfig(path=str(tmp_path / "a"), split="train", skip=7)),
     }
     calls = []
 
@@ -37,13 +38,14 @@ def test_each_task_gets_the_splits_it_names_prepared_by_the_kind(tmp_path):
         calls.append((name, labelled, task is tasks[name]))
         return [row["text"] for row in table]
 
-    calibration, evaluation = load_task_data(ProblemConfig(tasks=tasks, seed=3), prepare)
-    assert calls == [("a", False, True), ("a", True, True), ("c", True, True)]
+    calibration, evaluation, validation = load_task_data(ProblemConfig(tasks=tasks, seed=3), prepare)
+    assert calls == [("a", False, True), ("a", True, True), ("c", True, True), ("c", True, True)]
     assert sorted(calibration) == ["a"] and sorted(evaluation) == ["a", "c"]
     assert evaluation == {"a": [f"row {i}" for i in range(6)], "c": ["row 2", "row 3", "row 4"]}
+    assert validation == {"c": ["row 7", "row 8", "row 9"]}  # labelled, only where a task names it
     assert len(calibration["a"]) == 4 and set(calibration["a"]) <= {f"row {i}" for i in range(10)}
-    again, _ = load_task_data(ProblemConfig(tasks=tasks, seed=3), prepare)
-    other, _ = load_task_data(ProblemConfig(tasks=tasks, seed=4), prepare)
+    again = load_task_data(ProblemConfig(tasks=tasks, seed=3), prepare)[0]
+    other = load_task_data(ProblemConfig(tasks=tasks, seed=4), prepare)[0]
     assert again == calibration and other != calibration  # the shuffle follows problem.seed
 
 

@@ -28,7 +28,9 @@ def test_the_zoo_becomes_a_problem_with_its_files_and_a_plain_export(cache, tmp_
     assert problem.experts == {name: cache / f"expert_{name}.safetensors" for name in DEFAULT_TASKS}
     assert problem.description == {"kind": "digits", "base": str(cache / "pretrained.safetensors"),
                                    "experts": {name: str(path) for name, path in problem.experts.items()}}
-    assert set(problem.calibration) == set(problem.evaluation) == set(DEFAULT_TASKS)
+    assert set(problem.calibration) == set(problem.evaluation) == set(problem.validation) == set(DEFAULT_TASKS)
+    assert torch.equal(problem.validation["upright"][:]["pixels"], problem.calibration["upright"][:]["pixels"])
+    assert "label" in problem.validation["upright"].column_names
     assert "label" not in problem.calibration["upright"].column_names and "label" in problem.evaluation["upright"].column_names
     assert type(problem.exporter) is Exporter  # a plain module: its weights, no config or tokenizer
     problem.exporter.export(problem.pretrained, tmp_path / "merged", 10**9)

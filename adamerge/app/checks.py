@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from adamerge.core.granularities import GRANULARITIES, misplaced_options, option_names
 from adamerge.core.registry import Registry
 from adamerge.learning.contract import unhonoured_trainer_fields
+from adamerge.learning.evolution import MAX_DIMENSIONS, option_problems
 from adamerge.methods import METHODS
 from adamerge.methods.base import PER_TENSOR_METHODS
 from adamerge.methods.calibration import needs_calibration
@@ -63,24 +64,31 @@ def _registered(recipe: DictConfig) -> dict[str, tuple[str, Registry]]:
 
 # The ``trainer`` fields each learner honours beyond the device, batch size, bar, threads and TF32
 # (every learner's): the Lightning learner is Lightning, so it takes them all; progressive
-# distillation and FW-Merging run their own loops on one device in float32.
+# distillation, FW-Merging and CMA-ES run their own loops on one device in float32.
 HONOURED_TRAINER_FIELDS = {
     "coefficients": frozenset({"max_steps", "devices", "strategy", "precision", "log_every_n_steps",
                                "checkpoint_every_n_steps", "per_task_backward", "loggers", "callbacks", "extra",
                                "data_workers", "stream"}),
     "progressive": frozenset({"devices"}),
     "frank_wolfe": frozenset({"devices"}),
+    "cmaes": frozenset({"devices"}),
 }
 _INSTEAD = {  # what a learner does instead of a trainer field it does not honour
     ("progressive", "max_steps"): "it trains progressive.epochs over the samples of every block",
     ("frank_wolfe", "max_steps"): "it runs frank_wolfe.iterations, each with inner_steps for soft FW",
     ("progressive", "checkpoint_every_n_steps"): "it checkpoints after every block",
+    ("cmaes", "max_steps"): "it runs optimizer.args.generations",
+    ("cmaes", "checkpoint_every_n_steps"): "it checkpoints after every generation",
 }
 
 
 def learner_name(recipe: DictConfig) -> str:
-    """The learner a ``fit`` recipe runs: FW-Merging, progressive distillation or the Lightning learner."""
-    return "frank_wolfe" if recipe.frank_wolfe is not None else "progressive" if recipe.progressive is not None else "coefficients"
+    """The learner a ``fit`` recipe runs: FW-Merging, progressive distillation, CMA-ES or the Lightning learner."""
+    if recipe.frank_wolfe is not None:
+        return "frank_wolfe"
+    if recipe.progressive is not None:
+        return "progressive"
+    return "cmaes" if recipe.optimizer.name == "cmaes" else "coefficients"
 
 
 def _unhonoured(recipe: DictConfig, defaults) -> list[str]:
@@ -150,6 +158,30 @@ def _exclusive(recipe: DictConfig) -> list[str]:
     return problems
 
 
+def _search(recipe: DictConfig) -> list[str]:
+    """Problems with a derivative-free search (``optimizer.name: cmaes``) and the objectives only it minimises."""
+    if recipe.method is not None:
+        return []
+    scored = {f"objectives[{i}].name": o.name for i, o in enumerate(recipe.objectives)
+              if o.name in OBJECTIVES and getattr(OBJECTIVES.get(o.name), "scores_validation", False)}
+    if recipe.optimizer.name != "cmaes":
+        problems = [f"{key} is {name!r}, which has no gradient: only optimizer.name cmaes searches it"
+                    for key, name in scored.items()]
+        if recipe.optimizer.args:
+            problems.append(f"optimizer.args are CMA-ES's; optimizer.name is {recipe.optimizer.name!r} (use cmaes or remove them)")
+        return problems
+    problems = []
+    learned = [f"`{name}`" for name in ("frank_wolfe", "progressive", "selection") if recipe[name] is not None]
+    if learned:
+        problems.append(f"optimizer.name cmaes searches the coefficients itself; it cannot be combined with {', '.join(learned)}")
+    if recipe.coefficients.granularity == "element":
+        problems.append(f"coefficients.granularity is 'element' (one coefficient per entry); CMA-ES searches at most "
+                        f"{MAX_DIMENSIONS}: use task, layer, group or chunk")
+    if scored and len(recipe.objectives) > 1:
+        problems.append(f"{next(iter(scored))} scores each task's validation rows; list it alone in objectives")
+    return problems + option_problems(recipe.optimizer.args)
+
+
 def _streamed_fit(recipe: DictConfig) -> list[str]:
     """``trainer.stream`` merges each block from its own tensors when it runs."""
     problems = []
@@ -209,6 +241,7 @@ def check_recipe(recipe: DictConfig, trainer_defaults, origin: str = "recipe") -
     for key, (name, registry) in _registered(recipe).items():
         if name not in registry:
             raise RecipeError(f"{origin}: {key}: {registry.unknown_message(name)}")
-    problems = _exclusive(recipe) + _data_free_start(recipe.task_vectors.start) + _unhonoured(recipe, trainer_defaults)
+    problems = (_exclusive(recipe) + _search(recipe) + _data_free_start(recipe.task_vectors.start)
+                + _unhonoured(recipe, trainer_defaults))
     if problems:
         raise RecipeError(f"{origin}: {problems[0]}")

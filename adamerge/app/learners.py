@@ -1,10 +1,10 @@
 """The learners a recipe can name, each under the one learning contract (:mod:`adamerge.learning.contract`).
 
 Which learner runs follows from the recipe's sections: ``frank_wolfe`` → FW-Merging,
-``progressive`` → progressive (and streamed) distillation, otherwise the Lightning coefficient
-learner. Each builds its parts with :mod:`adamerge.app.builders`, works on the resolved
-device, and returns a :class:`~adamerge.learning.contract.LearnedMerge` that the runner
-evaluates and saves in one place.
+``progressive`` → progressive (and streamed) distillation, ``optimizer.name: cmaes`` → CMA-ES,
+otherwise the Lightning coefficient learner. Each builds its parts with
+:mod:`adamerge.app.builders`, works on the resolved device, and returns a
+:class:`~adamerge.learning.contract.LearnedMerge` that the runner evaluates and saves in one place.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig
 
 from adamerge.app.builders import (
@@ -36,10 +37,14 @@ from adamerge.core.registry import Registry
 from adamerge.io.checkpoints import open_weights
 from adamerge.io.shards import ShardWriter
 from adamerge.learning.contract import LearnedMerge, Learner
+from adamerge.learning.data import ordered_batches
+from adamerge.learning.evolution import Scorer, cmaes_options, cmaes_search
 from adamerge.learning.frank_wolfe import frank_wolfe_merge
 from adamerge.learning.learner import frozen_modules_expected
+from adamerge.learning.loss import TaskLoss
 from adamerge.learning.placement import Placement
 from adamerge.learning.progressive import ProgressiveDistiller
+from adamerge.objectives import ObjectiveContext, WeightedObjectives
 from adamerge.tasks.blocks import stage_count
 
 LEARNERS: Registry[type] = Registry("learner")
@@ -149,6 +154,64 @@ class FrankWolfeFit:
         log = [{"step": h["iteration"], "train/loss": h["objective_after"]} for h in result.history]
         return LearnedMerge(model=result.model, export=result.model.backbone, how=how, params=result.merged_parameters(),
                             files={"fw_history.json": json.dumps(result.history, indent=1)}, log=log)
+
+
+@LEARNERS.register("cmaes")
+class EvolutionFit:
+    """CMA-ES over the coefficients (:mod:`adamerge.learning.evolution`), a derivative-free search
+    scored by the recipe's objective on each task's calibration rows, or for ``accuracy`` on its
+    validation rows; it checkpoints after every generation and resumes exactly."""
+
+    name = "cmaes"
+    trainer_fields = HONOURED_TRAINER_FIELDS["cmaes"]
+
+    def streamed(self, recipe: DictConfig) -> bool:
+        return False
+
+    def learn(self, recipe: DictConfig, problem, data, placement: Placement, work_dir: Path, resume: Path | None) -> LearnedMerge:
+        options = cmaes_options(to_plain(recipe.optimizer.args))
+        merged = build_merged(recipe, problem, build_task_vectors(recipe, problem)).to(placement.device)
+        tasks = {name: task.to(placement.device).eval() for name, task in problem.tasks.items()}
+        objective = build_objectives(recipe).to(placement.device)
+        rows = "validation" if _scores_validation(objective) else "calibration"
+        if rows == "calibration":
+            _set_up(objective, merged, tasks, data, placement.device)
+        batches = {name: list(_scoring_batches(name, problem, data, rows, recipe.trainer.batch_size)) for name in tasks}
+        loss = TaskLoss(tasks, objective, task_weights(recipe), recipe.task_balance, recipe.guard_weight)
+        score = Scorer(merged, loss, batches, placement.device)
+        result = cmaes_search(merged.coefficients, score, options, seed=recipe.seed, checkpoint=work_dir / PROGRESS,
+                              progress=recipe.trainer.progress_bar)
+        how = (f"{merged.layout.granularity}-wise coefficients searched by CMA-ES ({len(result.log)} generations of "
+               f"{result.popsize}) on {[o.name for o in recipe.objectives]} over the {rows} rows")
+        return LearnedMerge(model=merged, export=merged.to_module(), how=how, coefficients=merged.coefficients,
+                            files={"cmaes.json": json.dumps(result.summary(), indent=1)}, log=result.log)
+
+
+def _set_up(objective, merged, tasks, data, device) -> None:
+    """An objective that precomputes targets (alignment) reads every calibration row once, on the device."""
+
+    def batches(task: str):
+        return (move_data_to_device(b, device) for b in data.calibration_batches(task))
+
+    objective.setup(ObjectiveContext(merged, tasks, batches, device))
+
+
+def _scores_validation(objective) -> bool:
+    parts = list(objective.parts) if isinstance(objective, WeightedObjectives) else [objective]
+    scored = [part.scores_validation for part in parts]
+    if any(scored) and len(parts) > 1:
+        raise ValueError("objectives: accuracy scores each task's validation rows; list it alone")
+    return any(scored)
+
+
+def _scoring_batches(task: str, problem, data, rows: str, batch_size: int):
+    """A task's calibration rows, or its validation rows (refused, naming the task, when it has none), in order."""
+    if rows == "calibration":
+        return data.calibration_batches(task, batch_size)
+    if task not in problem.validation:
+        raise ValueError(f"task {task!r} has no validation rows (problem.tasks.{task}.validation): objective "
+                         "accuracy scores each task's labelled validation rows")
+    return ordered_batches(task, problem.validation[task], batch_size, data.collate_for(task))
 
 
 def learner_for(recipe: DictConfig) -> Learner:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 LOCK = "lock"
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
-PROGRESS = "progress.safetensors"  # progressive learning's checkpoint: the coefficients after each finished block
+PROGRESS = "progress.safetensors"  # the checkpoint of a learner with its own loop: progressive blocks, CMA-ES generations
 
 
 def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -2,7 +2,7 @@
 
 The protocol (:class:`Objective`) and the registry (``OBJECTIVES``) live in :mod:`.base`;
 importing this package registers the built-in objectives (``entropy``, ``infomax``,
-``alignment``, ``expert_kl``, ``l1_to_init``, ``cross_entropy``) and re-exports both.
+``alignment``, ``expert_kl``, ``l1_to_init``, ``cross_entropy``, ``accuracy``) and re-exports both.
 Task balances, how tasks' losses add up, are :mod:`.balance`.
 """
 

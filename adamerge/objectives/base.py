@@ -50,6 +50,9 @@ class Objective(nn.Module):
     """Base class for objectives; override ``forward`` and, when needed, ``setup``/``penalty``."""
 
     hidden_layers: tuple[int, ...] = ()
+    # a score of labelled rows with no gradient (accuracy): only a derivative-free search
+    # (optimizer cmaes) minimises it, on each task's validation rows
+    scores_validation: bool = False
 
     def setup(self, context: ObjectiveContext) -> None:
         """Precompute anything the loss needs (called once before training)."""

@@ -25,10 +25,10 @@ wrong, so prediction entropy on unlabelled inputs tracks accuracy (the AdaMergin
 
 Splits: the 1797 images are split once per ``seed`` (stratified by digit) into *train* (55%,
 all training of the pretrained model and the experts), *calibration* (15%, unlabelled inputs
-for learning merge coefficients) and *test* (30%, labelled, held out). Every task uses the
-same images in its own domain, so the three splits are disjoint for every task. The
-calibration split is its own split, not the test inputs. Inputs are float32 ``[N, 64]`` in
-``[0, 1]`` (row-major 8x8); the backbone also accepts ``[N, 8, 8]`` and ``[N, 1, 8, 8]``.
+for learning merge coefficients; labelled, the *validation* split) and *test* (30%, labelled,
+held out). Every task uses the same images in its own domain, so the three splits are disjoint
+for every task. Inputs are float32 ``[N, 64]`` in ``[0, 1]`` (row-major 8x8); the backbone
+also accepts ``[N, 8, 8]`` and ``[N, 1, 8, 8]``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class DigitsZoo:
     - ``heads``: ``task -> nn.Linear(256, 10)``, the expert's own (fine-tuned) head.
     - ``tasks``: ``task -> DigitTask`` (domain description, number of classes).
     - ``calibration``: ``task -> [N_cal, 64]`` float32 inputs, **unlabelled**, for learning merge
-      coefficients; a split of its own, disjoint from train and test.
+      coefficients; a split of its own, disjoint from train and test (``calibration_labels``: their digits).
     - ``test_inputs`` / ``test_labels``: ``task -> [N_test, 64]`` float32 and ``[N_test]`` int64,
       never used in training.
     - ``train_inputs`` / ``train_labels``: what the experts were fine-tuned on.
@@ -132,6 +132,7 @@ class DigitsZoo:
     heads: dict[str, nn.Linear]
     tasks: dict[str, DigitTask]
     calibration: dict[str, Tensor]
+    calibration_labels: dict[str, Tensor]
     test_inputs: dict[str, Tensor]
     test_labels: dict[str, Tensor]
     train_inputs: dict[str, Tensor]
@@ -166,19 +167,18 @@ class DigitsZoo:
         return None if self.cache_dir is None else self.cache_dir / "heads.safetensors"
 
     def dataset(self, task: str, split: str = "test"):
-        """One task's ``"calibration"``, ``"test"`` or ``"train"`` split as a ``datasets.Dataset``."""
+        """A task's split as a ``datasets.Dataset``: ``calibration``, ``validation`` (it, labelled), ``test`` or ``train``."""
         import datasets
 
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; this zoo has {list(self.tasks)}")
         if split == "calibration":
             return datasets.Dataset.from_dict({"pixels": self.calibration[task].tolist()})
-        if split == "test":
-            inputs, labels = self.test_inputs[task], self.test_labels[task]
-        elif split == "train":
-            inputs, labels = self.train_inputs[task], self.train_labels[task]
-        else:
-            raise ValueError(f"unknown split {split!r}; use 'calibration', 'test' or 'train'")
+        splits = {"validation": (self.calibration, self.calibration_labels), "test": (self.test_inputs, self.test_labels),
+                  "train": (self.train_inputs, self.train_labels)}
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; use 'calibration', 'validation', 'test' or 'train'")
+        inputs, labels = (part[task] for part in splits[split])
         return datasets.Dataset.from_dict({"pixels": inputs.tolist(), "label": labels.tolist()})
 
 
@@ -390,6 +390,7 @@ def build_digits_zoo(
         heads=heads,
         tasks={name: TASK_SPECS[name] for name in names},
         calibration={name: data[name]["calibration"][0] for name in names},
+        calibration_labels={name: data[name]["calibration"][1] for name in names},
         test_inputs={name: data[name]["test"][0] for name in names},
         test_labels={name: data[name]["test"][1] for name in names},
         train_inputs={name: data[name]["train"][0] for name in names},

@@ -25,8 +25,8 @@ def text_zoo_problem(config: ProblemConfig, streamed: bool = False) -> MergeProb
     """The MiniLM text zoo (:mod:`benchmarks.zoos.text`): sequence-classification experts in
     ``<zoo_dir>/<task>/`` with data in ``<data_root>/<task>/{train,test}.jsonl`` (+ ``meta.json``
     saying whether it has sentence pairs). ``problem.options``: ``data_root``, ``zoo_dir``,
-    ``tasks`` (default: every expert in the zoo), ``calibration`` and ``evaluation``
-    (``{split, max_samples, skip, shuffle}``)."""
+    ``tasks`` (default: every expert in the zoo), ``calibration``, ``evaluation`` and ``validation``
+    (``{split, max_samples, skip, shuffle}``; no validation rows unless given)."""
     data_root, zoo_dir = _text_zoo_folders(config.options)
     build = f"python -m benchmarks.zoos.text --data {data_root} --out {zoo_dir}"
     if not zoo_dir.is_dir():
@@ -36,6 +36,7 @@ def text_zoo_problem(config: ProblemConfig, streamed: bool = False) -> MergeProb
     )
     calibration = DataSourceConfig(**{"split": "test", **dict(config.options.get("calibration") or {})})
     evaluation = DataSourceConfig(**{"split": "test", **dict(config.options.get("evaluation") or {})})
+    validation = DataSourceConfig(**config.options["validation"]) if config.options.get("validation") else None
     tasks = {}
     for name in names:
         check_name(name, "problem.options.tasks")
@@ -48,6 +49,7 @@ def text_zoo_problem(config: ProblemConfig, streamed: bool = False) -> MergeProb
             label_names=meta.get("label_names"),
             calibration=replace(calibration, path=str(data_root / name)),
             evaluation=replace(evaluation, path=str(data_root / name)),
+            validation=replace(validation, path=str(data_root / name)) if validation is not None else None,
             text_pair="text_pair" if meta.get("pair", False) else None,
             weight=config.tasks[name].weight if name in config.tasks else 1.0,
         )
@@ -56,7 +58,7 @@ def text_zoo_problem(config: ProblemConfig, streamed: bool = False) -> MergeProb
 
 
 def _text_zoo_folders(options: dict) -> tuple[Path, Path]:
-    known = {"data_root", "zoo_dir", "tasks", "calibration", "evaluation"}
+    known = {"data_root", "zoo_dir", "tasks", "calibration", "evaluation", "validation"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"problem.options: unknown key(s) {unknown} for the text zoo; known: {sorted(known)}")

@@ -30,13 +30,14 @@ def causal_lm_problem(config: ProblemConfig, streamed: bool = False) -> MergePro
     def prepare(table, name: str, task: TaskConfig, labelled: bool):
         return hf.tokenize_prompts(table, tokenizer, task.text, task.response, config.max_length, name)
 
-    calibration, evaluation = load_task_data(config, prepare)
+    calibration, evaluation, validation = load_task_data(config, prepare)
     return MergeProblem(
         pretrained=backbone,
         experts=experts,
         tasks={name: hf.CausalLMTask(name) for name in config.tasks},
         calibration=calibration,
         evaluation=evaluation,
+        validation=validation,
         collate=hf.lm_collate(tokenizer),
         exporter=CausalLMExporter(backbone.config, _generation_config(config.pretrained, backbone), tokenizer),
         description={"kind": config.kind, "base": config.pretrained, "experts": experts},

@@ -31,13 +31,14 @@ def clip_problem(config: ProblemConfig) -> MergeProblem:
             raise ValueError(f"task {name!r}: CLIP tasks need 'classnames'")
         embeddings = hf.clip_class_embeddings(full, tokenizer, task.classnames, task.templates or hf.DEFAULT_TEMPLATES)
         tasks[name] = hf.CLIPZeroShotTask(name, embeddings, full.logit_scale.exp().item())
-    calibration, evaluation = load_task_data(config, _images)
+    calibration, evaluation, validation = load_task_data(config, _images)
     return MergeProblem(
         pretrained=vision,
         experts=experts_of(config),
         tasks=tasks,
         calibration=calibration,
         evaluation=evaluation,
+        validation=validation,
         collate=hf.image_collate(image_processor),
         include=[r"^(vision_model|visual_projection)\."],
         exporter=ClipExporter(config.pretrained, processor),

@@ -1,6 +1,6 @@
-"""A problem's data: each task's calibration and evaluation rows, read from local files or a
-``datasets`` name with errors that name the task and file, and made into model inputs by the
-kind's own preparation. Every kind loads its data through :func:`load_task_data`."""
+"""A problem's data: each task's calibration, evaluation and validation rows, read from local
+files or a ``datasets`` name with errors that name the task and file, and made into model inputs
+by the kind's own preparation. Every kind loads its data through :func:`load_task_data`."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 Prepare = Callable[[object, str, TaskConfig, bool], Sequence]
 
 
-def load_task_data(config: ProblemConfig, prepare: Prepare) -> tuple[dict[str, Sequence], dict[str, Sequence]]:
+def load_task_data(config: ProblemConfig, prepare: Prepare) -> tuple[dict[str, Sequence], ...]:
     """Each task's calibration rows (when it names data; labels not needed, a label-free objective
-    learns from them) and evaluation rows (when it has an ``evaluation`` section; labels needed)."""
-    calibration, evaluation = {}, {}
+    learns from them), evaluation rows and validation rows (when it has an ``evaluation`` or a
+    ``validation`` section; labels needed)."""
+    calibration, evaluation, validation = {}, {}, {}
     for name, task in config.tasks.items():
         if has_data(task.calibration):
             calibration[name] = prepare(load_table(task.calibration, name, config.seed), name, task, False)
-        if task.evaluation is not None:
-            evaluation[name] = prepare(load_table(task.evaluation, name, config.seed), name, task, True)
-    return calibration, evaluation
+        for source, rows in ((task.evaluation, evaluation), (task.validation, validation)):
+            if source is not None:
+                rows[name] = prepare(load_table(source, name, config.seed), name, task, True)
+    return calibration, evaluation, validation
 
 
 def has_data(source: DataSourceConfig) -> bool:

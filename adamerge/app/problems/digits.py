@@ -1,7 +1,8 @@
 """The ``digits`` kind: the quickstart zoo (:mod:`adamerge.zoo.digits`), an MLP on five input
 domains of scikit-learn's digits, one expert and head per domain, built on first use and cached
-(a damaged cache is built again, so its pretrained model is never missing). Its merged model is a
-plain module, written by the base :class:`~adamerge.app.problems.problem.Exporter`."""
+(a damaged cache is built again, so its pretrained model is never missing); its validation rows
+are the calibration images with their labels. Its merged model is a plain module, written by the
+base :class:`~adamerge.app.problems.problem.Exporter`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def digits_problem(config: ProblemConfig) -> MergeProblem:
         tasks={name: HeadTask(name, zoo.heads[name], input_key="pixels", hidden_modules=hidden) for name in names},
         calibration={name: zoo.dataset(name, "calibration").with_format("torch") for name in names},
         evaluation={name: zoo.dataset(name, "test").with_format("torch") for name in names},
+        validation={name: zoo.dataset(name, "validation").with_format("torch") for name in names},
         description={
             "kind": "digits",
             "base": str(zoo.pretrained_file),

@@ -104,6 +104,7 @@ class MergeProblem:
     tasks: dict[str, Task]
     calibration: dict[str, Sequence]
     evaluation: dict[str, Sequence] = field(default_factory=dict)
+    validation: dict[str, Sequence] = field(default_factory=dict)  # labelled rows a search scores (objective accuracy)
     collate: Collate | Mapping[str, Collate] = rows_to_batch
     include: list[str] | None = None
     exclude: list[str] | None = None

@@ -36,13 +36,14 @@ def sequence_classification_problem(config: ProblemConfig, streamed: bool = Fals
         return hf.tokenize_text(table, tokenizer, task.text, task.text_pair, task.label, config.max_length, name,
                                 _label_ids(task, experts[name]), labels_needed=labelled)
 
-    calibration, evaluation = load_task_data(config, prepare)
+    calibration, evaluation, validation = load_task_data(config, prepare)
     return MergeProblem(
         pretrained=backbone,
         experts=experts,
         tasks=tasks,
         calibration=calibration,
         evaluation=evaluation,
+        validation=validation,
         collate=hf.text_collate(tokenizer),
         include=[scope],
         exporter=SequenceClassificationExporter(backbone, tokenizer, tasks, experts),
