@@ -42,6 +42,7 @@ METHODS = {
     "AdaMerging task-wise": ("fit", "text/adamerging_taskwise", [], "adamerging_taskwise"),
     "AdaMerging layer-wise": ("fit", "text/adamerging_layerwise", [], "adamerging_layerwise"),
     "AdaMerging++": ("fit", "text/adamerging_plusplus", [], "adamerging_plusplus"),
+    "AdaRank (spectral, entropy)": ("fit", "text/adarank", [], "adarank"),
     "Expert Merging": ("fit", "text/expert_merging", [], "expert_merging"),
     "Expert Merging++ (stage 2 from stage 1)": (
         "fit", "text/expert_merging_pp", [f"coefficients.chunks.importance_from={STAGE1}", f"coefficients.init={STAGE1}"],
