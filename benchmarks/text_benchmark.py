@@ -54,6 +54,7 @@ METHODS = {
     ),
     "FW hard": ("fit", "text/fw_hard", [], "fw_hard"),
     "FW soft": ("fit", "text/fw_soft", [], "fw_soft"),
+    "CMA-ES": ("fit", "text/cmaes", [], "cmaes"),
     "expert KL, log balance": ("fit", "text/expert_kl_guarded", ["task_balance=log"], "expert_kl_log_balance"),
     "TSV-M": ("merge", "text/tsv", [], "tsv"),
     "Iso-C": ("merge", "text/iso_c", [], "iso_c"),

@@ -157,6 +157,14 @@ def test_a_streamed_fit_refuses_what_it_cannot_stream(recipe_dict, zoo, tmp_path
 # ---------------------------------------------------------------------- CMA-ES
 
 
+@pytest.mark.parametrize("name", ["quickstart/cmaes", "text/cmaes"])
+def test_the_built_in_cmaes_recipes_search_validation_accuracy(name):
+    from adamerge.app.config import resolve_recipe
+
+    recipe = load_recipe(resolve_recipe(name))
+    assert isinstance(learner_for(recipe), EvolutionFit) and [o.name for o in recipe.objectives] == ["accuracy"]
+
+
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("digits"))

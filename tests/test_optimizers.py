@@ -1,5 +1,5 @@
-"""The one optimiser table (adamerge.learning.optimizers): the recipe's names, and the same table
-for the Lightning learner and progressive distillation."""
+"""The one optimiser table (adamerge.learning.optimizers): the recipe's names (the table's and the
+derivative-free searches'), and the same table for the Lightning learner and progressive distillation."""
 
 import typing
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from adamerge.app.config import OptimizerConfig
-from adamerge.learning.optimizers import OPTIMIZERS, build_optimizer
+from adamerge.learning.optimizers import OPTIMIZERS, SEARCHES, build_optimizer
 
 
 def test_the_recipe_choices_are_the_table():
     choices = typing.get_args(typing.get_type_hints(OptimizerConfig)["name"])
-    assert set(choices) == set(OPTIMIZERS)
+    assert set(choices) == set(OPTIMIZERS) | set(SEARCHES) and not set(OPTIMIZERS) & set(SEARCHES)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

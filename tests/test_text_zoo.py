@@ -322,6 +322,12 @@ def test_text_zoo_problem_kind(zoo, tmp_path):
     assert problem.experts == {"a": str(zoo_dir / "a"), "b": str(zoo_dir / "b")}
     assert {n: len(d) for n, d in problem.calibration.items()} == {"a": 6, "b": 6}
     assert {n: len(d) for n, d in problem.evaluation.items()} == {"a": 20, "b": 20}
+    assert problem.validation == {}  # none unless asked for
+    validation = {**options, "validation": {"split": "test", "skip": 15}}  # labelled rows, apart from the others
+    with_validation = load_recipe({"problem": {"kind": KIND, "pretrained": str(zoo / "base"), "options": validation}})
+    held = build_problem(with_validation.problem)
+    assert {n: len(d) for n, d in held.validation.items()} == {"a": 5, "b": 5}
+    assert held.collate([held.validation["b"][0]])["labels"].tolist() == [15 % 3]
     for name, pair in (("a", False), ("b", True)):  # meta.json says which task has sentence pairs
         batch = problem.collate([problem.evaluation[name][i] for i in range(4)])
         assert bool((batch["token_type_ids"] == 1).any()) == pair

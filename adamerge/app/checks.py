@@ -20,6 +20,7 @@ from adamerge.core.granularities import GRANULARITIES, misplaced_options, option
 from adamerge.core.registry import Registry
 from adamerge.learning.contract import unhonoured_trainer_fields
 from adamerge.learning.evolution import MAX_DIMENSIONS, option_problems
+from adamerge.learning.optimizers import SEARCHES
 from adamerge.methods import METHODS
 from adamerge.methods.base import PER_TENSOR_METHODS
 from adamerge.methods.calibration import needs_calibration
@@ -88,7 +89,7 @@ def learner_name(recipe: DictConfig) -> str:
         return "frank_wolfe"
     if recipe.progressive is not None:
         return "progressive"
-    return "cmaes" if recipe.optimizer.name == "cmaes" else "coefficients"
+    return recipe.optimizer.name if recipe.optimizer.name in SEARCHES else "coefficients"  # a search is its own learner
 
 
 def _unhonoured(recipe: DictConfig, defaults) -> list[str]:

@@ -1,4 +1,5 @@
-"""The one optimiser table every learner builds its optimiser from (``optimizer.name`` in a recipe).
+"""The one optimiser table every gradient learner builds its optimiser from (``optimizer.name`` in
+a recipe), and the derivative-free searches a recipe may name instead (each its own learner).
 
 Coefficients are few and float32, so plain first-order optimisers suffice; progressive
 distillation uses the paper's Adam at lr 0.01, AdaMerging Adam at lr 1e-3.
@@ -15,6 +16,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
+SEARCHES = ("cmaes",)  # no torch optimiser: CMA-ES, adamerge.learning.evolution
 
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
