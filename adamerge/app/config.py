@@ -156,10 +156,10 @@ class TrainerConfig:
     per_task_backward: bool = False  # one task's activations alive at a time (same gradients, less memory)
     tf32: bool = True  # on GPUs that have it, float32 matmuls in TF32 (false: full float32)
     data_workers: int = 0  # threads building the next calibration batches (tokenising, image processing) while a step runs
+    stream: bool = False  # never hold the model whole: each block read, merged and dropped as it runs (and in the backward)
     # Lightning's own surface: loggers beside the CSV log the run keeps (e.g. {class_path:
     # lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: tb}}), callbacks the same
     # way, and any other Trainer argument (e.g. {gradient_clip_val: 1.0})
-    stream: bool = False  # never hold the model whole: each block read, merged and dropped as it runs (and in the backward)
     loggers: list[dict[str, Any]] = field(default_factory=list)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
