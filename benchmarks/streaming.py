@@ -1,5 +1,5 @@
-"""Peak memory of streamed progressive learning against all-at-once layer-wise learning, as the
-model gets deeper: Llama-style models of fixed width (``LlamaConfig``, hidden 384, 4 to 32
+"""Peak memory of streamed progressive learning and of the streamed all-at-once objective
+(``trainer.stream``) against all-at-once layer-wise learning, as the model gets deeper: Llama-style models of fixed width (``LlamaConfig``, hidden 384, 4 to 32
 layers), K = 8 experts, every checkpoint saved as sharded safetensors.
 
     python benchmarks/streaming.py [--layers 4 8 16 32] [--experts 8] [--out runs/streaming] [--streamed-only]
@@ -12,6 +12,9 @@ Each configuration runs in a fresh process. "peak +" is the growth of its peak R
 - streamed: :class:`~adamerge.learning.progressive.ProgressiveDistiller` with ``weights=`` (the
   pretrained checkpoint read one stage at a time) and a :class:`~adamerge.io.shards.ShardWriter`
   (the merged model written shard by shard), layer-wise coefficients, one epoch per stage.
+- streamed fit: the all-at-once learner's objective below on a model never whole in memory
+  (:class:`~adamerge.learning.streamed_merge.StreamedMergedModel`: each block read, merged and
+  dropped as it runs, and again in the backward), one backward per batch.
 - all at once: the whole pretrained model, K task vectors over every tensor and a
   :class:`~adamerge.core.merged.MergedModel` with layer-wise coefficients; a few Adam steps of the
   merged logits against each expert's (KL), one merge per step, one backward over all tasks.
@@ -157,6 +160,47 @@ def run_all_at_once(folder: Path, experts: int, steps: int = 3) -> dict:
     return {"peak_mb": rss_mb("VmHWM") - baseline, "seconds": time.perf_counter() - started}
 
 
+def run_streamed_fit(folder: Path, experts: int, steps: int = 3) -> dict:
+    """The all-at-once objective (expert KL, layer-wise) on a model never whole in memory
+    (``trainer.stream``: :class:`~adamerge.learning.streamed_merge.StreamedMergedModel`); one
+    backward per batch, so only that batch's activations at block boundaries are alive."""
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    from adamerge.core.coefficients import MergeCoefficients
+    from adamerge.core.layouts import build_layout
+    from adamerge.core.skeleton import parameters_on_meta, state_keys
+    from adamerge.io.checkpoints import open_weights
+    from adamerge.learning.streamed_merge import StreamedMergedModel
+    from adamerge.tasks.hf import CausalLMTask
+
+    names = [f"e{k}" for k in range(experts)]
+    data = batches(experts)
+    with parameters_on_meta():
+        skeleton = LlamaForCausalLM(config(json.loads((folder / "base" / "config.json").read_text())["num_hidden_layers"])).eval()
+    keys = [k for k in state_keys(skeleton) if k in dict(skeleton.named_parameters())]
+    shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters() if n in keys}
+    coefficients = MergeCoefficients(build_layout(names, shapes, "layer"), init=0.3)
+    tasks = {n: CausalLMTask(n) for n in names}
+    baseline = reset_peak_rss()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        merged = StreamedMergedModel(skeleton, open_weights(str(folder / "base")), {n: str(folder / n) for n in names},
+                                     coefficients, keys, cache, progress=False)
+        with torch.no_grad():
+            targets = {n: [tasks[n](merged, merged.expert_parameters(n), b).logits.log_softmax(-1) for b in data[n]]
+                       for n in names}
+        optimizer = torch.optim.Adam(merged.coefficients.parameters(), lr=1e-2)
+        for step in range(steps):
+            optimizer.zero_grad()
+            for n in names:
+                for b, t in zip(data[n], targets[n]):
+                    logits = tasks[n](merged, merged.merged_parameters(), b).logits.log_softmax(-1)
+                    F.kl_div(logits, t, log_target=True, reduction="batchmean").backward()
+            optimizer.step()
+    return {"peak_mb": rss_mb("VmHWM") - baseline, "seconds": time.perf_counter() - started}
+
+
 def activations_mb(experts: int) -> float:
     """Peak of one block's plain forward + backward on one batch, its weights' gradients aside."""
     from transformers import LlamaForCausalLM
@@ -190,7 +234,8 @@ def child(argv: list[str]) -> int:
     mode, folder, experts = argv[0], Path(argv[1]), int(argv[2])
     torch.set_num_threads(2)
     warm_up()
-    result = {"streamed": run_streamed, "all_at_once": run_all_at_once}[mode](folder, experts) if mode != "activations" \
+    learners = {"streamed": run_streamed, "streamed_fit": run_streamed_fit, "all_at_once": run_all_at_once}
+    result = learners[mode](folder, experts) if mode != "activations" \
         else {"peak_mb": activations_mb(experts)}
     print(json.dumps(result))
     return 0
@@ -235,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"from streaming import make_models; from pathlib import Path; "
                             f"make_models(Path({folder!r}), {layers}, {args.experts})"], check=True, capture_output=True)
             streamed = in_fresh_process("streamed", folder, str(args.experts), env=heap)
+            streamed_fit = in_fresh_process("streamed_fit", folder, str(args.experts), env=heap)
             at_once = {"peak_mb": float("nan"), "seconds": float("nan")} if args.streamed_only else in_fresh_process("all_at_once", folder, str(args.experts))
         rows.append({"layers": layers, "streamed_mb": streamed["peak_mb"], "all_at_once_mb": at_once["peak_mb"],
+                     "streamed_fit_mb": streamed_fit["peak_mb"], "streamed_fit_s": streamed_fit["seconds"],
                      "streamed_s": streamed["seconds"], "all_at_once_s": at_once["seconds"], "predicted_streamed_mb": predicted})
         print(json.dumps(rows[-1]), flush=True)
     first = rows[0]
@@ -244,15 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         f"K = {args.experts} experts, hidden {HIDDEN}, {block_numel() / 1e6:.2f} M parameters per block, "
         f"{ROWS} calibration rows x {TOKENS} tokens per task; peak RSS growth in MiB (fresh process each).",
         "",
-        "| layers | streamed | all at once | streamed / 4 layers | all at once / 4 layers | streamed: predicted | streamed s | all at once s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layers | streamed | streamed fit | all at once | streamed / 4 layers | streamed fit / 4 layers | all at once / 4 layers "
+        "| streamed: predicted | streamed s | streamed fit s | all at once s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['layers']} | {row['streamed_mb']:.0f} | {row['all_at_once_mb']:.0f} | "
-            f"{row['streamed_mb'] / first['streamed_mb']:.2f}x | {row['all_at_once_mb'] / first['all_at_once_mb']:.2f}x | "
+            f"| {row['layers']} | {row['streamed_mb']:.0f} | {row['streamed_fit_mb']:.0f} | {row['all_at_once_mb']:.0f} | "
+            f"{row['streamed_mb'] / first['streamed_mb']:.2f}x | {row['streamed_fit_mb'] / first['streamed_fit_mb']:.2f}x | "
+            f"{row['all_at_once_mb'] / first['all_at_once_mb']:.2f}x | "
             f"{row['predicted_streamed_mb']:.0f} ({row['streamed_mb'] / row['predicted_streamed_mb'] - 1:+.0%}) | "
-            f"{row['streamed_s']:.0f} | {row['all_at_once_s']:.0f} |"
+            f"{row['streamed_s']:.0f} | {row['streamed_fit_s']:.0f} | {row['all_at_once_s']:.0f} |"
         )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "activations_mb": activations}, indent=1))

@@ -182,6 +182,13 @@ class StreamedMergedModel(nn.Module):
             return functional_call(unit.module, tensors, args, kwargs, tie_weights=False, strict=False)
         finally:
             self._inside.discard(id(unit.module))
+            self._unmap()
+
+    def _unmap(self) -> None:
+        """Unmap the pretrained checkpoint's files: pages a unit read stop counting as this process's
+        memory (else the resident set would grow by every unit read, up to the whole model)."""
+        if hasattr(self.streamed.weights, "close"):
+            self.streamed.weights.close()
 
     def unit_tensors(self, unit: Unit, mode: tuple) -> dict[str, Tensor]:
         """``local name -> tensor`` for one unit: merged at ``mode``'s coefficients, an expert's,
@@ -247,6 +254,7 @@ class StreamedMergedModel(nn.Module):
             writer.write(unit.number, own)
             written.update(own)
             del tensors, own
+            self._unmap()
             return_freed_memory()
         rest = [key for key in self.streamed.keys if key not in written and self.streamed.stored[key] is not None]
         writer.write(len(self.units), {key: self.streamed.read(key) for key in rest})
