@@ -35,9 +35,12 @@ def decompose(tau: Tensor, slots: Sequence[int], device: torch.device | str) -> 
     expert on ``device``; the factors are kept in ``τ``'s dtype."""
     experts, m, n = tau.shape
     count = len(slots)
-    u, s, vh = torch.linalg.svd(tau.to(device=device, dtype=torch.float32), full_matrices=False)
-    left = (u[..., :count] * s[:, None, :count]).permute(1, 0, 2).reshape(m, experts * count)
-    right = vh[:, :count].reshape(experts * count, n)
+    lefts, rights = [], []
+    for k in range(experts):  # one at a time: CPU LAPACK's batched SVD is several times slower on such stacks
+        u, s, vh = torch.linalg.svd(tau[k].to(device=device, dtype=torch.float32), full_matrices=False)
+        lefts.append(u[:, :count] * s[:count])
+        rights.append(vh[:count])
+    left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
     owner = torch.arange(experts, device=device).repeat_interleave(count)
     slot = torch.tensor(list(slots), dtype=torch.long, device=device).repeat(experts)
     return left.to(tau.dtype), right.to(tau.dtype), owner, slot
@@ -53,9 +56,10 @@ class SpectralMatrices:
         self.initial_slots: list[int] = []  # columns past the layout's: an initial value each
         if layout.granularity != "spectral":
             return
+        frozen = set(layout.frozen)
         for index, key in enumerate(keys):
             slots = layout.tensor_slots[key]
-            if len(slots) < 2:  # one coefficient for the whole tensor: the dense merge alone
+            if len(slots) < 2 or frozen.issuperset(slots):  # one coefficient, or none that moves: the dense merge alone
                 continue
             tau = getattr(vectors, f"t{index}")
             if tau.dim() != 3:
