@@ -5,8 +5,9 @@
 Run it as its own process (the peak-RSS mark is the process's). A seeded ``[K, m, n]`` float32
 stack (``[4, 16384, 256]``: 67 MB) is built first, the peak-RSS mark (``VmHWM``) is reset after it,
 then :func:`~adamerge.methods.wudi.wudi_delta` runs on the CPU. Printed: the growth of the peak
-over that baseline (what WUDI itself held: the weighted copy of the stack, the ``n × n`` Gram,
-the ``m × n`` offset, the merged matrix and Adam's two moments) and the wall time. The gradient's
+over that baseline (what WUDI itself held: the start, the merged matrix, the ``m × n`` offset,
+the gradient, Adam's two moments and a step's two temporaries, beside the small ``n × n`` Gram;
+no copy of the stack) and the wall time. The gradient's
 offset is contracted task by task through ``n × n`` products; through ``m × m`` the
 ``[K, m, m]`` intermediate alone would be ``4 · 16384² · 4`` bytes = 4.3 GB.
 """
