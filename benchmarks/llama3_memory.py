@@ -12,8 +12,9 @@ safetensors, a word tokenizer beside it, and per task a few ``{prompt, response}
 Each job runs in a fresh process, through the runner as ``adamerge merge`` / ``adamerge fit``
 runs it, with the sections of the built-in recipe it names (only the problem and the budget
 replaced): ``wudi`` and ``tsv`` (recipes/lm/wudi.yaml, tsv.yaml), ``streamed_wudi``
-(recipes/lm/streamed_wudi.yaml, one epoch per stage) and ``expert_kl`` (recipes/lm/wudi_expert_kl.yaml:
-the all-at-once learner from WUDI, two steps). "peak +" is the growth of peak RSS (``VmHWM``) over
+(recipes/lm/streamed_wudi.yaml, one epoch per stage), ``expert_kl`` (recipes/lm/wudi_expert_kl.yaml:
+the all-at-once learner from WUDI, two steps) and ``streamed_expert_kl`` (recipes/lm/streamed_expert_kl.yaml:
+the same learner with ``trainer.stream``, two steps). "peak +" is the growth of peak RSS (``VmHWM``) over
 the process once the libraries are imported and warmed up: the job's whole cost, the pretrained
 model included.
 
@@ -44,6 +45,7 @@ JOBS = {  # job -> (runner function, built-in recipe)
     "tsv": ("merge", "lm/tsv.yaml"),
     "streamed_wudi": ("fit", "lm/streamed_wudi.yaml"),
     "expert_kl": ("fit", "lm/wudi_expert_kl.yaml"),
+    "streamed_expert_kl": ("fit", "lm/streamed_expert_kl.yaml"),
 }
 ROWS, PROMPT_WORDS, ANSWER_WORDS = 8, 30, 2  # calibration rows per task, words per prompt and answer
 WORDS = [f"w{i}" for i in range(200)]
@@ -117,6 +119,14 @@ def phases(shape: Shape, b: int, b_stage: int, b_tau: int) -> dict[str, dict[str
             "block stage": {"the stage's tensors, merged weights, gradient": 3 * shape.block * b,
                             "task vectors": k * shape.block * b_stage, "cached features": features},
         },
+        "streamed_expert_kl": {  # trainer.stream: each unit's vectors cached once (WUDI computed per unit), then steps
+            "the head's vectors cached, WUDI start": {
+                "the unit's tensors": head * b, "its K task vectors": k * head * b_tau, "the start's copy": head * b,
+                "the start and K new vectors": (k + 1) * head * b_tau, **solve(head)},
+            "a step through the head": {
+                "the unit's tensors, merged, gradient": 3 * head * b, "K + 1 task vectors": (k + 1) * head * b_tau,
+                "expert targets": shape.experts * shape.rows * shape.answers * shape.vocab * 4},
+        },
         "expert_kl": {
             "WUDI start, the head's solve": {"pretrained model": model, "task vectors": k * shape.total * b_tau,
                                              "start's merged copy": model, **solve(head)},
@@ -176,7 +186,11 @@ def recipe_for(job: str, folder: Path, experts: int, wudi_iterations: int):
 
     from adamerge.app.config import load_recipe
 
-    sections = OmegaConf.to_container(OmegaConf.load(REPO / "recipes" / JOBS[job][1]))
+    path = REPO / "recipes" / JOBS[job][1]
+    raw = OmegaConf.load(path)
+    if "base" in raw and not str(raw.base).startswith("_"):  # a recipe built on another (not on a zoo's problem)
+        raw = OmegaConf.merge(OmegaConf.load(path.parent / raw.base), raw)
+    sections = OmegaConf.to_container(raw)
     for key in ("name", "base", "problem"):
         sections.pop(key, None)
     tasks = {f"task{k}": {"expert": str(folder / f"e{k}"), "calibration": {"path": str(folder / f"task{k}.jsonl")},
@@ -186,11 +200,11 @@ def recipe_for(job: str, folder: Path, experts: int, wudi_iterations: int):
                  "export.mergekit=false", "evaluation.enabled=false"]
     if job == "wudi":
         overrides.append(f"method.args.iterations={wudi_iterations}")
-    if job in ("streamed_wudi", "expert_kl"):
+    if job in ("streamed_wudi", "expert_kl", "streamed_expert_kl"):
         overrides.append(f"task_vectors.start.args.iterations={wudi_iterations}")
     if job == "streamed_wudi":
         overrides.append("progressive.epochs=1")
-    if job == "expert_kl":
+    if job in ("expert_kl", "streamed_expert_kl"):
         overrides += ["trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2"]
     return load_recipe({"name": f"llama3-{job}", **sections, "problem": problem}, overrides)
 
@@ -239,14 +253,15 @@ def large_table() -> list[str]:
         "The formulas at real shapes (bf16 weights and task vectors, float32 solves; K = T = 4, 64 rows x 512 tokens "
         "per task, 4 predicted); GB, activations aside.",
         "",
-        "| model | parameters | largest tensor | WUDI merge | TSV-M merge | streamed from WUDI | streamed | all at once from WUDI |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | parameters | largest tensor | WUDI merge | TSV-M merge | streamed from WUDI | streamed | "
+        "streamed expert KL from WUDI | all at once from WUDI |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, base in LARGE.items():
         shape = replace(base, **LARGE_RUN)
         jobs = phases(shape, 2, 2, 2)
         cells = []
-        for job in ("wudi", "tsv", "streamed_wudi", "streamed", "expert_kl"):
+        for job in ("wudi", "tsv", "streamed_wudi", "streamed", "streamed_expert_kl", "expert_kl"):
             name, predicted = peak(jobs[job])
             cells.append(f"{predicted / GB:.0f} ({name})" if len(jobs[job]) > 1 else f"{predicted / GB:.0f}")
         lines.append(f"| {model} | {shape.total / 1e9:.2f} B | {shape.head / 1e6:.0f} M | " + " | ".join(cells) + " |")
