@@ -98,3 +98,12 @@ def test_element_wise_coefficients_are_refused(transformer_setups, skeleton_of, 
     with pytest.raises(ValueError, match="granularity task, layer, chunk or group"):
         StreamedMergedModel(skeleton_of(pretrained), open_weights(str(tmp_path / "base")), {},
                             coefficients_for("element", experts, pretrained, keys), keys, tmp_path / "v")
+
+
+def test_a_tied_head_reads_the_embeddings_cached_task_vectors(pair, tmp_path):
+    _, streamed, _, _ = pair("llama")  # tie_word_embeddings: lm_head.weight is model.embed_tokens.weight
+    head = next(unit for unit in streamed.units if unit.name == "lm_head")
+    embedding = next(unit for unit in streamed.units if unit.name == "model.embed_tokens")
+    assert head.cache == embedding.number
+    assert sorted(p.name for p in (tmp_path / "vectors").iterdir()) == sorted(
+        f"unit-{u.number:05d}.safetensors" for u in streamed.units if u.merged and u.cache == u.number)

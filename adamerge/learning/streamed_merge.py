@@ -56,6 +56,7 @@ class Unit:
     module: nn.Module
     tensors: dict[str, str]
     merged: list[str]
+    cache: int = -1  # the unit whose cache file holds these task vectors (a tied head reads the embedding's)
 
     def path(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
@@ -138,8 +139,10 @@ class StreamedMergedModel(nn.Module):
     def _cache_vectors(self, experts, dtype, stage_vectors, progress: bool) -> None:
         """Each unit's task vectors, computed from its tensors alone, in one file per unit."""
         bar = progress_bar(len(self.units), "task vectors, unit by unit", unit="unit", enabled=progress)
+        owners: dict[tuple[str, ...], int] = {}
         for unit in self.units:
-            file = self._file(unit.number)
+            unit.cache = owners.setdefault(tuple(unit.merged), unit.number)
+            file = self._file(unit.cache)
             if unit.merged and not file.exists():
                 include = [f"^{re.escape(key)}$" for key in unit.merged]
                 self.streamed.materialise(unit.merged)
@@ -198,7 +201,7 @@ class StreamedMergedModel(nn.Module):
         canonical = {key: self.streamed.read(key) for key in dict.fromkeys(own.values())}
         merged = [key for key in unit.merged if key in canonical]
         if merged and kind != "pretrained":
-            with safe_open(str(self._file(unit.number)), framework="pt", device=str(self.device)) as handle:
+            with safe_open(str(self._file(unit.cache)), framework="pt", device=str(self.device)) as handle:
                 taus = [handle.get_tensor(key) for key in merged]
             if kind == "merged":
                 bases = [canonical[key] for key in merged]
