@@ -31,10 +31,8 @@ from adamerge.learning.evaluation import average_accuracy
 
 # label -> (job, recipe, overrides, run folder); "{out}" is the benchmark's output folder.
 STAGE1 = "{out}/expert_merging/coefficients.safetensors"
-# the recommended recipe started block by block at a data-free merge (as recipes/text/tsv.yaml, wudi.yaml)
+# the recommended recipe (progressive distillation from WUDI) started at TSV-M instead (as recipes/text/tsv.yaml)
 START_TSV = ["task_vectors.start.method=tsv", "task_vectors.start.args.alpha=1.0"]
-START_WUDI = ["task_vectors.start.method=wudi", "task_vectors.start.args.iterations=300",
-              "task_vectors.start.args.lr=1.0e-5", "task_vectors.start.args.others=pretrained"]
 METHODS = {
     "weight averaging": ("merge", "text/average", [], "average"),
     "task arithmetic (0.3)": ("merge", "text/task_arithmetic", [], "task_arithmetic"),
@@ -62,9 +60,11 @@ METHODS = {
     "WUDI": ("merge", "text/wudi", [], "wudi"),
     "ProDistill": ("fit", "text/prodistill", [], "prodistill"),
     "expert KL, guarded (first recommended)": ("fit", "text/expert_kl_guarded", [], "expert_kl_guarded"),
-    "recommended": ("fit", "text/recommended", [], "recommended"),
-    "recommended from TSV-M": ("fit", "text/recommended", [*START_TSV, "coefficients.init=0.0"], "recommended_from_tsv"),
-    "recommended from WUDI": ("fit", "text/recommended", [*START_WUDI, "coefficients.init=0.0"], "recommended_from_wudi"),
+    "recommended": ("fit", "text/recommended", [], "recommended_from_wudi"),
+    "progressive from TSV-M": ("fit", "text/recommended", START_TSV, "recommended_from_tsv"),
+    "progressive from task arithmetic (0.3)": (
+        "fit", "text/recommended", ["task_vectors.start=null", "coefficients.init=0.3"], "recommended",
+    ),
     "RegMean": ("merge", "text/regmean", [], "regmean"),
     "RegMean++": ("merge", "text/regmean_plusplus", [], "regmean_plusplus"),
     "Fisher merging": ("merge", "text/fisher", [], "fisher"),
