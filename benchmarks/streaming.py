@@ -98,25 +98,31 @@ def block_numel() -> int:
 # ---------------------------------------------------------------------- the two learners (child processes)
 
 
-def run_streamed(folder: Path, experts: int) -> dict:
+def skeleton_setup(folder: Path, experts: int):
+    """What both streamed learners start from: expert names, calibration batches, the model's
+    skeleton on ``meta``, its merged keys, layer-wise coefficients at 0.3 and the tasks."""
     from transformers import LlamaForCausalLM
 
-    from adamerge.io.checkpoints import open_weights
     from adamerge.core.coefficients import MergeCoefficients
     from adamerge.core.layouts import build_layout
-    from adamerge.tasks.hf import CausalLMTask
-    from adamerge.learning.progressive import ProgressiveDistiller
-    from adamerge.io.shards import ShardWriter
     from adamerge.core.skeleton import parameters_on_meta, state_keys
+    from adamerge.tasks.hf import CausalLMTask
 
     names = [f"e{k}" for k in range(experts)]
-    data = batches(experts)
     with parameters_on_meta():
         skeleton = LlamaForCausalLM(config(json.loads((folder / "base" / "config.json").read_text())["num_hidden_layers"])).eval()
     keys = [k for k in state_keys(skeleton) if k in dict(skeleton.named_parameters())]
     shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters() if n in keys}
     coefficients = MergeCoefficients(build_layout(names, shapes, "layer"), init=0.3)
-    tasks = {n: CausalLMTask(n) for n in names}
+    return names, batches(experts), skeleton, keys, coefficients, {n: CausalLMTask(n) for n in names}
+
+
+def run_streamed(folder: Path, experts: int) -> dict:
+    from adamerge.io.checkpoints import open_weights
+    from adamerge.io.shards import ShardWriter
+    from adamerge.learning.progressive import ProgressiveDistiller
+
+    names, data, skeleton, keys, coefficients, tasks = skeleton_setup(folder, experts)
     baseline = reset_peak_rss()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -165,23 +171,11 @@ def run_streamed_fit(folder: Path, experts: int, steps: int = 3) -> dict:
     (``trainer.stream``: :class:`~adamerge.learning.streamed_merge.StreamedMergedModel`); one
     backward per batch, so only that batch's activations at block boundaries are alive."""
     import torch.nn.functional as F
-    from transformers import LlamaForCausalLM
 
-    from adamerge.core.coefficients import MergeCoefficients
-    from adamerge.core.layouts import build_layout
-    from adamerge.core.skeleton import parameters_on_meta, state_keys
     from adamerge.io.checkpoints import open_weights
     from adamerge.learning.streamed_merge import StreamedMergedModel
-    from adamerge.tasks.hf import CausalLMTask
 
-    names = [f"e{k}" for k in range(experts)]
-    data = batches(experts)
-    with parameters_on_meta():
-        skeleton = LlamaForCausalLM(config(json.loads((folder / "base" / "config.json").read_text())["num_hidden_layers"])).eval()
-    keys = [k for k in state_keys(skeleton) if k in dict(skeleton.named_parameters())]
-    shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters() if n in keys}
-    coefficients = MergeCoefficients(build_layout(names, shapes, "layer"), init=0.3)
-    tasks = {n: CausalLMTask(n) for n in names}
+    names, data, skeleton, keys, coefficients, tasks = skeleton_setup(folder, experts)
     baseline = reset_peak_rss()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:

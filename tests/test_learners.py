@@ -89,36 +89,13 @@ def test_every_learner_declares_the_trainer_fields_the_recipe_check_holds_it_to(
     assert all(LEARNERS.get(name).trainer_fields == fields for name, fields in HONOURED_TRAINER_FIELDS.items())
 
 
-def causal_lm_tasks(transformer_setups, tmp_path):
-    """The tiny Llama zoo of ``transformer_setups`` on disk, the pretrained model sharded, with a
-    word tokenizer and eight prompt/answer rows per task: (problem section, in-memory experts)."""
-    import json
-
-    from transformers import BertTokenizer
-
-    model, experts, *_ = transformer_setups["llama"]()
-    words = "the cat dog sat ran on mat red blue big small house tree".split()
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
-    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-    tokenizer.save_pretrained(tmp_path / "base")
-    rows = "\n".join(json.dumps({"q": " ".join(words[i:i + 3]), "a": words[(i + 5) % len(words)]}) for i in range(8))
-    tasks = {}
-    for name, expert in experts.items():
-        expert.save_pretrained(tmp_path / name)
-        (tmp_path / f"{name}.jsonl").write_text(rows)
-        source = {"path": str(tmp_path / f"{name}.jsonl")}
-        tasks[name] = {"expert": str(tmp_path / name), "text": "q", "response": "a", "calibration": source, "evaluation": source}
-    return {"kind": "hf_causal_lm", "pretrained": str(tmp_path / "base"), "max_length": 16, "tasks": tasks}
-
-
-def test_a_streamed_fit_learns_what_the_in_memory_fit_learns_and_writes_the_model_shard_by_shard(transformer_setups, tmp_path):
-    pytest.importorskip("transformers")
+def test_a_streamed_fit_learns_what_the_in_memory_fit_learns_and_writes_the_model_shard_by_shard(causal_lm_zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from adamerge.core.coefficients import MergeCoefficients
     from adamerge.io.checkpoints import open_weights
 
-    problem = causal_lm_tasks(transformer_setups, tmp_path)
+    problem = causal_lm_zoo
 
     def fit(name, stream):
         return runner.fit(load_recipe({

@@ -179,29 +179,16 @@ def _same_runs(streamed_dir, in_memory_dir, names_in_memory=lambda key: key):
         assert one[task]["accuracy"] == pytest.approx(other[task]["accuracy"]), task
 
 
-def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_pretrained(transformer_setups, tmp_path):
-    from transformers import AutoModelForCausalLM, BertTokenizer
+def test_streamed_causal_lm_recipe_equals_the_in_memory_one_and_opens_with_from_pretrained(causal_lm_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
 
     from adamerge.app import runner
     from adamerge.app.config import load_recipe
 
-    model, experts, *_ = transformer_setups["llama"]()
-    words = "the cat dog sat ran on mat red blue big small house tree".split()
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
-    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-    tokenizer.save_pretrained(tmp_path / "base")
-    rows = "\n".join(json.dumps({"q": " ".join(words[i:i + 3]), "a": words[(i + 5) % len(words)]}) for i in range(8))
-    tasks = {}
-    for name, expert in experts.items():
-        expert.save_pretrained(tmp_path / name)
-        (tmp_path / f"{name}.jsonl").write_text(rows)
-        source = {"path": str(tmp_path / f"{name}.jsonl")}
-        tasks[name] = {"expert": str(tmp_path / name), "text": "q", "response": "a", "calibration": source, "evaluation": source}
-
     def recipe(name, **progressive):
         return load_recipe({
             "name": name, "output_dir": str(tmp_path / name),
-            "problem": {"kind": "hf_causal_lm", "pretrained": str(tmp_path / "base"), "max_length": 16, "tasks": tasks},
+            "problem": causal_lm_zoo,
             "coefficients": {"granularity": "chunk", "chunks": 2, "init": 0.3}, "objectives": [],
             "progressive": {"epochs": 2, "samples_per_task": 4, **progressive},
             "optimizer": {"lr": 0.05}, "trainer": {"batch_size": 2, "progress_bar": False}, "evaluation": {"batch_size": 4},
