@@ -19,26 +19,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture
-def pair(transformer_setups, skeleton_of, coefficients_for, tmp_path):
+def pair(saved, skeleton_of, coefficients_for, tmp_path):
     """``pair(kind, granularity)``: the same merge in memory and streamed from files (coefficients
     moved off 0.3 so every slot differs); returns (in-memory, streamed, tasks, batches)."""
 
     def build(kind, granularity="layer"):
-        pretrained, experts, tasks, batches, keys = transformer_setups[kind]()
-        pretrained.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-        folders = {}
-        for name, expert in experts.items():
-            expert.save_pretrained(tmp_path / name)
-            folders[name] = str(tmp_path / name)
+        pretrained, folders, tasks, batches, keys = saved(tmp_path, kind)
         options = {"chunks": 2} if granularity == "chunk" else {}
-        coefficients = coefficients_for(granularity, experts, pretrained, keys, **options)
+        coefficients = coefficients_for(granularity, folders, pretrained, keys, **options)
         with torch.no_grad():
             coefficients.raw.add_(0.1 * torch.randn(coefficients.raw.shape, generator=torch.Generator().manual_seed(3)))
         in_memory = MergedModel(pretrained, TaskVectors.from_models(pretrained, folders, include=[f"^{k}$" for k in keys]),
                                 coefficients=coefficients)
         streamed = StreamedMergedModel(
             skeleton_of(pretrained), open_weights(str(tmp_path / "base")), folders,
-            coefficients_for(granularity, experts, pretrained, keys, **options), keys, tmp_path / "vectors", progress=False,
+            coefficients_for(granularity, folders, pretrained, keys, **options), keys, tmp_path / "vectors", progress=False,
         )
         streamed.coefficients.load_state_dict(coefficients.state_dict())
         return in_memory, streamed, tasks, batches

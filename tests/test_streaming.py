@@ -26,24 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture
-def saved(transformer_setups):
-    """``saved(tmp_path, kind)``: the setup's models as HF folders, the pretrained one sharded
-    (several files + index); returns (pretrained, expert folders, tasks, batches, keys)."""
-
-    def save(tmp_path, kind):
-        pretrained, experts, tasks, batches, keys = transformer_setups[kind]()
-        pretrained.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-        folders = {}
-        for name, expert in experts.items():
-            expert.save_pretrained(tmp_path / name)
-            folders[name] = str(tmp_path / name)
-        assert (tmp_path / "base" / INDEX).exists()
-        return pretrained, folders, tasks, batches, keys
-
-    return save
-
-
-@pytest.fixture
 def distill(coefficients_for):
     """``distill(pretrained, experts, tasks, batches, keys, granularity="chunk", **options)``: a
     3-epoch progressive run from coefficients at 0.3 (two chunks per tensor when chunk-wise);
